@@ -1,0 +1,38 @@
+"""FinetuneRun: supervised fine-tuning (full, LoRA or QLoRA) with prompt tokens masked."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from crucible.api.common import PlacementMixin, Resource, cel
+from crucible.api.pretrainrun import MODEL_KINDS
+from crucible.trainer.config.stages import FinetuneConfig
+
+
+class FinetuneRunSpec(FinetuneConfig, PlacementMixin):
+    """Spec of a FinetuneRun: the trainer's FinetuneConfig plus placement."""
+
+    @model_validator(mode="after")
+    def _qlora_gpu(self) -> FinetuneRunSpec:
+        if self.method == "qlora" and self.resources.gpus_per_node == 0:
+            raise ValueError("method qlora needs CUDA (bitsandbytes 4-bit): set resources.gpusPerNode >= 1 or use method lora")
+        return self
+
+
+class FinetuneRun(Resource):
+    KIND: ClassVar[str] = "FinetuneRun"
+    PLURAL: ClassVar[str] = "finetuneruns"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ftr",)
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {"model": MODEL_KINDS}
+    IMMUTABLE: ClassVar[tuple[str, ...]] = ("model", "dataset", "method")
+    EXTRA_CEL: ClassVar[list[dict[str, str]]] = [
+        cel(
+            "self.method != 'qlora' || (has(self.resources) && has(self.resources.gpusPerNode) && self.resources.gpusPerNode >= 1)",
+            "method qlora needs CUDA: set resources.gpusPerNode >= 1 or use method lora",
+            ".method",
+        ),
+    ]
+
+    spec: FinetuneRunSpec = Field(description="What to fine-tune and where.")

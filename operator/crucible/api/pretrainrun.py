@@ -1,0 +1,38 @@
+"""PretrainRun: next-token pretraining of a causal LM, from scratch or continued, multi-node."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from crucible.api.common import PlacementMixin, Resource, cel
+from crucible.trainer.config.stages import PretrainConfig
+
+MODEL_KINDS = ("PretrainRun", "FinetuneRun", "PreferenceRun")
+
+
+class PretrainRunSpec(PretrainConfig, PlacementMixin):
+    """Spec of a PretrainRun: the trainer's PretrainConfig plus placement."""
+
+
+class PretrainRun(Resource):
+    KIND: ClassVar[str] = "PretrainRun"
+    PLURAL: ClassVar[str] = "pretrainruns"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ptr",)
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("DataPipeline",),
+        "model.source": MODEL_KINDS,
+        "tokenizer": ("DataPipeline", *MODEL_KINDS),
+    }
+    IMMUTABLE: ClassVar[tuple[str, ...]] = ("model", "data", "tokenizer")
+    EXTRA_CEL: ClassVar[list[dict[str, str]]] = [
+        cel(
+            "!has(self.resources) || !has(self.resources.nodes) || self.resources.nodes == 1 || "
+            "!has(self.checkpoint) || !has(self.checkpoint.uri) || !self.checkpoint.uri.startsWith('/tmp')",
+            "a multi-node run cannot keep checkpoints in /tmp of one pod; use a PVC path or s3://",
+            ".checkpoint.uri",
+        ),
+    ]
+
+    spec: PretrainRunSpec = Field(description="What to train and where.")

@@ -1,0 +1,1 @@
+"""Pure logic shared by both backends: plan, failure classification, decide, status."""

@@ -1,0 +1,1 @@
+"""Embedded backend: run resources as local processes with the same core."""

@@ -1,0 +1,1 @@
+"""Kubernetes backend: Kopf handlers, manifest rendering, Kubernetes I/O, operator metrics."""

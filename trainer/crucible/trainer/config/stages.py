@@ -1,0 +1,177 @@
+"""The trainer-side spec of each stage: what ``python -m crucible.trainer STAGE`` reads.
+
+The operator's resource specs (``crucible.api``) extend these with placement, scheduling and
+suspend; the trainer ignores those fields (see :func:`parse_stage_spec`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from crucible.trainer.config.common import (
+    FailurePolicy,
+    InputRef,
+    MetricsConfig,
+    OutputConfig,
+    StorageConfig,
+    StrictModel,
+)
+from crucible.trainer.config.data import DataPipelineConfig
+from crucible.trainer.config.training import (
+    CheckpointConfig,
+    LossSpikeConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PromptsConfig,
+    TrainingConfig,
+)
+
+
+class TrainStageConfig(StrictModel):
+    """Everything a training stage shares: the loop, checkpoints, faults, metrics, output."""
+
+    training: TrainingConfig = Field(description="Batching, length, precision and parallelism.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="AdamW and schedule.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    loss_spike: LossSpikeConfig = Field(default_factory=LossSpikeConfig, description="Loss-spike detection.")
+    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Restarts after infrastructure faults.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics of rank 0.")
+    eval: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompts answered before and after.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where the final model goes.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage settings.")
+
+
+class PretrainConfig(TrainStageConfig):
+    """Next-token pretraining on packed token shards."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model shape or starting point.")
+    data: InputRef = Field(description="Token shards: a DataPipeline's output (fromRun) or their uri.")
+    tokenizer: InputRef | None = Field(
+        default=None, description="Tokenizer to ship with the model; empty: the data pipeline's."
+    )
+
+
+class LoraConfig(StrictModel):
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (alpha / r).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names that get adapters.",
+    )
+
+
+class SftDataset(StrictModel):
+    """Instruction data: jsonl of {prompt, response} or chat {messages}."""
+
+    uri: str = Field(min_length=1, description="jsonl file or folder; local path or s3://.")
+    format: Literal["auto", "prompt-response", "messages"] = Field(default="auto", description="Record shape.")
+    prompt_field: str = Field(default="prompt", description="Prompt field (prompt-response).")
+    response_field: str = Field(default="response", description="Response field (prompt-response).")
+    messages_field: str = Field(default="messages", description="Chat messages field (messages).")
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1, description="Held-out fraction for eval loss.")
+
+
+class FinetuneConfig(TrainStageConfig):
+    """Supervised fine-tuning with prompt tokens masked from the loss."""
+
+    model: InputRef = Field(description="Base model (Hugging Face format): a run's output or a uri.")
+    dataset: SftDataset = Field(description="Instruction data.")
+    method: Literal["full", "lora", "qlora"] = Field(default="lora", description="Which weights train.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings (lora, qlora).")
+    merge_adapter: bool = Field(default=True, description="Write the merged model instead of the adapter.")
+    packing: bool = Field(default=True, description="Pack examples into full sequences without cross-attention.")
+    chat_template: str | None = Field(default=None, description="Jinja chat template; empty: the model's or Crucible's default.")
+
+    @model_validator(mode="after")
+    def _method(self) -> FinetuneConfig:
+        if self.method == "full" and "lora" in self.model_fields_set:
+            raise ValueError("lora settings are set but method is full; use method: lora or drop lora")
+        return self
+
+
+class PreferenceDataset(StrictModel):
+    uri: str = Field(min_length=1, description="jsonl of {prompt, chosen, rejected}; local path or s3://.")
+    prompt_field: str = Field(default="prompt", description="Prompt field.")
+    chosen_field: str = Field(default="chosen", description="Preferred response field.")
+    rejected_field: str = Field(default="rejected", description="Dispreferred response field.")
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1, description="Held-out fraction.")
+
+
+class DpoConfig(StrictModel):
+    beta: float = Field(default=0.1, gt=0, le=10, description="Strength of the KL constraint.")
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(default="sigmoid", description="DPO loss variant.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Conservative DPO smoothing (sigmoid).")
+    precompute_reference: bool = Field(
+        default=False, description="Compute reference log-probs once before training instead of per step."
+    )
+
+
+class PreferenceConfig(TrainStageConfig):
+    """Preference optimization (DPO variants) or a Bradley-Terry reward model."""
+
+    model: InputRef = Field(description="Policy to start from (Hugging Face format).")
+    reference: InputRef | None = Field(default=None, description="Frozen reference; empty: the starting policy.")
+    dataset: PreferenceDataset = Field(description="Preference pairs.")
+    method: Literal["dpo", "reward-model"] = Field(default="dpo", description="What to train.")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="DPO settings.")
+    lora: LoraConfig | None = Field(default=None, description="Train a LoRA adapter; the reference is the base with it disabled.")
+    merge_adapter: bool = Field(default=True, description="Write the merged model instead of the adapter.")
+
+
+class QuantEval(StrictModel):
+    data: InputRef | None = Field(
+        default=None, description="Held-out text: token shards (a DataPipeline) or a jsonl/text uri."
+    )
+    max_batches: int = Field(default=20, ge=1, description="Batches of the perplexity evaluation.")
+    seq_len: int = Field(default=256, ge=8, description="Sequence length of the evaluation.")
+
+
+class QuantizeConfig(StrictModel):
+    """Weight-only post-training quantization, evaluated."""
+
+    model: InputRef = Field(description="Model to quantize (Hugging Face format).")
+    method: Literal["int8", "int4", "gptq", "awq"] = Field(
+        default="int8", description="int8/int4: weight-only on any device; gptq/awq: need CUDA."
+    )
+    group_size: int = Field(default=128, ge=8, le=8192, description="Group size of int4 quantization.")
+    evaluation: QuantEval = Field(default_factory=QuantEval, description="Perplexity before/after.")
+    max_perplexity_increase: float = Field(
+        default=0.05,
+        ge=0,
+        description="Fail when perplexity rises by more than this fraction (0.05 = 5%).",
+    )
+    eval: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompts answered before and after.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where the quantized model goes.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage settings.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")
+
+
+STAGE_CONFIGS: dict[str, type[StrictModel]] = {
+    "data": DataPipelineConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "preference": PreferenceConfig,
+    "quantize": QuantizeConfig,
+}
+
+KIND_TO_STAGE = {
+    "DataPipeline": "data",
+    "PretrainRun": "pretrain",
+    "FinetuneRun": "finetune",
+    "PreferenceRun": "preference",
+    "QuantizeJob": "quantize",
+}
+
+
+def parse_stage_spec(stage: str, spec: dict[str, Any]) -> StrictModel:
+    """Validate a resource spec for the trainer, ignoring operator-only fields.
+
+    Every ``fromRun`` must have been resolved to a ``uri`` before the trainer sees it.
+    """
+    model = STAGE_CONFIGS[stage]
+    known = {f.alias or name for name, f in model.model_fields.items()} | set(model.model_fields)
+    return model.model_validate({k: v for k, v in spec.items() if k in known})

@@ -1,0 +1,173 @@
+"""Configuration of the training engine shared by pretraining, SFT and preference runs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from crucible.trainer.config.common import InputRef, StrictModel
+
+
+class ModelConfig(StrictModel):
+    """The causal LM to train: a Llama shape built from scratch, or a Hugging Face model.
+
+    Set ``source`` to start from an existing Hugging Face-format model (continued
+    pretraining); otherwise the shape fields build a fresh Llama.
+    """
+
+    source: InputRef | None = Field(
+        default=None,
+        description=(
+            "Start from a Hugging Face-format model (continued pretraining): another run's "
+            "output (fromRun) or a uri. Empty: build a fresh Llama from the shape fields."
+        ),
+    )
+    architecture: Literal["llama"] = Field(default="llama", description="Model family.")
+    hidden_size: int = Field(default=256, ge=8, le=65536, description="Width of the residual stream.")
+    intermediate_size: int | None = Field(
+        default=None, ge=8, le=262144, description="MLP width; empty: 8/3 × hidden, rounded to 64."
+    )
+    num_layers: int = Field(default=4, ge=1, le=512, description="Transformer blocks.")
+    num_heads: int = Field(default=4, ge=1, le=512, description="Attention heads.")
+    num_kv_heads: int | None = Field(
+        default=None, ge=1, le=512, description="Key/value heads (GQA); empty: numHeads."
+    )
+    vocab_size: int | None = Field(
+        default=None,
+        ge=16,
+        le=1048576,
+        description="Vocabulary size; empty: taken from the tokenizer.",
+    )
+    max_position_embeddings: int = Field(
+        default=2048, ge=16, le=1048576, description="Longest sequence the model supports."
+    )
+    rope_theta: float = Field(default=10000.0, gt=0, description="RoPE base frequency.")
+    tie_word_embeddings: bool = Field(default=False, description="Share input and output embeddings.")
+    initializer_range: float = Field(default=0.02, gt=0, le=1, description="Std of weight init.")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hiddenSize ({self.hidden_size}) must be divisible by numHeads ({self.num_heads})"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(
+                f"numHeads ({self.num_heads}) must be divisible by numKvHeads ({kv})"
+            )
+        return self
+
+
+class OptimizerConfig(StrictModel):
+    """AdamW with warmup and a decay schedule."""
+
+    lr: float = Field(default=3e-4, gt=0, le=1, description="Peak learning rate.")
+    min_lr_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Final learning rate as a fraction of lr."
+    )
+    weight_decay: float = Field(default=0.1, ge=0, le=1, description="Decoupled weight decay.")
+    beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(default=0.95, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(default=1.0, ge=0, description="Max global grad norm; 0 turns clipping off.")
+    schedule: Literal["cosine", "wsd", "constant", "linear"] = Field(
+        default="cosine", description="Decay after warmup: cosine, warmup-stable-decay, constant, linear."
+    )
+    warmup_steps: int = Field(default=100, ge=0, description="Linear warmup steps.")
+    decay_fraction: float = Field(
+        default=0.2, gt=0, le=1, description="WSD only: fraction of steps spent in the final decay."
+    )
+
+
+class TrainingConfig(StrictModel):
+    """Batching, length, precision and parallelism of the training loop."""
+
+    seq_len: int = Field(default=512, ge=8, le=1048576, description="Tokens per sequence.")
+    global_batch_tokens: int = Field(
+        default=65536,
+        ge=8,
+        description=(
+            "Tokens per optimizer step across all ranks; gradient accumulation makes up the "
+            "difference to microBatchSize × seqLen × world size."
+        ),
+    )
+    micro_batch_size: int = Field(default=8, ge=1, le=65536, description="Sequences per rank per forward pass.")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Alternative to maxSteps: stop after this many tokens."
+    )
+    seed: int = Field(default=1234, ge=0, description="Seed for init, data order and dropout.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU.",
+    )
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        default="ddp", description="Data parallelism: DDP, FSDP2 fully_shard, or DeepSpeed ZeRO."
+    )
+    zero_stage: Literal[1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage (strategy deepspeed).")
+    activation_checkpointing: bool = Field(default=False, description="Recompute activations in backward.")
+    compile: bool = Field(default=False, description="torch.compile the model.")
+    eval_every: int = Field(default=200, ge=0, description="Held-out perplexity every N steps; 0: only at the end.")
+    eval_batches: int = Field(default=20, ge=1, description="Batches per held-out evaluation.")
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainingConfig:
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("set maxSteps or maxTokens")
+        if self.global_batch_tokens < self.seq_len:
+            raise ValueError(
+                f"globalBatchTokens ({self.global_batch_tokens}) must hold at least one sequence "
+                f"of seqLen ({self.seq_len})"
+            )
+        return self
+
+
+class CheckpointConfig(StrictModel):
+    """Where and how often the full training state is saved."""
+
+    uri: str | None = Field(
+        default=None, min_length=1, description="Checkpoint location; empty: <output>/checkpoints."
+    )
+    interval: int | Literal["auto"] = Field(
+        default="auto",
+        description="Steps between checkpoints, or auto (Young/Daly from save time and failure rate).",
+    )
+    keep: int = Field(default=3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
+    async_save: bool = Field(default=True, description="Write files in the background after a snapshot.")
+    resume: Literal["auto", "never"] = Field(
+        default="auto", description="auto: resume from the newest checkpoint whose manifest verifies."
+    )
+
+    @model_validator(mode="after")
+    def _interval(self) -> CheckpointConfig:
+        if isinstance(self.interval, int) and self.interval < 1:
+            raise ValueError("interval must be a positive number of steps or auto")
+        return self
+
+
+class LossSpikeConfig(StrictModel):
+    """Detection of loss spikes by z-score against a moving window of recent losses."""
+
+    enabled: bool = Field(default=True, description="Watch for loss spikes.")
+    action: Literal["rollback", "alert"] = Field(
+        default="rollback",
+        description="rollback: reload the last checkpoint and skip the offending batches; alert: count only.",
+    )
+    window: int = Field(default=50, ge=5, le=100000, description="Recent steps the z-score is computed against.")
+    z_threshold: float = Field(default=6.0, gt=0, description="A loss this many std above the window mean is a spike.")
+    min_delta: float = Field(
+        default=0.1, ge=0, description="And at least this much above the window mean (guards flat losses)."
+    )
+    skip_batches: int = Field(
+        default=0, ge=0, description="Extra batches skipped after the spike window on rollback."
+    )
+    max_rollbacks: int = Field(default=5, ge=0, description="Rollbacks before the run fails as unstable.")
+
+
+class PromptsConfig(StrictModel):
+    """A fixed list of prompts answered before and after the stage, written side by side."""
+
+    prompts: list[str] = Field(default_factory=list, description="Questions asked of the model.")
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Tokens generated per answer.")
