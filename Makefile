@@ -9,6 +9,8 @@ TORCH := torch==2.13.0
 .PHONY: install demo test lint typecheck pytest crds bench clean
 
 $(STAMP): pyproject.toml Makefile
+	@# Prometheus server + promtool (Debian) for the alert-rule and scrape tests.
+	command -v promtool >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)

@@ -103,11 +103,11 @@ class Resources(StrictModel):
     def _gpu_pool(self) -> Resources:
         if self.gpus_per_node > 0 and not self.node_pool and not self.node_selector:
             raise ValueError(
-                "gpusPerNode > 0 needs resources.nodePool (or resources.nodeSelector) so the pods "
-                "land on GPU nodes; set nodePool to the name of your GPU node pool"
+                "nodePool: required when gpusPerNode > 0 so the pods land on GPU nodes; set it to "
+                "the name of your GPU node pool (or set nodeSelector)"
             )
         if self.gpus_per_node > 0 and self.processes_per_node not in (None, self.gpus_per_node):
-            raise ValueError("processesPerNode must equal gpusPerNode (one process per GPU) or be empty")
+            raise ValueError("processesPerNode: must equal gpusPerNode (one process per GPU) or be empty")
         return self
 
 
@@ -135,7 +135,7 @@ class Scheduling(StrictModel):
     @model_validator(mode="after")
     def _queue(self) -> Scheduling:
         if self.gang == "kueue" and not self.queue:
-            raise ValueError("gang kueue needs scheduling.queue: the name of a Kueue LocalQueue")
+            raise ValueError("queue: required with gang kueue; set it to the name of a Kueue LocalQueue")
         return self
 
 

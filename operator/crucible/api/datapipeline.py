@@ -16,6 +16,8 @@ class DataPipelineSpec(DataPipelineConfig, PlacementMixin):
 
 
 class DataPipeline(Resource):
+    """Raw text to clean, deduplicated, tokenized shards with a receipt."""
+
     KIND: ClassVar[str] = "DataPipeline"
     PLURAL: ClassVar[str] = "datapipelines"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("dp",)

@@ -17,11 +17,13 @@ class FinetuneRunSpec(FinetuneConfig, PlacementMixin):
     @model_validator(mode="after")
     def _qlora_gpu(self) -> FinetuneRunSpec:
         if self.method == "qlora" and self.resources.gpus_per_node == 0:
-            raise ValueError("method qlora needs CUDA (bitsandbytes 4-bit): set resources.gpusPerNode >= 1 or use method lora")
+            raise ValueError("method: qlora needs CUDA (bitsandbytes 4-bit); set resources.gpusPerNode >= 1 or use method lora")
         return self
 
 
 class FinetuneRun(Resource):
+    """Supervised fine-tuning (full, LoRA or QLoRA) with prompt tokens masked from the loss."""
+
     KIND: ClassVar[str] = "FinetuneRun"
     PLURAL: ClassVar[str] = "finetuneruns"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ftr",)

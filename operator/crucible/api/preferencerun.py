@@ -16,6 +16,8 @@ class PreferenceRunSpec(PreferenceConfig, PlacementMixin):
 
 
 class PreferenceRun(Resource):
+    """Preference optimization (DPO, IPO, hinge) against a frozen reference, or a reward model."""
+
     KIND: ClassVar[str] = "PreferenceRun"
     PLURAL: ClassVar[str] = "preferenceruns"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("prr",)

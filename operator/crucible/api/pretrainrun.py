@@ -17,6 +17,8 @@ class PretrainRunSpec(PretrainConfig, PlacementMixin):
 
 
 class PretrainRun(Resource):
+    """Next-token pretraining of a causal LM (from scratch or continued), multi-node."""
+
     KIND: ClassVar[str] = "PretrainRun"
     PLURAL: ClassVar[str] = "pretrainruns"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ptr",)

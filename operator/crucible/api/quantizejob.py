@@ -17,13 +17,15 @@ class QuantizeJobSpec(QuantizeConfig, PlacementMixin):
     @model_validator(mode="after")
     def _gpu_methods(self) -> QuantizeJobSpec:
         if self.method in ("gptq", "awq") and self.resources.gpus_per_node == 0:
-            raise ValueError(f"method {self.method} needs CUDA: set resources.gpusPerNode >= 1 or use int8/int4")
+            raise ValueError(f"method: {self.method} needs CUDA; set resources.gpusPerNode >= 1 or use int8/int4")
         if self.resources.nodes != 1:
-            raise ValueError("resources.nodes must be 1: a QuantizeJob runs as one pod")
+            raise ValueError("resources.nodes: must be 1, a QuantizeJob runs as one pod")
         return self
 
 
 class QuantizeJob(Resource):
+    """Weight-only INT8/INT4 quantization (GPTQ/AWQ on CUDA), evaluated before and after."""
+
     KIND: ClassVar[str] = "QuantizeJob"
     PLURAL: ClassVar[str] = "quantizejobs"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("qj",)

@@ -183,11 +183,11 @@ class FailurePolicy(StrictModel):
     def _backoff_order(self) -> FailurePolicy:
         if self.max_backoff_seconds < self.backoff_seconds:
             raise ValueError(
-                "maxBackoffSeconds must be at least backoffSeconds "
+                "maxBackoffSeconds: must be at least backoffSeconds "
                 f"({self.max_backoff_seconds} < {self.backoff_seconds})"
             )
         if parse_duration(self.hang_timeout) < 10:
-            raise ValueError("hangTimeout must be at least 10s")
+            raise ValueError("hangTimeout: must be at least 10s")
         return self
 
 

@@ -186,5 +186,5 @@ class DataPipelineConfig(StrictModel):
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"sources: names must be unique, repeated: {', '.join(dupes)}")
+            raise ValueError(f"sources: names must be unique, repeated: {', '.join(dupes)}; rename them")
         return self

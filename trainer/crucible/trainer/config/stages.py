@@ -89,7 +89,7 @@ class FinetuneConfig(TrainStageConfig):
     @model_validator(mode="after")
     def _method(self) -> FinetuneConfig:
         if self.method == "full" and "lora" in self.model_fields_set:
-            raise ValueError("lora settings are set but method is full; use method: lora or drop lora")
+            raise ValueError("lora: adapter settings are set but method is full; use method: lora or remove lora")
         return self
 
 

@@ -50,12 +50,12 @@ class ModelConfig(StrictModel):
     def _shape(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"hiddenSize ({self.hidden_size}) must be divisible by numHeads ({self.num_heads})"
+                f"hiddenSize: {self.hidden_size} must be divisible by numHeads ({self.num_heads})"
             )
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(
-                f"numHeads ({self.num_heads}) must be divisible by numKvHeads ({kv})"
+                f"numKvHeads: numHeads ({self.num_heads}) must be divisible by numKvHeads ({kv})"
             )
         return self
 
@@ -115,10 +115,10 @@ class TrainingConfig(StrictModel):
     @model_validator(mode="after")
     def _length(self) -> TrainingConfig:
         if self.max_steps is None and self.max_tokens is None:
-            raise ValueError("set maxSteps or maxTokens")
+            raise ValueError("maxSteps: set maxSteps or maxTokens to say how long to train")
         if self.global_batch_tokens < self.seq_len:
             raise ValueError(
-                f"globalBatchTokens ({self.global_batch_tokens}) must hold at least one sequence "
+                f"globalBatchTokens: {self.global_batch_tokens} must hold at least one sequence "
                 f"of seqLen ({self.seq_len})"
             )
         return self
@@ -143,7 +143,7 @@ class CheckpointConfig(StrictModel):
     @model_validator(mode="after")
     def _interval(self) -> CheckpointConfig:
         if isinstance(self.interval, int) and self.interval < 1:
-            raise ValueError("interval must be a positive number of steps or auto")
+            raise ValueError("interval: must be a positive number of steps or auto")
         return self
 
 
