@@ -1,0 +1,193 @@
+"""Decide: what to do with a run this pass (pure, shared by both backends).
+
+    decide(situation: Situation) -> Decision
+
+A backend observes the run (its status, ``spec.suspend``, the referenced runs, the current
+attempt's pods/processes) into a :class:`Situation`, with ``failure`` from
+:func:`crucible.core.failure.classify` (hang included), and acts on the :class:`Decision`:
+
+=========  ===================================================================================
+action     the backend...
+=========  ===================================================================================
+wait       does nothing; looks again after ``delay_seconds`` (if set). ``reason`` says on what
+           (:data:`WAITING_FOR_INPUT`, :data:`BACKOFF`, :data:`ATTEMPT_RUNNING`, ...).
+start      creates attempt ``attempt`` (plan + launch) with ``excluded_nodes`` and ``inputs``.
+restart    deletes the current attempt; ``attempt`` is the next one, started by a later pass
+           once the exponential backoff (``delay_seconds``) has passed.
+suspend    deletes the current attempt (checkpoints stay); resumes from them on unsuspend.
+succeed    records success (reads the stage results).
+fail       records failure: ``reason`` is :data:`RESTART_BUDGET_EXHAUSTED`,
+           :data:`DEPENDENCY_FAILED` or the application failure's reason, ``message`` says why.
+none       the run is finished; nothing to do.
+=========  ===================================================================================
+
+The next status is derived from the decision by :func:`crucible.core.status.next_status`.
+Restart timing is kept in the status itself (the ``Restarting`` condition's
+lastTransitionTime plus :func:`backoff_seconds` of the restart count), so a restarted
+operator or runner carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from crucible.api.common import RunStatus
+from crucible.core import status as st
+from crucible.core.failure import APPLICATION, INFRASTRUCTURE, Failure
+from crucible.trainer.config.common import FailurePolicy
+
+Action = Literal["wait", "start", "restart", "suspend", "succeed", "fail", "none"]
+AttemptState = Literal["absent", "pending", "running", "succeeded", "failed"]
+
+# Reasons of decisions (also condition reasons).
+WAITING_FOR_INPUT = "WaitingForInput"
+DEPENDENCY_FAILED = "DependencyFailed"
+RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
+BACKOFF = "BackoffBeforeRestart"
+ATTEMPT_PENDING = "AttemptPending"
+ATTEMPT_RUNNING = "AttemptRunning"
+ATTEMPT_LOST = "AttemptLost"
+SUSPENDED = "Suspended"
+FINISHED = "Finished"
+STARTING = "Starting"
+RESUMING = "Resuming"
+SUCCEEDED = "Succeeded"
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """A run referenced by ``fromRun`` as the backend found it (``phase`` None: not found)."""
+
+    path: str
+    kind: str
+    name: str
+    phase: str | None
+    output_uri: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Situation:
+    status: RunStatus
+    now: float
+    attempt_state: AttemptState
+    policy: FailurePolicy = field(default_factory=FailurePolicy)
+    suspend: bool = False
+    dependencies: tuple[Dependency, ...] = ()
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    message: str = ""
+    attempt: int = 0
+    delay_seconds: float | None = None
+    excluded_nodes: tuple[str, ...] = ()
+    failure: Failure | None = None
+    inputs: Mapping[str, str] = field(default_factory=dict)
+
+
+def backoff_seconds(policy: FailurePolicy, restarts_before: int) -> float:
+    """Delay before restart number ``restarts_before + 1``: backoff × 2^n, capped."""
+    return float(min(policy.backoff_seconds * (2 ** min(restarts_before, 30)), policy.max_backoff_seconds))
+
+
+def decide(s: Situation) -> Decision:
+    status = s.status
+    if status.phase in ("Succeeded", "Failed"):
+        return Decision("none", FINISHED, attempt=status.attempt)
+
+    if s.attempt_state == "succeeded":
+        return Decision("succeed", SUCCEEDED, "all processes of the attempt exited 0", attempt=status.attempt)
+    if s.failure is not None and s.attempt_state != "absent":
+        return _after_failure(s, s.failure)
+
+    if s.suspend:
+        if s.attempt_state != "absent":
+            return Decision("suspend", SUSPENDED, "spec.suspend is true: stopping the attempt; "
+                            "checkpoints are kept", attempt=status.attempt)
+        return Decision("wait", SUSPENDED, "spec.suspend is true", attempt=status.attempt)
+
+    if s.attempt_state == "pending":
+        return Decision("wait", ATTEMPT_PENDING, f"attempt {status.attempt} is being scheduled", attempt=status.attempt)
+    if s.attempt_state == "running":
+        return Decision("wait", ATTEMPT_RUNNING, f"attempt {status.attempt} is running", attempt=status.attempt)
+    if s.attempt_state == "failed":  # failed without a classified cause: treat as lost
+        return _after_failure(s, Failure(INFRASTRUCTURE, ATTEMPT_LOST, "the attempt failed without a known cause"))
+
+    # No attempt exists.
+    if status.phase == "Running":
+        return _after_failure(s, Failure(INFRASTRUCTURE, ATTEMPT_LOST,
+                                         f"attempt {status.attempt} disappeared while running"))
+    if status.phase == "Restarting":
+        since = st.restarting_since(status)
+        due = (since or s.now) + backoff_seconds(s.policy, max(status.restarts - 1, 0))
+        if s.now < due:
+            return Decision("wait", BACKOFF, f"restart {status.restarts} in {due - s.now:.0f}s",
+                            attempt=status.attempt, delay_seconds=due - s.now)
+        return Decision("start", RESUMING, f"starting attempt {status.attempt} from the latest checkpoint",
+                        attempt=status.attempt, excluded_nodes=tuple(status.failed_nodes),
+                        inputs=_inputs(s.dependencies))
+
+    waiting = _check_dependencies(s)
+    if waiting is not None:
+        return waiting
+    if status.phase == "Suspended":
+        return Decision("start", RESUMING, "spec.suspend is false: resuming from the latest checkpoint",
+                        attempt=status.attempt + 1, excluded_nodes=tuple(status.failed_nodes),
+                        inputs=_inputs(s.dependencies))
+    return Decision("start", STARTING, f"starting attempt {status.attempt}", attempt=status.attempt,
+                    excluded_nodes=tuple(status.failed_nodes), inputs=_inputs(s.dependencies))
+
+
+def _check_dependencies(s: Situation) -> Decision | None:
+    for dep in s.dependencies:
+        if dep.phase == "Failed":
+            return Decision("fail", DEPENDENCY_FAILED,
+                            f"spec.{dep.path}.fromRun: {dep.kind} {dep.name} failed"
+                            + (f": {dep.message}" if dep.message else ""), attempt=s.status.attempt)
+    pending = [d for d in s.dependencies if d.phase != "Succeeded" or not d.output_uri]
+    if pending:
+        parts = [
+            f"{d.kind} {d.name} ({'not found' if d.phase is None else d.phase})" for d in pending
+        ]
+        paths = ", ".join(f"spec.{d.path}" for d in pending)
+        return Decision("wait", WAITING_FOR_INPUT, f"waiting for {', '.join(parts)} to succeed ({paths})",
+                        attempt=s.status.attempt)
+    return None
+
+
+def _inputs(deps: tuple[Dependency, ...]) -> dict[str, str]:
+    return {d.path: d.output_uri for d in deps if d.output_uri}
+
+
+def _after_failure(s: Situation, failure: Failure) -> Decision:
+    status = s.status
+    if failure.failure_class == APPLICATION:
+        message = failure.message + (f"\n--- last log lines ---\n{failure.log_tail}" if failure.log_tail else "")
+        return Decision("fail", failure.reason, message, attempt=status.attempt, failure=failure)
+    if status.restarts >= s.policy.max_restarts:
+        return Decision(
+            "fail",
+            RESTART_BUDGET_EXHAUSTED,
+            f"{failure.message}; no restarts left (failurePolicy.maxRestarts = {s.policy.max_restarts}, "
+            f"used {status.restarts}); raise failurePolicy.maxRestarts to allow more",
+            attempt=status.attempt,
+            failure=failure,
+        )
+    excluded = set(status.failed_nodes)
+    if s.policy.exclude_failed_nodes:
+        excluded |= set(failure.nodes)
+    return Decision(
+        "restart",
+        failure.reason,
+        failure.message,
+        attempt=status.attempt + 1,
+        delay_seconds=backoff_seconds(s.policy, status.restarts),
+        excluded_nodes=tuple(sorted(excluded)),
+        failure=failure,
+    )

@@ -1,0 +1,115 @@
+"""crucible.core.decide and crucible.core.status: every transition of the run lifecycle."""
+
+from __future__ import annotations
+
+import pytest
+from opbuilders import make_status
+
+from crucible.core import decide as d
+from crucible.core import failure as f
+from crucible.core.decide import Decision, Dependency, Situation, backoff_seconds, decide
+from crucible.core.failure import Failure
+from crucible.core.status import RESTARTING, find_condition, next_status, rfc3339, status_patch
+from crucible.trainer.config.common import FailurePolicy
+
+NOW = 1_800_000_000.0
+POLICY = FailurePolicy(max_restarts=2, backoff_seconds=10, max_backoff_seconds=25)
+INFRA = Failure("infrastructure", f.NODE_LOST, "node n1 is gone", ("n1",))
+APP = Failure("application", f.APPLICATION_ERROR, "p-0 exited 1", (), "Traceback\nKeyError: 'x'")
+
+
+def situation(phase: str = "Pending", state: str = "absent", **kw) -> Situation:
+    status_fields = {k: kw.pop(k) for k in ("restarts", "attempt", "failedNodes", "conditions") if k in kw}
+    return Situation(status=make_status(phase=phase, **status_fields), now=kw.pop("now", NOW),
+                     attempt_state=state, policy=kw.pop("policy", POLICY), **kw)  # type: ignore[arg-type]
+
+
+DP_OK = Dependency("data", "DataPipeline", "dp", "Succeeded", "s3://b/dp/output")
+DP_RUNNING = Dependency("data", "DataPipeline", "dp", "Running")
+DP_MISSING = Dependency("data", "DataPipeline", "dp", None)
+DP_FAILED = Dependency("data", "DataPipeline", "dp", "Failed", message="ApplicationError: boom")
+
+
+@pytest.mark.parametrize(
+    ("s", "action", "reason", "attempt"),
+    [
+        (situation(), "start", d.STARTING, 0),
+        (situation(dependencies=(DP_OK,)), "start", d.STARTING, 0),
+        (situation(dependencies=(DP_RUNNING,)), "wait", d.WAITING_FOR_INPUT, 0),
+        (situation("Waiting", dependencies=(DP_MISSING,)), "wait", d.WAITING_FOR_INPUT, 0),
+        (situation("Waiting", dependencies=(DP_FAILED,)), "fail", d.DEPENDENCY_FAILED, 0),
+        (situation(state="pending"), "wait", d.ATTEMPT_PENDING, 0),
+        (situation("Running", "running"), "wait", d.ATTEMPT_RUNNING, 0),
+        (situation("Running", "succeeded"), "succeed", d.SUCCEEDED, 0),
+        (situation("Running", "failed", failure=APP), "fail", f.APPLICATION_ERROR, 0),
+        (situation("Running", "failed", failure=INFRA), "restart", f.NODE_LOST, 1),
+        (situation("Running", "running", failure=Failure("infrastructure", f.HANG, "no step")), "restart", f.HANG, 1),
+        (situation("Running", "failed", failure=INFRA, restarts=2, attempt=2), "fail", d.RESTART_BUDGET_EXHAUSTED, 2),
+        (situation("Running", "absent", attempt=1), "restart", d.ATTEMPT_LOST, 2),
+        (situation("Running", "running", suspend=True), "suspend", d.SUSPENDED, 0),
+        (situation("Suspended", "absent", suspend=True), "wait", d.SUSPENDED, 0),
+        (situation("Suspended", "absent", attempt=1), "start", d.RESUMING, 2),
+        (situation("Succeeded", "absent"), "none", d.FINISHED, 0),
+        (situation("Failed", "failed", failure=INFRA), "none", d.FINISHED, 0),
+    ],
+)
+def test_decide_table(s: Situation, action: str, reason: str, attempt: int) -> None:
+    got = decide(s)
+    assert (got.action, got.reason, got.attempt) == (action, reason, attempt)
+
+
+def test_application_failure_carries_log_lines() -> None:
+    got = decide(situation("Running", "failed", failure=APP))
+    assert "KeyError: 'x'" in got.message
+
+
+def test_restart_excludes_old_and_new_nodes_and_backs_off() -> None:
+    got = decide(situation("Running", "failed", failure=INFRA, restarts=1, failedNodes=["n0"]))
+    assert got.excluded_nodes == ("n0", "n1")
+    assert got.delay_seconds == 20
+    keep = decide(situation("Running", "failed", failure=INFRA,
+                            policy=FailurePolicy(exclude_failed_nodes=False)))
+    assert keep.excluded_nodes == ()
+
+
+@pytest.mark.parametrize(("n", "delay"), [(0, 10), (1, 20), (2, 25), (40, 25)])
+def test_backoff(n: int, delay: float) -> None:
+    assert backoff_seconds(POLICY, n) == delay
+
+
+def test_restart_waits_for_backoff_then_starts_next_attempt_from_status() -> None:
+    running = make_status(phase="Running", attempt=0)
+    restart = decide(Situation(running, NOW, "failed", POLICY, failure=INFRA))
+    after = next_status(running, restart, now=NOW)
+    assert (after.phase, after.restarts, after.attempt, after.failed_nodes) == ("Restarting", 1, 1, ["n1"])
+    early = decide(Situation(after, NOW + 5, "absent", POLICY))
+    assert (early.action, early.reason, early.delay_seconds) == ("wait", d.BACKOFF, 5)
+    due = decide(Situation(after, NOW + 10, "absent", POLICY))
+    assert (due.action, due.attempt, due.excluded_nodes) == ("start", 1, ("n1",))
+    # a second restart re-stamps the Restarting condition and doubles the wait
+    again = next_status(after, decide(Situation(after, NOW + 30, "failed", POLICY, failure=INFRA)), now=NOW + 30)
+    cond = find_condition(again.conditions, RESTARTING)
+    assert cond is not None and cond.last_transition_time == rfc3339(NOW + 30)
+    assert decide(Situation(again, NOW + 45, "absent", POLICY)).action == "wait"
+    assert decide(Situation(again, NOW + 50, "absent", POLICY)).action == "start"
+
+
+def test_status_lifecycle_and_single_write_on_change() -> None:
+    s0 = make_status()
+    waiting = next_status(s0, Decision("wait", d.WAITING_FOR_INPUT, "waiting for DataPipeline dp"), now=NOW)
+    assert waiting.phase == "Waiting"
+    assert status_patch(s0, waiting) is not None
+    assert status_patch(waiting, next_status(waiting, Decision("wait", d.WAITING_FOR_INPUT,
+                                                                "waiting for DataPipeline dp"), now=NOW + 60)) is None
+    started = next_status(waiting, Decision("start", d.STARTING, "go", attempt=0), now=NOW + 1, output_uri="/o")
+    assert (started.phase, started.output_uri, started.start_time) == ("Pending", "/o", rfc3339(NOW + 1))
+    running = next_status(started, Decision("wait", d.ATTEMPT_RUNNING, "attempt 0 is running"), now=NOW + 2)
+    assert running.phase == "Running"
+    done = next_status(running, Decision("succeed", d.SUCCEEDED), now=NOW + 3, results={"finalLoss": 2.5})
+    assert (done.phase, done.results, done.completion_time) == ("Succeeded", {"finalLoss": 2.5}, rfc3339(NOW + 3))
+    failed = next_status(running, Decision("fail", f.APPLICATION_ERROR, "p-0 exited 1\n--- last log lines ---\nboom"), now=NOW)
+    assert failed.phase == "Failed" and failed.message == "ApplicationError: p-0 exited 1"
+    cond = find_condition(failed.conditions, "Failed")
+    assert cond is not None and "boom" in cond.message
+    # the input status is never mutated
+    assert s0.phase == "Pending" and s0.conditions == []
