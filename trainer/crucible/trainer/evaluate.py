@@ -1,0 +1,318 @@
+"""Evaluation shared by every stage: held-out perplexity, prompts answered before/after, harness tasks.
+
+* :func:`load_eval_tokens` turns an evaluation source into one token stream: a DataPipeline
+  output (its ``validation/`` split), a split directory of token shards, a ``.jsonl`` file of
+  ``{"text"}`` (or ``{prompt, response}``) records, or a plain ``.txt`` file.
+* :func:`perplexity` scores any causal LM on that stream in fixed-length, non-overlapping
+  windows spread evenly over it (deterministic, so "before" and "after" see the same tokens).
+* :func:`answer_prompts` answers a fixed list of prompts greedily; :func:`write_side_by_side`
+  writes the answers of two models next to each other as Markdown and JSON, so a reader sees
+  exactly what a stage changed.
+* :func:`run_harness_tasks` runs lm-evaluation-harness tasks when the user names them; it
+  never downloads (``HF_DATASETS_OFFLINE``), so a task whose data is not local fails clearly.
+
+``python -m crucible.trainer.evaluate --model DIR --data URI`` prints the perplexity of a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crucible.trainer.data.shards import INDEX_FILE, ShardSet
+from crucible.trainer.faults import SpecError
+from crucible.trainer.storage import Storage, is_s3
+
+EVAL_DIR = "eval"
+PROMPTS_JSON = "prompts.json"
+PROMPTS_MD = "prompts.md"
+
+
+class EvalDataError(SpecError):
+    """The evaluation source is missing, empty or of an unknown shape."""
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    loss: float  # mean next-token cross-entropy in nats
+    perplexity: float
+    tokens: int  # predicted tokens the mean is over
+    windows: int
+
+    def to_json(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def materialize(uri: str, store: Storage | None = None, workdir: str | os.PathLike[str] | None = None) -> Path:
+    """A local path holding ``uri``: the path itself, or an s3:// object or prefix downloaded once."""
+    if not is_s3(uri):
+        return Path(uri)
+    store = store or Storage()
+    target = Path(workdir or tempfile.mkdtemp(prefix="crucible-eval-")) / uri.rstrip("/").rsplit("/", 1)[-1]
+    if not uri.endswith("/") and Path(uri).suffix:
+        store.download_file(uri, target)
+        return target
+    return store.download_prefix(uri, target)
+
+
+def _texts_from_jsonl(path: Path) -> list[str]:
+    texts: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalDataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                texts.append(record["text"])
+            elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(
+                record.get("response"), str
+            ):
+                texts.append(record["prompt"] + record["response"])
+            else:
+                raise EvalDataError(
+                    f"{path}:{lineno}: expected an object with a string 'text' (or 'prompt' and "
+                    "'response') field"
+                )
+    return texts
+
+
+def load_eval_tokens(uri: str, tokenizer: Any | None = None, store: Storage | None = None) -> np.ndarray:
+    """The token stream of an evaluation source (see the module docstring), as int64.
+
+    Token shards need no tokenizer; text sources are tokenized with ``tokenizer`` and an EOS
+    token is appended after every document, as the data pipeline does.
+    """
+    path = materialize(uri, store)
+    if path.is_dir():
+        for candidate in (path / "validation", path):
+            if (candidate / INDEX_FILE).exists():
+                shards = ShardSet(candidate)
+                if shards.num_tokens == 0:
+                    raise EvalDataError(f"{candidate}: the split holds no tokens")
+                return shards.read(0, shards.num_tokens)
+        raise EvalDataError(
+            f"{path}: neither a DataPipeline output (validation/{INDEX_FILE}) nor a split of token "
+            f"shards ({INDEX_FILE}); point the evaluation data at one, or at a .jsonl/.txt file"
+        )
+    if not path.exists():
+        raise EvalDataError(f"{uri}: no such file or directory")
+    if path.suffix == ".jsonl":
+        texts = _texts_from_jsonl(path)
+    elif path.suffix in (".txt", ".md", ""):
+        texts = [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    else:
+        raise EvalDataError(f"{path}: unknown evaluation file type {path.suffix!r}; use .jsonl or .txt")
+    if not texts:
+        raise EvalDataError(f"{path}: holds no text")
+    if tokenizer is None:
+        raise EvalDataError(f"{path}: text needs a tokenizer; the model directory has none")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _window_starts(total: int, seq_len: int, max_windows: int) -> list[int]:
+    """Starts of up to ``max_windows`` non-overlapping windows of seq_len + 1 tokens, evenly spread."""
+    span = seq_len + 1
+    available = total // span
+    if available == 0:
+        raise EvalDataError(
+            f"the evaluation data holds {total} tokens, fewer than one window of seqLen + 1 = {span}; "
+            "use more evaluation data or a smaller seqLen"
+        )
+    count = min(available, max_windows)
+    slots = np.linspace(0, available - 1, count).round().astype(int)
+    return [int(s) * span for s in sorted(set(slots.tolist()))]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    seq_len: int,
+    max_batches: int,
+    batch_size: int = 4,
+) -> PerplexityResult:
+    """Mean next-token loss and perplexity of ``model`` over evenly spread windows of ``tokens``."""
+    starts = _window_starts(len(tokens), seq_len, max_batches * batch_size)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for i in range(0, len(starts), batch_size):
+            batch = np.stack([tokens[s : s + seq_len + 1] for s in starts[i : i + batch_size]])
+            ids = torch.as_tensor(batch, dtype=torch.long, device=device)  # (B, T+1)
+            logits = model(input_ids=ids[:, :-1]).logits.float()  # (B, T, V)
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nll += float(nll)
+            total_tokens += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    loss = total_nll / total_tokens
+    return PerplexityResult(loss=loss, perplexity=math.exp(min(loss, 80.0)), tokens=total_tokens, windows=len(starts))
+
+
+def format_prompt(tokenizer: Any, prompt: str, chat_template: str | None) -> str:
+    """The text a model sees for ``prompt``: chat-formatted when a template applies, else as is."""
+    if chat_template is None:
+        return prompt
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        chat_template=chat_template,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+
+
+@torch.no_grad()
+def answer_prompts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    chat_template: str | None = None,
+) -> list[str]:
+    """Greedy answers (deterministic) of ``model`` to each prompt, without the prompt itself."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers: list[str] = []
+    try:
+        for prompt in prompts:
+            text = format_prompt(tokenizer, prompt, chat_template)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def write_side_by_side(
+    out_dir: str | os.PathLike[str],
+    prompts: Sequence[str],
+    before: Sequence[str],
+    after: Sequence[str],
+    labels: tuple[str, str] = ("before", "after"),
+    title: str = "Prompts before and after",
+) -> dict[str, str]:
+    """Write ``<out_dir>/eval/prompts.{json,md}`` with each prompt's two answers side by side."""
+    if not (len(prompts) == len(before) == len(after)):
+        raise ValueError(f"{len(prompts)} prompts but {len(before)} and {len(after)} answers")
+    directory = Path(out_dir) / EVAL_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = [
+        {"prompt": p, labels[0]: b, labels[1]: a, "changed": b != a}
+        for p, b, a in zip(prompts, before, after, strict=True)
+    ]
+    json_path = directory / PROMPTS_JSON
+    json_path.write_text(json.dumps({"labels": list(labels), "prompts": records}, indent=2, ensure_ascii=False))
+    lines = [f"# {title}", "", f"| prompt | {labels[0]} | {labels[1]} |", "| --- | --- | --- |"]
+    lines += [f"| {_md_cell(r['prompt'])} | {_md_cell(r[labels[0]])} | {_md_cell(r[labels[1]])} |" for r in records]
+    md_path = directory / PROMPTS_MD
+    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"json": str(json_path), "markdown": str(md_path)}
+
+
+def run_harness_tasks(model_dir: str, tasks: Sequence[str], limit: int | None = None) -> dict[str, Any]:
+    """lm-evaluation-harness results of a saved model on ``tasks``, with downloads forbidden.
+
+    Returns ``{task: {metric: value}}``. Raises RuntimeError naming what is missing when the
+    harness is not installed or a task's data is not available locally.
+    """
+    try:
+        import lm_eval  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RuntimeError(
+            "eval.harnessTasks needs lm-evaluation-harness: pip install lm-eval (and make the task "
+            "data available locally; Crucible never downloads it)"
+        ) from exc
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        out = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={model_dir}", tasks=list(tasks), limit=limit
+        )
+    except Exception as exc:
+        raise RuntimeError(
+            f"eval.harnessTasks {list(tasks)}: lm-evaluation-harness failed ({exc}); the task data "
+            "must be in the local Hugging Face datasets cache, nothing is downloaded"
+        ) from exc
+    results = out.get("results", {}) if out else {}
+    return {
+        task: {k: v for k, v in metrics.items() if isinstance(v, int | float)} for task, metrics in results.items()
+    }
+
+
+def load_model(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """A Hugging Face causal LM and its tokenizer (None when the directory has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m crucible.trainer.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument("--data", required=True, help="evaluation data: DataPipeline output, shards, .jsonl or .txt")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--max-batches", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    model, tokenizer = load_model(args.model)
+    try:
+        tokens = load_eval_tokens(args.data, tokenizer)
+    except EvalDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = perplexity(model, tokens, args.seq_len, args.max_batches)
+    print(json.dumps(result.to_json()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
