@@ -247,6 +247,17 @@ class Resource(BaseModel):
                 raise ValueError(f"kind must be {cls.KIND}, got {data.get('kind')!r}")
         return data
 
+    @model_validator(mode="after")
+    def _input_kinds(self) -> Resource:
+        for path, ref in self.input_refs().items():
+            allowed = self.INPUTS[path]
+            if ref.kind not in allowed:
+                raise ValueError(
+                    f"spec.{path}.fromRun.kind: a {self.KIND} cannot read the output of a {ref.kind}; "
+                    f"use one of {', '.join(allowed)}"
+                )
+        return self
+
     @property
     def name(self) -> str:
         return self.metadata.name

@@ -219,7 +219,7 @@ def validate_document(
         problems.append(Problem(file, label, "kind", f"unknown kind {kind!r}{hint}", line))
     if problems:
         return None, problems
-    model = KIND_MODELS[kind]
+    model = KIND_MODELS[str(kind)]
     if not isinstance(doc.get("metadata"), dict) or not name:
         return None, [Problem(file, label, "metadata.name", "required field is missing", line)]
     if "spec" not in doc:
@@ -255,13 +255,7 @@ def check_graph(loaded: Sequence[Loaded]) -> tuple[list[Problem], list[Problem]]
         res = item.resource
         label = "/".join(item.key)
         for path, ref in res.input_refs().items():
-            allowed = res.INPUTS[path]
-            if ref.kind not in allowed:
-                problems.append(
-                    Problem(item.file, label, f"spec.{path}.fromRun.kind",
-                            f"a {res.kind} cannot read the output of a {ref.kind}; use one of {', '.join(allowed)}", item.line)
-                )
-                continue
+            # fromRun kinds were checked by the model; here only what needs the other documents
             target = (ref.kind, ref.name)
             if target == item.key:
                 problems.append(Problem(item.file, label, f"spec.{path}.fromRun", "a resource cannot depend on itself", item.line))
