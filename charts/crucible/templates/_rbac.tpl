@@ -1,0 +1,47 @@
+{{- define "crucible.rbacRules" -}}
+# The five Crucible kinds: watch them, patch finalizers and Kopf's annotations, write status.
+- apiGroups: [crucible.dev]
+  resources: [datapipelines, pretrainruns, finetuneruns, preferenceruns, quantizejobs]
+  verbs: [get, list, watch, patch, update]
+- apiGroups: [crucible.dev]
+  resources: [datapipelines/status, pretrainruns/status, finetuneruns/status, preferenceruns/status, quantizejobs/status]
+  verbs: [get, patch, update]
+# One Indexed Job, headless Service and spec ConfigMap per attempt.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [services, configmaps]
+  verbs: [get, list, watch, create, patch, delete]
+# Observe attempts: pod phases and exit codes, the last log lines of a failed pod, and the
+# nodes they ran on (NotReady or gone means an infrastructure fault).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, delete]
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get, list, watch]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+# Gang scheduling: Kueue workloads, Volcano and scheduler-plugins PodGroups.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch]
+- apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
+  resources: [podgroups]
+  verbs: [get, list, watch, create, patch, delete]
+# Kopf itself: peering, and discovering namespaces and CRDs as they come and go.
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings, kopfpeerings]
+  verbs: [get, list, watch, patch]
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [get, list, watch]
+{{- end }}
