@@ -1,0 +1,89 @@
+"""The layering DESIGN.md promises: one namespace package over two roots, nothing shadowing the
+standard library, no torch in the API/core, no operator code in the trainer."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_no_package_init_at_the_namespace_root(repo: Path) -> None:
+    assert not (repo / "operator" / "crucible" / "__init__.py").exists()
+    assert not (repo / "trainer" / "crucible" / "__init__.py").exists()
+
+
+def test_standard_library_operator_is_not_shadowed() -> None:
+    code = "import operator, crucible.api, crucible.trainer.config; print(operator.__file__ if hasattr(operator, '__file__') else 'builtin'); print(operator.itemgetter)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "itemgetter" in out and "/operator/" not in out.splitlines()[0]
+
+
+@pytest.mark.parametrize("module", ["crucible.api", "crucible.api.validate", "crucible.api.crdgen", "crucible.core.plan", "crucible.cli"])
+def test_api_and_core_do_not_import_torch_or_kopf(module: str) -> None:
+    code = f"import sys, {module}; bad = [m for m in ('torch', 'kopf', 'transformers') if m in sys.modules]; print(','.join(bad))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"{module} pulls in {out}"
+
+
+def test_trainer_never_imports_the_operator_side(repo: Path) -> None:
+    offenders = []
+    for path in (repo / "trainer").rglob("*.py"):
+        for name in _imports(path):
+            if name.startswith(("crucible.api", "crucible.core", "crucible.operator", "crucible.local", "crucible.cli", "kopf")):
+                offenders.append(f"{path.relative_to(repo)}: {name}")
+    assert offenders == []
+
+
+def test_core_imports_neither_backend(repo: Path) -> None:
+    offenders = []
+    for path in (repo / "operator" / "crucible" / "core").rglob("*.py"):
+        for name in _imports(path):
+            if name.startswith(("crucible.operator", "crucible.local", "kopf", "torch")):
+                offenders.append(f"{path.relative_to(repo)}: {name}")
+    assert offenders == []
+
+
+def test_local_backend_never_needs_kopf(repo: Path) -> None:
+    offenders = [
+        f"{p.relative_to(repo)}: {n}"
+        for p in (repo / "operator" / "crucible" / "local").rglob("*.py")
+        for n in _imports(p)
+        if n.startswith(("kopf", "crucible.operator"))
+    ]
+    assert offenders == []
+
+
+def test_crucible_command_lists_its_subcommands() -> None:
+    out = subprocess.run([sys.executable, "-m", "crucible.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("validate", "crds", "render", "plan", "operator", "run", "status", "logs"):
+        assert f"  {command}" in out
+
+
+def test_every_cli_module_exists(repo: Path) -> None:
+    import importlib.util
+
+    from crucible.cli import COMMANDS
+
+    missing = [m for m, _ in COMMANDS.values() if importlib.util.find_spec(m) is None]
+    assert missing == []
+
+
+def test_ci_runs_make_test_only(repo: Path) -> None:
+    lines = [ln for ln in (repo / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[-1].strip() == "make test"
+    assert (repo / "README.md").read_text().count("make test") >= 1
