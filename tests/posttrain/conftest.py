@@ -72,3 +72,38 @@ def write_jsonl(tmp_path: Path) -> Callable[[str, list[dict]], Path]:
         return path
 
     return write
+
+
+TRAIN_TEXT = " ".join(CORPUS)
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama after a few dozen steps on CORPUS, so perplexities mean something. Read-only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = build_tiny_model(tmp_path_factory.mktemp("trained") / "model")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor(tokenizer(TRAIN_TEXT)["input_ids"])[None]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(40):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def eval_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("evaltext") / "eval.txt"
+    path.write_text("\n\n".join(CORPUS * 6))
+    return path
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(json.dumps(spec))
+    return path
