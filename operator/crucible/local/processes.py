@@ -1,0 +1,193 @@
+"""Start and watch the local processes of one attempt, torchrun-style.
+
+A role with a world of N processes gets N children with RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT — what torchrun would set
+on one node. Each child runs in its own session (so the terminal's Ctrl-C reaches only the
+runner, which then stops the children in order) and is tied to the runner's life by
+``PR_SET_PDEATHSIG``: a SIGKILLed ``crucible run`` never leaves trainers behind.
+
+When one process of a distributed world fails, the others are stopped at once (they would
+otherwise block in a collective until a timeout), as torchrun does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TERMINATE_GRACE_SECONDS = 10.0
+POLL_SECONDS = 0.25
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class ProcessSpec:
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    log: Path
+    rank: int
+
+
+@dataclass
+class ProcessResult:
+    rank: int
+    pid: int
+    returncode: int | None
+    """Exit status; negative: killed by that signal (as subprocess reports it)."""
+    stopped_by_us: bool = False
+    """We stopped it because another process of the world failed, a hang, or Ctrl-C."""
+
+    @property
+    def signal(self) -> int | None:
+        return -self.returncode if self.returncode is not None and self.returncode < 0 else None
+
+
+@dataclass
+class GroupOutcome:
+    results: list[ProcessResult]
+    hang: bool = False
+    interrupted: bool = False
+    duration_seconds: float = 0.0
+    first_failure: ProcessResult | None = None
+    """The process that failed first (what the attempt is classified by)."""
+
+    @property
+    def succeeded(self) -> bool:
+        return not self.hang and not self.interrupted and all(r.returncode == 0 for r in self.results)
+
+
+def torchrun_env(rank: int, world_size: int, master_port: int) -> dict[str, str]:
+    """What torchrun sets for one process of a single-node world."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "GROUP_RANK": "0",
+        "NODE_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(master_port),
+    }
+
+
+@dataclass
+class ProcessGroup:
+    """The running children of one role of one attempt."""
+
+    specs: list[ProcessSpec]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _stopped: set[int] = field(default_factory=set)
+
+    def start(self) -> None:
+        for spec in self.specs:
+            spec.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(spec.log, "ab") as log:
+                log.write(f"--- crucible: started {' '.join(spec.argv)} (rank {spec.rank}) at "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+                log.flush()
+                proc = subprocess.Popen(
+                    list(spec.argv),
+                    env=dict(spec.env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            self.procs.append(proc)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def signal_all(self, sig: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self._stopped.add(proc.pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
+
+    def stop(self, grace: float = TERMINATE_GRACE_SECONDS) -> None:
+        """SIGTERM every live child (and its own children), SIGKILL what is left after ``grace``."""
+        self.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+            time.sleep(0.05)
+        self.signal_all(signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+
+    def results(self) -> list[ProcessResult]:
+        return [
+            ProcessResult(spec.rank, proc.pid, proc.poll(), proc.pid in self._stopped)
+            for spec, proc in zip(self.specs, self.procs, strict=True)
+        ]
+
+    def watch(
+        self,
+        *,
+        should_stop: Callable[[], bool],
+        last_progress: Callable[[], float],
+        hang_timeout: float | None,
+        on_tick: Callable[[], None] = lambda: None,
+    ) -> GroupOutcome:
+        """Wait until every child exits, one fails, progress stalls past ``hang_timeout`` or we are told to stop."""
+        started = time.monotonic()
+        first_failure: ProcessResult | None = None
+        hang = interrupted = False
+        while True:
+            codes = [p.poll() for p in self.procs]
+            failed = [
+                (spec, proc) for spec, proc, code in zip(self.specs, self.procs, codes, strict=True)
+                if code not in (None, 0)
+            ]
+            if failed and first_failure is None:
+                spec, proc = failed[0]
+                first_failure = ProcessResult(spec.rank, proc.pid, proc.returncode)
+                self.stop()
+                break
+            if all(code is not None for code in codes):
+                break
+            if should_stop():
+                interrupted = True
+                self.stop()
+                break
+            if hang_timeout is not None and time.time() - last_progress() > hang_timeout:
+                hang = True
+                self.signal_all(signal.SIGKILL)
+                for proc in self.procs:
+                    proc.wait()
+                break
+            on_tick()
+            time.sleep(POLL_SECONDS)
+        on_tick()
+        return GroupOutcome(
+            results=self.results(),
+            hang=hang,
+            interrupted=interrupted,
+            duration_seconds=time.monotonic() - started,
+            first_failure=first_failure,
+        )

@@ -1,0 +1,595 @@
+"""The embedded backend: run a DAG of resources as local processes with the operator's own core.
+
+Per run, in DAG order, the runner does what the operator's reconcile does, with processes
+instead of pods:
+
+    state.json ──► decide(Situation) ──► plan(resource) ──► start processes ──► watch
+        ▲                                                                        │
+        └────────── next_status(decision) ◄── decide ◄── classify(ProcessEnd...) ┘
+
+``crucible.core.plan`` builds the command, env and spec; ``crucible.core.failure.classify``
+says infrastructure or application; ``crucible.core.decide`` says restart (with backoff, from
+the latest checkpoint — the trainer resumes by itself) or fail; ``crucible.core.status``
+derives the status written to ``state.json``. Nothing here is specific to a stage.
+
+Rerunning is safe and cheap: a run whose ``output/_SUCCESS`` exists and whose fingerprint
+(the resolved spec + the receipts of its inputs + the content of its local input files) is
+unchanged is skipped; a changed one starts over (its output and checkpoints are removed), and
+so does everything downstream of it, because their inputs' receipts change. A run that was
+stopped (Ctrl-C) or whose runner died (SIGKILL, power loss) resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crucible.api.common import CheckpointRef, Resource, RunStatus
+from crucible.core import decide as dc
+from crucible.core.failure import ProcessEnd, classify
+from crucible.core.plan import LaunchPlan, PlanError, Role, plan
+from crucible.core.status import next_status, rfc3339
+from crucible.local.dag import Dag, Key, build_dag
+from crucible.local.load import LoadedResource
+from crucible.local.metrics import MetricsTail, latest_checkpoint, read_success
+from crucible.local.processes import GroupOutcome, ProcessGroup, ProcessSpec, free_port, torchrun_env
+from crucible.local.ui import PlainUi, Ui
+from crucible.local.workdir import SPEC_FILE, RunState, WorkDir, write_json_atomic
+from crucible.trainer.config.common import FailurePolicy
+
+PREPARE_ANNOTATION = "crucible.dev/prepare"
+"""Embedded mode only: a command run (in the YAML file's folder, CRUCIBLE_WORKDIR set) before the
+pipeline starts, to put local inputs in place. The operator ignores it."""
+BASE_MODEL_ENV = "CRUCIBLE_BASE_MODEL"
+TRAINER_COMMAND_ENV = "CRUCIBLE_TRAINER_COMMAND"
+"""Overrides ``<this python> -m crucible.trainer`` (e.g. a wrapper that enters a container)."""
+LOG_TAIL_LINES = 20
+_HASH_LIMIT = 64 * 1024 * 1024
+
+
+class RunnerError(RuntimeError):
+    """A problem the user must fix before anything runs; the message says where and what to do."""
+
+
+@dataclass
+class RunOutcome:
+    key: Key
+    phase: str
+    message: str = ""
+    seconds: float = 0.0
+    skipped: bool = False
+    restarts: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+    output_uri: str | None = None
+
+
+@dataclass
+class RunnerOptions:
+    workdir: Path
+    only: Sequence[str] = ()
+    """Run only these (name or kind/name) and what they need."""
+    fresh: bool = False
+    """Forget the state, outputs and checkpoints of the selected runs first."""
+    base_model: str | None = None
+    """A local Hugging Face model every PretrainRun continues from (and every DataPipeline tokenizes with)."""
+    trainer_command: Sequence[str] | None = None
+    """Replaces ``python -m crucible.trainer`` in the planned argv (tests use a stand-in)."""
+    run_prepare: bool = True
+    poll_seconds: float = 0.25
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the current attempt was stopped; its state says how to resume."""
+
+
+class Runner:
+    def __init__(self, options: RunnerOptions, ui: Ui | None = None) -> None:
+        self.options = options
+        self.ui: Ui = ui or PlainUi()
+        self.workdir = WorkDir(options.workdir)
+        self._stop = threading.Event()
+        if options.trainer_command is None and os.environ.get(TRAINER_COMMAND_ENV):
+            options.trainer_command = shlex.split(os.environ[TRAINER_COMMAND_ENV])
+
+    # ------------------------------------------------------------------ entry
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self, loaded: list[LoadedResource]) -> list[RunOutcome]:
+        dag = build_dag(loaded)
+        order = dag.order()
+        selected = self._select(dag, order)
+        with self.workdir.lock():
+            self.workdir.save_pipeline(order, sorted({str(i.source) for i in loaded}))
+            if self.options.fresh:
+                for key in selected:
+                    self._forget(key)
+            if self.options.run_prepare:
+                self._prepare([dag.nodes[k] for k in order if k in selected])
+            outcomes: dict[Key, RunOutcome] = {}
+            for key in order:
+                if key not in selected:
+                    continue
+                outcomes[key] = self._run_one(dag, key, outcomes)
+        return [outcomes[k] for k in order if k in outcomes]
+
+    def _select(self, dag: Dag, order: list[Key]) -> set[Key]:
+        if not self.options.only:
+            return set(order)
+        wanted: list[Key] = []
+        for name in self.options.only:
+            parts = name.split("/")
+            hits = [
+                k for k in order
+                if (len(parts) == 1 and k[2] == parts[0])
+                or (len(parts) == 2 and k[1].lower() == parts[0].lower() and k[2] == parts[1])
+            ]
+            if not hits:
+                names = ", ".join(f"{k[1]}/{k[2]}" for k in order)
+                raise RunnerError(f"--only {name}: no such run among the loaded resources ({names})")
+            if len(hits) > 1:
+                raise RunnerError(f"--only {name}: ambiguous; write kind/name ({', '.join(f'{k[1]}/{k[2]}' for k in hits)})")
+            wanted += hits
+        return dag.with_upstream(wanted)
+
+    def _forget(self, key: Key) -> None:
+        run_dir = self.workdir.run_dir(*key)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+
+    # --------------------------------------------------------------- prepare
+    def _prepare(self, items: list[LoadedResource]) -> None:
+        done: set[tuple[str, str]] = set()
+        for item in items:
+            command = item.resource.metadata.annotations.get(PREPARE_ANNOTATION)
+            if not command:
+                continue
+            folder = item.source.parent.absolute()
+            if (command, str(folder)) in done:
+                continue
+            done.add((command, str(folder)))
+            argv = shlex.split(command)
+            if argv and argv[0] in ("python", "python3"):
+                argv[0] = sys.executable
+            self.ui.info(f"preparing inputs for {item.resource.kind} {item.resource.name}: {command}  (in {folder})")
+            env = {**os.environ, "CRUCIBLE_WORKDIR": str(self.workdir.root)}
+            try:
+                proc = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, check=False)
+            except OSError as exc:
+                raise RunnerError(
+                    f"{item.where}: metadata.annotations[{PREPARE_ANNOTATION}]: cannot run {command!r}: {exc}"
+                ) from exc
+            for line in proc.stdout.strip().splitlines()[-5:]:
+                self.ui.info(f"  {line}")
+            if proc.returncode != 0:
+                raise RunnerError(
+                    f"{item.where}: metadata.annotations[{PREPARE_ANNOTATION}]: {command!r} exited "
+                    f"{proc.returncode}:\n{proc.stderr.strip()[-2000:]}"
+                )
+
+    # ---------------------------------------------------------------- one run
+    def _run_one(self, dag: Dag, key: Key, done: Mapping[Key, RunOutcome]) -> RunOutcome:
+        item = dag.nodes[key]
+        namespace, kind, name = key
+        label = f"{kind} {name}"
+        resource = self._localize(item)
+        run_dir = self.workdir.run_dir(*key)
+        state = self.workdir.load_state(*key) or RunState(kind, name, namespace, source_file=str(item.source))
+        state.source_file = str(item.source)
+        policy: FailurePolicy = getattr(resource.spec, "failure_policy", None) or FailurePolicy()
+
+        deps = self._dependencies(dag, key)
+        waiting = dc.decide(dc.Situation(status=RunStatus(), now=time.time(), attempt_state="absent",
+                                         policy=policy, dependencies=deps))
+        if waiting.action in ("wait", "fail"):
+            phase = "Failed" if waiting.action == "fail" else "Waiting"
+            state.status = next_status(state.status, waiting, now=time.time())
+            if waiting.action == "fail":
+                state.status.phase = "Failed"
+            self.workdir.save_state(state)
+            self.ui.info(f"{label}: not run — {waiting.message}")
+            return RunOutcome(key, phase, waiting.message)
+
+        inputs = dict(waiting.inputs)
+        try:
+            probe = plan(resource, storage_root=self.workdir.storage_root, inputs=inputs)
+        except PlanError as exc:
+            raise RunnerError(f"{item.where}: {exc}") from exc
+        self._check_local_inputs(item, resource, probe)
+        fingerprint = self._fingerprint(probe, dag, key)
+        output_dir = Path(probe.output_uri)
+
+        if state.fingerprint is not None and state.fingerprint != fingerprint:
+            if (output_dir / "_SUCCESS").exists() or latest_checkpoint(run_dir / "checkpoints"):
+                self.ui.info(f"{label}: its spec or inputs changed since it last ran; starting it over")
+            self._forget(key)
+            state = RunState(kind, name, namespace, source_file=str(item.source))
+        state.fingerprint = fingerprint
+
+        success = read_success(output_dir)
+        if success is not None:
+            if state.status.phase != "Succeeded":
+                state.status = next_status(
+                    state.status, dc.Decision("succeed", dc.SUCCEEDED, "output/_SUCCESS exists"),
+                    now=time.time(), output_uri=probe.output_uri, results=success.get("results") or {},
+                )
+            self.workdir.save_state(state)
+            self.ui.info(f"{label}: already succeeded (output/_SUCCESS exists), skipped")
+            return RunOutcome(key, "Succeeded", "skipped: already succeeded", skipped=True,
+                              restarts=state.status.restarts, results=dict(state.status.results),
+                              output_uri=probe.output_uri)
+
+        status = state.status
+        if status.phase in ("Succeeded", "Failed"):
+            # Its output is gone, or it failed last time and is asked to run again: a fresh
+            # attempt that keeps the checkpoints (and so resumes from them).
+            status = RunStatus(attempt=status.attempt + 1)
+        state.status = status
+        return self._attempts(item, resource, state, policy, inputs, label)
+
+    def _attempts(
+        self, item: LoadedResource, resource: Resource, state: RunState, policy: FailurePolicy,
+        inputs: dict[str, str], label: str,
+    ) -> RunOutcome:
+        key = item.key
+        started = time.monotonic()
+        ui_key = "/".join(key)
+        self.ui.start(ui_key, label, _total_steps(resource))
+        while True:
+            if self._stop.is_set():
+                raise Interrupted()
+            decision = dc.decide(dc.Situation(status=state.status, now=time.time(), attempt_state="absent",
+                                              policy=policy, suspend=bool(getattr(resource.spec, "suspend", False)),
+                                              dependencies=self._dependencies_from_inputs(item, inputs)))
+            if decision.action == "wait" and decision.reason == dc.BACKOFF:
+                self.ui.update(ui_key, None, None, f"restart {state.status.restarts} in {decision.delay_seconds:.0f}s")
+                self._sleep(decision.delay_seconds or 0.0)
+                continue
+            if decision.action == "wait" and decision.reason == dc.SUSPENDED:
+                state.status = next_status(state.status, decision, now=time.time())
+                self.workdir.save_state(state)
+                self.ui.finish(ui_key, False, "suspended (spec.suspend is true)")
+                return RunOutcome(key, "Suspended", decision.message, time.monotonic() - started,
+                                  restarts=state.status.restarts)
+            if decision.action != "start":
+                raise RunnerError(f"{label}: unexpected decision {decision.action} ({decision.reason}: {decision.message})")
+
+            state.status = next_status(state.status, decision, now=time.time())
+            if state.run_started is None:
+                state.run_started = time.time()
+            launch = plan(resource, storage_root=self.workdir.storage_root, attempt=decision.attempt,
+                          restarts=state.status.restarts, inputs=inputs, run_started=state.run_started,
+                          spec_path=str(self.workdir.run_dir(*key) / SPEC_FILE), python=sys.executable)
+            outcome, end_failure = self._attempt(launch, state, ui_key)
+            now = time.time()
+            if outcome == "succeeded":
+                success = read_success(Path(launch.output_uri)) or {}
+                state.status = next_status(state.status, dc.Decision("succeed", dc.SUCCEEDED, "all processes exited 0"),
+                                           now=now, output_uri=launch.output_uri, results=success.get("results") or {})
+                state.pids = []
+                self.workdir.save_state(state)
+                seconds = time.monotonic() - started
+                self.ui.finish(ui_key, True, _done_detail(state.status, seconds))
+                return RunOutcome(key, "Succeeded", "", seconds, restarts=state.status.restarts,
+                                  results=dict(state.status.results), output_uri=launch.output_uri)
+            decision = dc.decide(dc.Situation(status=state.status, now=now, attempt_state="failed",
+                                              policy=policy, failure=end_failure))
+            state.status = next_status(state.status, decision, now=now)
+            state.pids = []
+            self.workdir.save_state(state)
+            if decision.action == "restart":
+                self.ui.warn(f"{label}: attempt {decision.attempt - 1} failed ({decision.reason}: {decision.message}); "
+                             f"restarting from the latest checkpoint (restart {state.status.restarts} of "
+                             f"{policy.max_restarts})")
+                continue
+            seconds = time.monotonic() - started
+            self.ui.finish(ui_key, False, state.status.message or decision.reason)
+            if decision.message and "\n" in decision.message:
+                self.ui.info(decision.message)
+            return RunOutcome(key, "Failed", decision.message, seconds, restarts=state.status.restarts)
+
+    def _attempt(self, launch: LaunchPlan, state: RunState, ui_key: str) -> tuple[str, Any]:
+        """Run every role of one attempt. Returns ("succeeded", None) or ("failed", Failure)."""
+        key = (launch.namespace, launch.kind, launch.name)
+        spec_path = self.workdir.run_dir(*key) / SPEC_FILE
+        write_json_atomic(spec_path, launch.spec)
+        tail = MetricsTail(Path(launch.checkpoint_uri) / "metrics.jsonl") if launch.checkpoint_uri else None
+        if tail is not None:
+            tail.poll(time.time())  # skip what earlier attempts wrote; keep their last step
+        total = _total_steps_from_spec(launch.spec)
+        attempt_started = time.time()
+        for role in launch.roles:
+            group = ProcessGroup(self._process_specs(launch, role, state))
+            group.start()
+            state.pids = group.pids
+            state.status = next_status(state.status, dc.Decision("wait", dc.ATTEMPT_RUNNING,
+                                                                 f"attempt {launch.attempt} is running"),
+                                       now=time.time())
+            self.workdir.save_state(state)
+
+            def tick(role: Role = role) -> None:
+                now = time.time()
+                detail = ""
+                if tail is not None and tail.poll(now):
+                    state.status.progress = tail.progress(state.status.progress, total)
+                    ckpt = latest_checkpoint(Path(launch.checkpoint_uri or ""))
+                    if ckpt is not None:
+                        state.status.last_checkpoint = CheckpointRef(step=ckpt[0], uri=str(ckpt[1]), time=rfc3339(now))
+                    self.workdir.save_state(state)
+                p = state.status.progress
+                if p.step is not None:
+                    detail = f"step {p.step}" + (f"/{total}" if total else "")
+                    if p.loss is not None:
+                        detail += f"  loss {p.loss:.3f}"
+                    if p.tokens_per_second:
+                        detail += f"  {p.tokens_per_second:,.0f} tok/s"
+                else:
+                    detail = _last_line(self.workdir.log_path(*key, launch.attempt))
+                if len(launch.roles) > 1:
+                    detail = f"[{role.name}] {detail}"
+                self.ui.update(ui_key, p.step, total, detail)
+
+            def last_progress() -> float:
+                return (tail.last_advance if tail is not None and tail.last_advance else None) or attempt_started
+
+            outcome = group.watch(
+                should_stop=self._stop.is_set,
+                last_progress=last_progress,
+                hang_timeout=float(launch.hang_timeout_seconds) if launch.hang_timeout_seconds else None,
+                on_tick=tick,
+            )
+            if outcome.interrupted:
+                self._record_interrupt(state, launch)
+                raise Interrupted()
+            if not outcome.succeeded:
+                return "failed", self._classify(launch, role, outcome)
+        if read_success(Path(launch.output_uri)) is None:
+            return "failed", _no_success_failure(launch, self.workdir.log_path(*key, launch.attempt))
+        return "succeeded", None
+
+    def _classify(self, launch: LaunchPlan, role: Role, outcome: GroupOutcome) -> Any:
+        key = (launch.namespace, launch.kind, launch.name)
+        ends = []
+        for result in outcome.results:
+            # Processes we stopped because a peer failed are not evidence of anything.
+            if result.stopped_by_us and not outcome.hang:
+                continue
+            log = self.workdir.log_path(*key, launch.attempt, result.rank if role.distributed or role.sharded else 0)
+            ends.append(ProcessEnd(
+                name=f"{launch.name} {role.name} rank {result.rank} (pid {result.pid})",
+                exit_code=result.returncode if result.returncode is not None and result.returncode >= 0 else None,
+                signal=result.signal,
+                log_tail=_tail(log),
+            ))
+        hang_message = (f"no step progress for {launch.hang_timeout_seconds}s (failurePolicy.hangTimeout); "
+                        "the processes were killed") if outcome.hang else ""
+        if outcome.hang:
+            ends = [e for e in ends if e.signal is None]  # the SIGKILL was ours
+        return classify(ends, hung=outcome.hang, hang_message=hang_message)
+
+    def _record_interrupt(self, state: RunState, launch: LaunchPlan) -> None:
+        step = state.status.progress.step
+        where = f" at step {step}" if step is not None else ""
+        state.status.phase = "Pending"
+        state.status.attempt = launch.attempt + 1
+        state.status.message = f"stopped by Ctrl-C{where}; run crucible run again to resume from the latest checkpoint"
+        state.pids = []
+        self.workdir.save_state(state)
+
+    def _process_specs(self, launch: LaunchPlan, role: Role, state: RunState) -> list[ProcessSpec]:
+        key = (launch.namespace, launch.kind, launch.name)
+        base_env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
+        if launch.metrics_port:
+            base_env["CRUCIBLE_METRICS_PORT"] = str(free_port())
+        base_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, role.world_size))))
+        specs = []
+        port = free_port()
+        for index in range(role.world_size):
+            argv = list(role.command_for(index))
+            if self.options.trainer_command is not None:
+                argv = [*self.options.trainer_command, *argv[3:]]
+            env = dict(base_env)
+            if role.distributed or role.world_size == 1:
+                env.update(torchrun_env(index, role.world_size, port))
+            log = self.workdir.log_path(*key, launch.attempt, index)
+            if role.sharded:
+                log = log.with_name(f"attempt-{launch.attempt}.{role.name}-{index}.log") if index else log
+            specs.append(ProcessSpec(argv, env, log, index))
+        return specs
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(timeout=max(0.0, seconds)):
+            raise Interrupted()
+
+    # ------------------------------------------------------------ inputs
+    def _dependencies(self, dag: Dag, key: Key) -> tuple[dc.Dependency, ...]:
+        deps = []
+        for path, target in sorted(dag.upstream.get(key, {}).items()):
+            state = self.workdir.load_state(*target)
+            output = None
+            phase = None
+            if state is not None:
+                phase = state.status.phase
+                output = state.status.output_uri
+                if phase == "Succeeded" and (output is None or read_success(Path(output)) is None):
+                    phase = "Pending"  # its output vanished: it must run again first
+            deps.append(dc.Dependency(path, target[1], target[2], phase, output,
+                                      state.status.message if state is not None else None))
+        return tuple(deps)
+
+    def _dependencies_from_inputs(self, item: LoadedResource, inputs: Mapping[str, str]) -> tuple[dc.Dependency, ...]:
+        refs = item.resource.input_refs()
+        return tuple(dc.Dependency(path, refs[path].kind, refs[path].name, "Succeeded", uri)
+                     for path, uri in sorted(inputs.items()) if path in refs)
+
+    def _localize(self, item: LoadedResource) -> Resource:
+        """The resource with relative local URIs made absolute under the work directory (and the base-model override)."""
+        resource = item.resource
+        wire = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
+        spec = wire["spec"]
+        for _, parent, k in _uri_fields(spec):
+            value = parent[k]
+            if _is_relative_path(value):
+                parent[k] = str(self.workdir.root / value)
+        base = self.options.base_model
+        if base:
+            if resource.kind == "PretrainRun" and not (spec.get("model") or {}).get("source"):
+                spec.setdefault("model", {})["source"] = {"uri": base}
+            if resource.kind == "DataPipeline" and not (spec.get("tokenizer") or {}).get("source"):
+                spec.setdefault("tokenizer", {})["source"] = {"uri": base}
+        wire.pop("status", None)
+        return type(resource).model_validate(wire)
+
+    def _check_local_inputs(self, item: LoadedResource, resource: Resource, launch: LaunchPlan) -> None:
+        produced = {launch.output_uri, launch.checkpoint_uri}
+        problems = []
+        for path, parent, k in _uri_fields(launch.spec):
+            value = parent[k]
+            if value in produced or value in launch.inputs.values() or "://" in value:
+                continue
+            if path in ("output.uri", "checkpoint.uri"):
+                continue
+            if not (glob.glob(value) if glob.has_magic(value) else os.path.exists(value)):
+                problems.append(
+                    f"{item.where}: {resource.kind} {resource.name}: spec.{path}: {value} does not exist; "
+                    "create it, or fix the path (relative paths are read from the work directory "
+                    f"{self.workdir.root})"
+                )
+        if problems:
+            raise RunnerError("\n".join(problems))
+
+    def _fingerprint(self, launch: LaunchPlan, dag: Dag, key: Key) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(launch.spec, sort_keys=True).encode())
+        for path, target in sorted(dag.upstream.get(key, {}).items()):
+            state = self.workdir.load_state(*target)
+            receipt = read_success(Path(state.status.output_uri)) if state and state.status.output_uri else None
+            h.update(f"{path}={json.dumps(receipt, sort_keys=True)}".encode())
+        produced = {launch.output_uri, launch.checkpoint_uri, *launch.inputs.values()}
+        for path, parent, k in _uri_fields(launch.spec):
+            value = parent[k]
+            if value in produced or "://" in value:
+                continue
+            for file in _files_under(value):
+                h.update(f"{path}:{file}:".encode())
+                h.update(_file_digest(file))
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- helpers
+def _uri_fields(node: Any, prefix: str = "") -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(dotted path, parent dict, key) of every string ``uri`` in a spec."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{prefix}.{k}" if prefix else k
+            if k == "uri" and isinstance(v, str):
+                yield path, node, k
+            else:
+                yield from _uri_fields(v, path)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _uri_fields(v, f"{prefix}[{i}]")
+
+
+def _is_relative_path(value: str) -> bool:
+    return "://" not in value and not os.path.isabs(value) and not value.startswith("~")
+
+
+def _files_under(value: str) -> list[str]:
+    matches = glob.glob(value) if glob.has_magic(value) else [value]
+    out: list[str] = []
+    for m in sorted(matches):
+        if os.path.isdir(m):
+            out += sorted(str(p) for p in Path(m).rglob("*") if p.is_file())
+        elif os.path.isfile(m):
+            out.append(m)
+    return out
+
+
+def _file_digest(path: str) -> bytes:
+    st = os.stat(path)
+    if st.st_size > _HASH_LIMIT:
+        return f"{st.st_size}:{st.st_mtime_ns}".encode()
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).digest()
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 16384))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def _last_line(path: Path) -> str:
+    line = _tail(path, 1).strip()
+    return (line[:77] + "...") if len(line) > 80 else line
+
+
+def _total_steps(resource: Resource) -> int | None:
+    training = getattr(resource.spec, "training", None)
+    return getattr(training, "max_steps", None) if training is not None else None
+
+
+def _total_steps_from_spec(spec: Mapping[str, Any]) -> int | None:
+    training = spec.get("training") or {}
+    value = training.get("maxSteps")
+    return int(value) if isinstance(value, int) else None
+
+
+def _done_detail(status: RunStatus, seconds: float) -> str:
+    parts = [f"{seconds:.0f}s"]
+    if status.restarts:
+        parts.append(f"{status.restarts} restart(s)")
+    if status.progress.loss is not None:
+        parts.append(f"loss {status.progress.loss:.3f}")
+    return ", ".join(parts)
+
+
+def _no_success_failure(launch: LaunchPlan, log: Path) -> Any:
+    from crucible.core.failure import APPLICATION, APPLICATION_ERROR, Failure
+
+    return Failure(APPLICATION, APPLICATION_ERROR,
+                   f"every process exited 0 but {launch.output_uri}/_SUCCESS was not written "
+                   "(the stage must write it last)", log_tail=_tail(log))
+
+
+@contextlib.contextmanager
+def sigint_stops(runner: Runner, ui: Ui) -> Iterator[None]:
+    """First Ctrl-C: stop the current attempt cleanly (SIGTERM, then SIGKILL after a grace period)."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if runner._stop.is_set():
+            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+            raise KeyboardInterrupt
+        ui.warn("stopping (Ctrl-C again to abort at once); run the same command again to resume")
+        runner.request_stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+

@@ -1,0 +1,97 @@
+"""The closing summary of ``crucible run`` and the table of ``crucible status``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from crucible.core.status import parse_time
+from crucible.local.workdir import RunState
+
+# Results worth a column in the summary, in order of preference (first two found are shown).
+KEY_RESULTS = (
+    ("documentsOut", "docs kept {:,}"),
+    ("tokensTrain", "{:,} train tokens"),
+    ("perplexity", "ppl {:.2f}"),
+    ("evalPerplexity", "ppl {:.2f}"),
+    ("finalLoss", "loss {:.3f}"),
+    ("preferenceAccuracy", "pref. acc {:.2f}"),
+    ("perplexityAfter", "ppl after {:.2f}"),
+    ("sizeBytesAfter", "{}"),
+)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def key_results(results: dict[str, Any], limit: int = 2) -> str:
+    parts = []
+    for key, fmt in KEY_RESULTS:
+        value = results.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            parts.append(f"size {human_bytes(value)}" if key == "sizeBytesAfter" else fmt.format(value))
+        if len(parts) == limit:
+            break
+    return ", ".join(parts)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def print_summary(outcomes: Sequence[Any], wall_seconds: float, workdir: Path) -> None:
+    rows = []
+    for o in outcomes:
+        _, kind, name = o.key
+        phase = o.phase + (" (skipped)" if o.skipped else "")
+        rows.append([f"{kind}/{name}", phase, "-" if o.skipped else duration(o.seconds), str(o.restarts),
+                     key_results(o.results) or (o.message.splitlines()[0][:70] if o.message else "")])
+    print()
+    print(table(rows, ["RUN", "RESULT", "TIME", "RESTARTS", "NOTES"]))
+    ok = sum(1 for o in outcomes if o.phase == "Succeeded")
+    print(f"\n{ok}/{len(outcomes)} run(s) succeeded in {duration(wall_seconds)}; everything is under {workdir}")
+    failed = [o for o in outcomes if o.phase == "Failed"]
+    for o in failed:
+        print(f"  {o.key[1]}/{o.key[2]} failed: see `crucible logs {o.key[2]} -w {workdir}`")
+
+
+def status_rows(states: Sequence[RunState], now: float | None = None) -> list[list[str]]:
+    now = time.time() if now is None else now
+    rows = []
+    for s in states:
+        st = s.status
+        p = st.progress
+        step = "-" if p.step is None else (f"{p.step}/{p.total_steps}" if p.total_steps else str(p.step))
+        loss = "-" if p.loss is None else f"{p.loss:.4f}"
+        start = parse_time(st.start_time)
+        end = parse_time(st.completion_time)
+        age = duration((end or now) - start) if start else "-"
+        note = st.message or ""
+        if st.phase == "Succeeded":
+            note = key_results(st.results) or note
+        rows.append([s.name, s.kind, st.phase, step, loss, str(st.restarts), age, note.splitlines()[0][:80] if note else ""])
+    return rows
+
+
+STATUS_HEADER = ["NAME", "KIND", "PHASE", "STEP", "LOSS", "RESTARTS", "TIME", "MESSAGE"]

@@ -1,0 +1,192 @@
+"""The work directory of embedded runs: one folder per run, its state, its logs.
+
+Layout (the same ``<root>/<namespace>/<kind-lower>/<name>`` prefix the operator uses on
+shared storage, with the work directory as the storage root)::
+
+    <workdir>/
+      .lock                                  held by the `crucible run` that owns the directory
+      pipeline.json                          which resources the last `crucible run` loaded, in order
+      <namespace>/<kind-lower>/<name>/
+        state.json                           status (RunStatus wire form) + what the runner needs to resume
+        spec.json                            the spec the trainer read in the latest attempt
+        logs/attempt-<A>.log                 stdout+stderr of rank 0 (other ranks: attempt-<A>.rank-<R>.log)
+        output/                              the artefact; output/_SUCCESS is written last by the stage
+        checkpoints/                         training stages: step-NNNNNNNNN/ and metrics.jsonl
+
+``state.json`` is written atomically (write to a temporary file, rename), so a SIGKILL of
+``crucible run`` never leaves a torn state behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crucible.api.common import RunStatus
+
+STATE_FILE = "state.json"
+SPEC_FILE = "spec.json"
+PIPELINE_FILE = "pipeline.json"
+LOCK_FILE = ".lock"
+SUCCESS_FILE = "_SUCCESS"
+METRICS_FILE = "metrics.jsonl"
+
+
+def now_rfc3339(ts: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if ts is None else ts))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunState:
+    """What ``state.json`` holds: the run's status plus the runner's own bookkeeping."""
+
+    kind: str
+    name: str
+    namespace: str
+    status: RunStatus = field(default_factory=RunStatus)
+    fingerprint: str | None = None
+    """sha256 of the resolved spec and the receipts of its inputs; a change means rerun from scratch."""
+    pids: list[int] = field(default_factory=list)
+    run_started: float | None = None
+    """Unix time of the first attempt (CRUCIBLE_RUN_STARTED)."""
+    source_file: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "namespace": self.namespace,
+            "fingerprint": self.fingerprint,
+            "pids": self.pids,
+            "runStarted": self.run_started,
+            "sourceFile": self.source_file,
+            "status": self.status.model_dump(mode="json", by_alias=True, exclude_none=True),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunState:
+        return cls(
+            kind=data["kind"],
+            name=data["name"],
+            namespace=data.get("namespace") or "default",
+            status=RunStatus.model_validate(data.get("status") or {}),
+            fingerprint=data.get("fingerprint"),
+            pids=list(data.get("pids") or []),
+            run_started=data.get("runStarted"),
+            source_file=data.get("sourceFile"),
+        )
+
+
+class WorkDir:
+    """Paths and state of every run under one work directory."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).absolute()
+
+    @property
+    def storage_root(self) -> str:
+        return str(self.root)
+
+    def run_dir(self, namespace: str, kind: str, name: str) -> Path:
+        return self.root / namespace / kind.lower() / name
+
+    def state_path(self, namespace: str, kind: str, name: str) -> Path:
+        return self.run_dir(namespace, kind, name) / STATE_FILE
+
+    def log_path(self, namespace: str, kind: str, name: str, attempt: int, rank: int = 0) -> Path:
+        suffix = "" if rank == 0 else f".rank-{rank}"
+        return self.run_dir(namespace, kind, name) / "logs" / f"attempt-{attempt}{suffix}.log"
+
+    def load_state(self, namespace: str, kind: str, name: str) -> RunState | None:
+        path = self.state_path(namespace, kind, name)
+        try:
+            return RunState.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: unreadable run state ({exc}); delete the file to start this run over") from exc
+
+    def save_state(self, state: RunState) -> None:
+        write_json_atomic(self.state_path(state.namespace, state.kind, state.name), state.to_json())
+
+    def all_states(self) -> list[RunState]:
+        """Every run recorded here, in the order of the last ``crucible run`` (then by path)."""
+        found: dict[tuple[str, str, str], RunState] = {}
+        if not self.root.is_dir():
+            return []
+        for path in sorted(self.root.glob(f"*/*/*/{STATE_FILE}")):
+            with contextlib.suppress(ValueError, KeyError, OSError):
+                state = RunState.from_json(json.loads(path.read_text()))
+                found[(state.namespace, state.kind, state.name)] = state
+        order = self.pipeline_order()
+        ranked = {key: i for i, key in enumerate(order)}
+        return sorted(found.values(), key=lambda s: (ranked.get((s.namespace, s.kind, s.name), len(ranked)),
+                                                     s.namespace, s.kind, s.name))
+
+    def pipeline_order(self) -> list[tuple[str, str, str]]:
+        try:
+            data = json.loads((self.root / PIPELINE_FILE).read_text())
+        except (OSError, ValueError):
+            return []
+        return [(r["namespace"], r["kind"], r["name"]) for r in data.get("runs", [])]
+
+    def save_pipeline(self, runs: list[tuple[str, str, str]], sources: list[str]) -> None:
+        write_json_atomic(
+            self.root / PIPELINE_FILE,
+            {
+                "sources": sources,
+                "runs": [{"namespace": ns, "kind": k, "name": n} for ns, k, n in runs],
+                "updatedAt": now_rfc3339(),
+            },
+        )
+
+    def find(self, name: str) -> list[RunState]:
+        """Runs matching ``name``, ``kind/name`` or ``namespace/kind/name`` (kind case-insensitive)."""
+        parts = name.split("/")
+        if len(parts) > 3 or not all(parts):
+            return []
+        out = []
+        for state in self.all_states():
+            key = (state.namespace, state.kind.lower(), state.name)[-len(parts):]
+            wanted = tuple(p.lower() if i == len(parts) - 2 else p for i, p in enumerate(parts))
+            if key == wanted:
+                out.append(state)
+        return out
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory for one ``crucible run``; a second one gets a clear error."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                raise WorkDirBusyError(
+                    f"{self.root} is in use by crucible run (pid {holder}); wait for it to finish, "
+                    "stop it with Ctrl-C, or pass a different --workdir"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
+            os.close(fd)
+
+
+class WorkDirBusyError(RuntimeError):
+    """Another ``crucible run`` holds the work directory."""
