@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -58,9 +59,22 @@ def write_shards(root: Path, documents: int = 400, seed: int = 0, vocab: int = V
             start = int(rng.integers(1, vocab))
             writer.add_document([(start + i) % (vocab - 1) + 1 for i in range(length)])
         writer.close()
+    write_tokenizer(root / "tokenizer", vocab)
     manifest = {"stage": "data", "tokens": 0}
-    (root / "manifest.json").write_text(__import__("json").dumps(manifest))
+    (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def write_tokenizer(directory: Path, vocab: int = VOCAB) -> None:
+    """A word-level tokenizer over the ids of the generated data ("<eos>", "w1" ... "wN")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<eos>": 0, **{f"w{i}": i for i in range(1, vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    fast.save_pretrained(directory)
 
 
 @pytest.fixture

@@ -1,0 +1,380 @@
+"""Process-group setup and the three data-parallel strategies behind one small interface.
+
+``init_distributed()`` reads torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+and always creates a process group (gloo on CPU, NCCL on CUDA), even for one process, so one
+code path serves laptop and cluster.
+
+A :class:`Strategy` owns the wrapped model and its optimizer:
+
+* ``ddp``: ``DistributedDataParallel``; gradient sync skipped on all but the last micro-batch.
+* ``fsdp``: FSDP2 ``fully_shard`` per decoder layer and at the root (bf16 params / fp32
+  reduce on CUDA, fp32 on CPU); sync skipped with ``set_requires_gradient_sync``.
+* ``deepspeed``: ZeRO stage 1/2/3 with our torch AdamW as client optimizer (no compiled op
+  needed; on CPU the gloo backend, ``reduce_scatter`` off since stage 1/2 then all-reduce).
+
+Checkpoint format. ``ddp`` and ``fsdp`` save the *full* (unsharded) model and optimizer
+state, keyed by parameter name, from rank 0 (``torch.distributed.checkpoint.state_dict``),
+and every rank loads it and re-shards. That makes their checkpoints independent of the world
+size (and of the choice between the two): a run may resume on more or fewer ranks, and the
+engine logs that it resharded. ``deepspeed`` keeps DeepSpeed's own per-rank ZeRO files;
+resuming it on another world size is refused with a message (DeepSpeed's universal
+checkpoint conversion is the way out). Full-state saving costs a gather to rank 0 — for
+models beyond one host's memory use DeepSpeed ZeRO-3 or add a DCP sharded format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from crucible.trainer.config.training import OptimizerConfig, TrainingConfig
+from crucible.trainer.optim import build_adamw, set_lr
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
+    return DistEnv(rank, world, local_rank, local_world, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return [float(x) for x in t.tolist()]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class Strategy:
+    """The wrapped model, its optimizer, and how a step and a checkpoint happen."""
+
+    name = "base"
+    #: whether :meth:`save_local` writes per-rank files tied to the world size
+    world_size_bound = False
+
+    def __init__(self, module: torch.nn.Module, env: DistEnv, training: TrainingConfig) -> None:
+        self.module = module  # the unwrapped Hugging Face model
+        self.env = env
+        self.training = training
+        self.model: Any = module  # what forward is called on
+        self.optimizer: torch.optim.Optimizer
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        yield
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def optimizer_step(self, lr: float, grad_clip: float) -> float:
+        """Clip, step, zero grads; the global grad norm before clipping."""
+        set_lr(self.optimizer, lr)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        max_norm = grad_clip if grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    # -- checkpoint state (full, rank-0 files) -------------------------------------------------
+
+    def full_state(self, with_optimizer: bool = True) -> dict[str, Any] | None:
+        """Full model (and optimizer) state on rank 0 as CPU copies; None on other ranks.
+
+        A collective: every rank must call it.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.module, options=opts)
+        optim_sd = get_optimizer_state_dict(self.module, self.optimizer, options=opts) if with_optimizer else None
+        if not self.env.is_main:
+            return None
+        out: dict[str, Any] = {"model": _detached_copy(model_sd)}
+        if optim_sd is not None:
+            out["optimizer"] = _detached_copy(optim_sd)
+        return out
+
+    def load_full_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, strict=True)
+        set_model_state_dict(self.module, model_sd, options=opts)
+        if optim_sd is not None:
+            set_optimizer_state_dict(self.module, self.optimizer, optim_sd, options=opts)
+
+    def save_local(self, directory: Path) -> list[Path]:
+        """Strategy-owned per-rank checkpoint files (DeepSpeed); none for full-state strategies."""
+        return []
+
+    def load_local(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def export_state(self) -> dict[str, torch.Tensor] | None:
+        """The full model weights on rank 0 (for the Hugging Face export); collective."""
+        state = self.full_state(with_optimizer=False)
+        return None if state is None else state["model"]
+
+
+def _detached_copy(obj: Any) -> Any:
+    """Deep copy with tensors cloned to CPU (a snapshot the training step cannot mutate)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_detached_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_detached_copy(v) for v in obj)
+    return obj
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def __init__(self, module: torch.nn.Module, env: DistEnv, training: TrainingConfig, optim: OptimizerConfig):
+        super().__init__(module, env, training)
+        module.to(env.device)
+        if env.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                module,
+                device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+                static_graph=False,
+            )
+        self.optimizer = build_adamw(module, optim, env.device)
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        if last or self.env.world_size == 1:
+            yield
+        else:
+            with self.model.no_sync():
+                yield
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def __init__(self, module: torch.nn.Module, env: DistEnv, training: TrainingConfig, optim: OptimizerConfig):
+        super().__init__(module, env, training)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        module.to(env.device)
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        bf16 = env.device.type == "cuda" and training.precision != "fp32"
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        kwargs: dict[str, Any] = {"mesh": mesh}
+        if mp is not None:
+            kwargs["mp_policy"] = mp
+        for layer in _decoder_layers(module):
+            fully_shard(layer, **kwargs)
+        fully_shard(module, **kwargs)
+        self.model = module
+        self.optimizer = build_adamw(module, optim, env.device)
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(last)  # type: ignore[operator]
+        yield
+
+
+def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    inner = getattr(module, "model", None)
+    if hasattr(module, "base_model") and hasattr(module.base_model, "model"):  # peft
+        inner = getattr(module.base_model.model, "model", inner)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+    world_size_bound = True
+    TAG = "deepspeed"
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        env: DistEnv,
+        training: TrainingConfig,
+        optim: OptimizerConfig,
+        grad_accum: int,
+    ):
+        super().__init__(module, env, training)
+        import deepspeed
+
+        module.to(env.device)
+        bf16 = env.device.type == "cuda" and training.precision != "fp32"
+        zero: dict[str, Any] = {"stage": training.zero_stage}
+        if env.device.type == "cpu":
+            zero["reduce_scatter"] = False  # gloo has no reduce_scatter for stage 1/2 buckets
+        if training.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = False
+        config = {
+            "train_micro_batch_size_per_gpu": training.micro_batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": training.micro_batch_size * grad_accum * env.world_size,
+            "gradient_clipping": optim.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**12,
+            "wall_clock_breakdown": False,
+            "checkpoint": {"load_universal": False},
+        }
+        optimizer = build_adamw(module, optim, env.device)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=config, dist_init_required=False
+        )
+        self.engine = engine
+        self.model = engine
+        self.optimizer = ds_optimizer
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not last:
+            self.engine.step()  # a micro-step: DeepSpeed only counts it
+
+    def optimizer_step(self, lr: float, grad_clip: float) -> float:
+        set_lr(self.optimizer, lr)
+        self.engine.step()  # the accumulation boundary: reduce, clip, step, zero
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def full_state(self, with_optimizer: bool = True) -> dict[str, Any] | None:
+        raise NotImplementedError("DeepSpeed checkpoints are written per rank by save_local")
+
+    def save_local(self, directory: Path) -> list[Path]:
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, client_state={}, save_latest=False)
+        mine = [p for p in sorted((directory / self.TAG).glob("*")) if _rank_of(p.name) in (self.env.rank, None)]
+        # Files not tagged with a rank (mp_rank_00_model_states.pt) are written by rank 0 only.
+        return [p for p in mine if _rank_of(p.name) == self.env.rank or (self.env.is_main and _rank_of(p.name) is None)]
+
+    def load_local(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+    def export_state(self) -> dict[str, torch.Tensor] | None:
+        import deepspeed
+
+        if self.training.zero_stage == 3:
+            params = list(self.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = _detached_copy(self.module.state_dict()) if self.env.is_main else None
+            return state
+        return _detached_copy(self.module.state_dict()) if self.env.is_main else None
+
+
+def _rank_of(filename: str) -> int | None:
+    """The data-parallel rank a DeepSpeed checkpoint file belongs to (None: rank-0 shared)."""
+    import re
+
+    m = re.search(r"(?:zero_pp_rank|dp_rank)_(\d+)", filename)
+    return int(m.group(1)) if m else None
+
+
+def build_strategy(
+    module: torch.nn.Module,
+    env: DistEnv,
+    training: TrainingConfig,
+    optim: OptimizerConfig,
+    grad_accum: int,
+) -> Strategy:
+    if training.activation_checkpointing and hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable(  # type: ignore[operator]
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if training.strategy == "ddp":
+        strategy: Strategy = DDPStrategy(module, env, training, optim)
+    elif training.strategy == "fsdp":
+        strategy = FSDPStrategy(module, env, training, optim)
+    else:
+        strategy = DeepSpeedStrategy(module, env, training, optim, grad_accum)
+    if training.compile and training.strategy != "deepspeed":
+        strategy.model = torch.compile(strategy.model)
+    return strategy

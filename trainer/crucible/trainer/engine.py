@@ -1,0 +1,483 @@
+"""One training engine for every stage; what differs between stages is the :class:`Objective`.
+
+An objective knows its data and its loss; the engine owns everything else::
+
+    class Objective(Protocol):
+        def train_batches(self, ctx: TrainContext) -> ResumableIterator: ...
+        def eval_batches(self, ctx: TrainContext) -> Iterable[dict[str, Tensor]] | None: ...
+        def loss(self, model, batch) -> tuple[Tensor, dict[str, float | Tensor]]: ...
+        def tokens(self, batch) -> int: ...
+
+* ``train_batches`` yields this rank's micro-batches (dicts of CPU tensors; the engine moves
+  them to the device). Its ``position``/``state_dict`` go into every checkpoint, and the
+  engine calls ``skip(start, end)`` to drop a data window after a loss-spike rollback. Build
+  it from :class:`crucible.trainer.sampler.BatchIterator` (a ``GlobalSampler`` over your
+  examples plus a ``fetch(indices) -> batch``) and resume, resharding and skipping come free.
+* ``eval_batches`` yields held-out micro-batches, the same number on every rank (the engine
+  takes ``training.evalBatches`` of them); None: no held-out evaluation.
+* ``loss`` returns the mean loss of the micro-batch (a scalar with grad) and extra metrics
+  (e.g. DPO reward accuracy). The engine averages extras over micro-batches and ranks,
+  weighted by ``tokens(batch)``, logs them, and reports them from evaluation.
+
+The engine: process group and strategy (ddp / FSDP2 / DeepSpeed ZeRO; only parameters with
+``requires_grad`` are optimized, so LoRA works unchanged), gradient accumulation up to
+``training.globalBatchTokens``, clipping, the LR schedule, bf16 autocast on CUDA, atomic
+checkpoints with resume (model, optimizer, RNG, data position, skipped windows), loss-spike
+rollback/alert, the hang watchdog, Prometheus + metrics.jsonl, and held-out evaluation.
+``Engine(...).fit()`` returns the measured results; :meth:`Engine.export` writes the final
+Hugging Face model and :mod:`crucible.trainer.output` the ``_SUCCESS`` receipt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Protocol
+
+import torch
+
+from crucible.trainer import storage as st
+from crucible.trainer.checkpoint import Checkpointer, young_daly_interval
+from crucible.trainer.config.stages import TrainStageConfig
+from crucible.trainer.distributed import DistEnv, Strategy, broadcast_object, build_strategy
+from crucible.trainer.faults import RetriableError, SpecError
+from crucible.trainer.flops import count_params, flops_per_token, mfu, peak_flops
+from crucible.trainer.loss_spike import LossSpikeDetector, Spike
+from crucible.trainer.metrics import Metrics, StepLog
+from crucible.trainer.optim import lr_at
+from crucible.trainer.sampler import ResumableIterator
+from crucible.trainer.watchdog import Watchdog
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainContext:
+    """What an objective may need to build its data."""
+
+    config: TrainStageConfig
+    env: DistEnv
+    store: st.Storage
+    tokenizer: Any
+    seq_len: int
+    micro_batch_size: int
+    grad_accum: int
+    seed: int
+
+
+class Objective(Protocol):
+    def train_batches(self, ctx: TrainContext) -> ResumableIterator: ...
+    def eval_batches(self, ctx: TrainContext) -> Iterable[Batch] | None: ...
+    def loss(self, model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]: ...
+    def tokens(self, batch: Batch) -> int: ...
+
+
+@dataclass
+class FitResult:
+    steps: int
+    tokens: int
+    final_loss: float
+    eval: dict[str, float] = field(default_factory=dict)
+    loss_spikes: int = 0
+    rollbacks: int = 0
+    tokens_per_second: float = 0.0
+    mfu: float | None = None
+    resumed_from: int | None = None
+
+    def results(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "finalLoss": self.final_loss,
+            "lossSpikes": self.loss_spikes,
+            "rollbacks": self.rollbacks,
+            "tokensPerSecond": round(self.tokens_per_second, 2),
+        }
+        if self.mfu is not None:
+            out["mfu"] = round(self.mfu, 4)
+        if "loss" in self.eval:
+            out["evalLoss"] = self.eval["loss"]
+            out["perplexity"] = self.eval["perplexity"]
+        out.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in self.eval.items() if k not in ("loss", "perplexity")})
+        if self.resumed_from is not None:
+            out["resumedFromStep"] = self.resumed_from
+        return out
+
+
+def config_hash(config: TrainStageConfig) -> str:
+    """Hash of what decides the training math (not max steps, checkpoint or metrics settings)."""
+    wire = config.to_wire()
+    relevant = {k: wire.get(k) for k in ("model", "optimizer", "method", "lora", "dpo")}
+    training = dict(wire.get("training", {}))
+    for volatile in ("maxSteps", "maxTokens", "evalEvery", "evalBatches", "compile"):
+        training.pop(volatile, None)
+    relevant["training"] = training
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def grad_accum_steps(config: TrainStageConfig, world_size: int) -> int:
+    tr = config.training
+    per_micro = tr.micro_batch_size * tr.seq_len * world_size
+    if tr.global_batch_tokens % per_micro:
+        raise SpecError(
+            f"training.globalBatchTokens ({tr.global_batch_tokens}) must be a multiple of "
+            f"microBatchSize × seqLen × ranks = {tr.micro_batch_size} × {tr.seq_len} × {world_size} "
+            f"= {per_micro}; use {max(1, round(tr.global_batch_tokens / per_micro)) * per_micro}"
+        )
+    return tr.global_batch_tokens // per_micro
+
+
+def total_steps(config: TrainStageConfig) -> int:
+    tr = config.training
+    if tr.max_steps is not None:
+        return tr.max_steps
+    assert tr.max_tokens is not None
+    return max(1, math.ceil(tr.max_tokens / tr.global_batch_tokens))
+
+
+class Engine:
+    def __init__(
+        self,
+        config: TrainStageConfig,
+        model: torch.nn.Module,
+        objective: Objective,
+        tokenizer: Any,
+        env: DistEnv,
+        store: st.Storage | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.objective = objective
+        self.tokenizer = tokenizer
+        self.env = env
+        self.store = store or st.Storage.from_config(config.storage)
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        tr = config.training
+        self.grad_accum = grad_accum_steps(config, env.world_size)
+        self.total_steps = total_steps(config)
+        self.ctx = TrainContext(
+            config, env, self.store, tokenizer, tr.seq_len, tr.micro_batch_size, self.grad_accum, tr.seed
+        )
+        n_params = count_params(model)
+        mcfg = getattr(model, "config", None)
+        layers = int(getattr(mcfg, "num_hidden_layers", 0) or 0)
+        hidden = int(getattr(mcfg, "hidden_size", 0) or 0)
+        self.flops_per_token = flops_per_token(n_params, layers, hidden, tr.seq_len)
+        self.peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
+        self.strategy: Strategy = build_strategy(model, env, tr, config.optimizer, self.grad_accum)
+        self.bf16_autocast = (
+            env.device.type == "cuda" and tr.precision != "fp32" and self.strategy.name == "ddp"
+        )
+        ckpt_uri = config.checkpoint.uri or st.join(config.output.uri or "", "checkpoints")
+        self.checkpointer = Checkpointer(
+            ckpt_uri, self.store, env, config.checkpoint.keep, config.checkpoint.async_save,
+            config_hash(config), self.log,
+        )
+        self.detector = LossSpikeDetector(config.loss_spike)
+        self.metrics = Metrics(config.metrics.port, enabled=env.is_main)
+        self.step_log = StepLog(ckpt_uri, enabled=env.is_main)
+        self.train_iter: ResumableIterator = objective.train_batches(self.ctx)
+        self.step = 0
+        self.tokens = 0
+        self.interval: int = self._initial_interval()
+        self._stop_signal = False
+
+    # -- small helpers ------------------------------------------------------------------------
+
+    def log(self, msg: str) -> None:
+        if self.env.is_main:
+            self._log(f"[crucible rank0] {msg}")
+
+    def _initial_interval(self) -> int:
+        interval = self.config.checkpoint.interval
+        if isinstance(interval, int):
+            return interval
+        return max(1, min(100, self.total_steps // 10 or 1))
+
+    def _failure_rate(self) -> tuple[float, str]:
+        rate = self.config.failure_policy.failure_rate_per_hour
+        if rate:
+            return rate, "failurePolicy.failureRatePerHour"
+        restarts = int(os.environ.get("CRUCIBLE_RESTARTS", "0") or 0)
+        started = float(os.environ.get("CRUCIBLE_RUN_STARTED", "0") or 0)
+        prior = 1.0 / 24.0  # one fault a day until restarts say otherwise
+        if restarts and started:
+            hours = max((time.time() - started) / 3600.0, 1e-3)
+            return max(restarts / hours, prior), f"{restarts} restarts in {hours:.2f} h"
+        return prior, "default prior (1 per 24 h)"
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.bf16_autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "data": self.train_iter.state_dict(),
+            "lossSpike": self.detector.state_dict(),
+            "interval": self.interval,
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save(self) -> None:
+        started = time.perf_counter()
+        self.checkpointer.save(self.step, self.trainer_state(), self.strategy)
+        blocking = time.perf_counter() - started
+        self.step_log.event("checkpoint", step=self.step, blockingSeconds=round(blocking, 4))
+        self.metrics.set(checkpoint_save_seconds=self.checkpointer.last_total_s or blocking)
+        if self.checkpointer.last_step is not None:
+            self.metrics.set(checkpoint_last_step=self.checkpointer.last_step)
+        if self.config.checkpoint.interval == "auto":
+            self._retune_interval(blocking)
+
+    def _retune_interval(self, blocking: float) -> None:
+        decision = None
+        if self.env.is_main:
+            cost = max(blocking, self.checkpointer.last_total_s)
+            rate, source = self._failure_rate()
+            step_s = getattr(self, "_median_step_s", None) or 1.0
+            decision = young_daly_interval(cost, rate, step_s)
+            if decision != self.interval:
+                self.log(
+                    f"checkpoint interval auto: {decision} steps (Young/Daly: save {cost:.2f}s, "
+                    f"step {step_s:.3f}s, failures {rate:.3g}/h from {source})"
+                )
+        self.interval = int(broadcast_object(decision))
+
+    def resume(self) -> int | None:
+        if self.config.checkpoint.resume == "never":
+            return None
+        found = self.checkpointer.latest_valid()
+        if found is None:
+            return None
+        ref, local = found
+        state = self.checkpointer.load(ref, local, self.strategy, self.config.training.seed)
+        self._restore(state)
+        self.log(f"resumed from {ref.uri} (step {self.step}, {self.tokens} tokens)")
+        return self.step
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        self.train_iter.load_state_dict(state["data"])
+        for start, end in self.checkpointer.read_skips():  # windows skipped after this checkpoint
+            if [start, end] not in state["data"].get("skips", []):
+                self.train_iter.skip(start, end)
+        self.detector.load_state_dict(state.get("lossSpike", {}))
+        if self.config.checkpoint.interval == "auto":
+            self.interval = int(state.get("interval", self.interval))
+
+    def rollback(self, spike: Spike, window: tuple[int, int]) -> None:
+        """PaLM-style: reload the last checkpoint and never train on the offending window again."""
+        spikes, rollbacks = self.detector.spikes, self.detector.rollbacks + 1
+        if rollbacks > self.config.loss_spike.max_rollbacks:
+            raise RuntimeError(
+                f"training is unstable: {rollbacks} loss-spike rollbacks exceed lossSpike.maxRollbacks "
+                f"({self.config.loss_spike.max_rollbacks}); lower optimizer.lr or raise warmupSteps"
+            )
+        self.checkpointer.wait()
+        found = self.checkpointer.latest_valid()
+        if found is None:
+            self.log(f"loss spike ({spike.describe()}) but no checkpoint to roll back to; continuing")
+            return
+        ref, local = found
+        state = self.checkpointer.load(ref, local, self.strategy, self.config.training.seed)
+        extra = self.config.loss_spike.skip_batches * self.grad_accum * self.ctx.micro_batch_size * self.env.world_size
+        skip = (window[0], window[1] + extra)
+        skips = [*self.checkpointer.read_skips(), list(skip)]
+        self.checkpointer.write_skips(skips)
+        self._restore(state)
+        self.detector.spikes, self.detector.rollbacks = spikes, rollbacks
+        self.log(
+            f"loss spike: {spike.describe()}; rolled back to step {self.step} and skipping "
+            f"data positions [{skip[0]}, {skip[1]})"
+        )
+        self.step_log.event("rollback", step=spike.step, toStep=self.step, skip=list(skip), loss=spike.loss)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[float, float, int, dict[str, float]]:
+        """One optimizer step over grad_accum micro-batches; (loss, grad norm, tokens, extras), global."""
+        self.strategy.train(True)
+        loss_sum = torch.zeros((), device=self.env.device, dtype=torch.float64)
+        extras: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for i in range(self.grad_accum):
+            last = i == self.grad_accum - 1
+            batch = self._to_device(next(self.train_iter))
+            with self.strategy.micro_step(last), self._autocast():
+                loss, extra = self.objective.loss(self.strategy.model, batch)
+            self.strategy.backward(loss / self.grad_accum, last)
+            n = self.objective.tokens(batch)
+            tokens += n
+            loss_sum += loss.detach().to(torch.float64)
+            for key, value in extra.items():
+                extras[key] = extras.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64).to(self.env.device) * n
+        lr = lr_at(self.step, self.total_steps, self.config.optimizer)
+        grad_norm = self.strategy.optimizer_step(lr, self.config.optimizer.grad_clip)
+        # one all-reduce for everything logged: loss, tokens, extras, and the stop flag
+        keys = sorted(extras)
+        packed = torch.stack([
+            loss_sum / self.grad_accum,
+            torch.tensor(float(tokens), dtype=torch.float64, device=self.env.device),
+            torch.tensor(float(self._stop_signal), dtype=torch.float64, device=self.env.device),
+            *[extras[k] for k in keys],
+        ])
+        if self.env.world_size > 1:
+            torch.distributed.all_reduce(packed)
+        values = packed.tolist()
+        global_tokens = int(values[1])
+        self._stop_all = values[2] > 0
+        extra_out = {k: v / max(global_tokens, 1) for k, v in zip(keys, values[3:], strict=True)}
+        return values[0] / self.env.world_size, grad_norm, global_tokens, extra_out
+
+    def evaluate(self) -> dict[str, float]:
+        batches = self.objective.eval_batches(self.ctx)
+        if batches is None:
+            return {}
+        self.strategy.train(False)
+        sums: dict[str, float] = {}
+        count = 0
+        with torch.no_grad():
+            for batch in islice(batches, self.config.training.eval_batches):
+                batch = self._to_device(batch)
+                with self._autocast():
+                    loss, extra = self.objective.loss(self.strategy.model, batch)
+                n = self.objective.tokens(batch)
+                count += n
+                sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
+                for key, value in extra.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * n
+        self.strategy.train(True)
+        keys = sorted(sums)
+        from crucible.trainer.distributed import all_reduce_sum
+
+        totals = all_reduce_sum([float(count), *[sums[k] for k in keys]], self.env.device)
+        if totals[0] == 0:
+            return {}
+        out = {k: v / totals[0] for k, v in zip(keys, totals[1:], strict=True)}
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+        return out
+
+    def fit(self) -> FitResult:
+        cfg = self.config
+        watchdog = Watchdog(float(cfg.failure_policy.hang_timeout_seconds)).start()
+        previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._fit(watchdog)
+        finally:
+            watchdog.stop()
+            signal.signal(signal.SIGTERM, previous_sigterm)
+            self.metrics.close()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._stop_signal = True
+
+    def _fit(self, watchdog: Watchdog) -> FitResult:
+        cfg = self.config
+        resumed = self.resume()
+        watchdog.beat("resume")
+        self.log(
+            f"training {self.total_steps} steps of {cfg.training.global_batch_tokens} tokens: "
+            f"{self.env.world_size} ranks × {cfg.training.micro_batch_size} × {cfg.training.seq_len} tokens "
+            f"× {self.grad_accum} accumulation, strategy {self.strategy.name}, device {self.env.device}"
+        )
+        step_times: list[float] = []
+        loss = math.nan
+        last_eval: dict[str, float] = {}
+        tps = 0.0
+        self._stop_all = False
+        while self.step < self.total_steps:
+            position_before = self.train_iter.position
+            started = time.perf_counter()
+            loss, grad_norm, step_tokens, extras = self.train_step()
+            elapsed = time.perf_counter() - started
+            watchdog.beat(f"step {self.step + 1}")
+            spike = self.detector.observe(self.step + 1, loss)
+            if spike is not None and cfg.loss_spike.action == "rollback":
+                self.metrics.set(train_loss_spikes_total=self.detector.spikes)
+                self.rollback(spike, (position_before, self.train_iter.position))
+                continue
+            if spike is not None:
+                self.log(f"loss spike (alert only): {spike.describe()}")
+                self.step_log.event("loss_spike", step=spike.step, loss=spike.loss, z=spike.z)
+            self.step += 1
+            self.tokens += step_tokens
+            step_times.append(elapsed)
+            self._median_step_s = sorted(step_times[-50:])[len(step_times[-50:]) // 2]
+            tps = step_tokens / elapsed if elapsed > 0 else 0.0
+            util = mfu(tps, self.flops_per_token, self.peak, self.env.world_size)
+            lr = lr_at(self.step - 1, self.total_steps, cfg.optimizer)
+            self.metrics.set(
+                train_loss=loss, train_step=self.step, train_tokens_total=self.tokens,
+                train_tokens_per_second=tps, train_mfu_ratio=util or 0.0, train_grad_norm=grad_norm,
+                train_learning_rate=lr, train_loss_spikes_total=self.detector.spikes,
+            )
+            record = {"step": self.step, "loss": loss, "lr": lr, "gradNorm": grad_norm, "tokens": self.tokens,
+                      "tokensPerSecond": round(tps, 2), "mfu": util, "stepSeconds": round(elapsed, 5), **extras}
+            self.step_log.write(record)
+            if self.step % cfg.metrics.log_every == 0 or self.step == 1:
+                self.log(f"step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} "
+                         f"grad_norm {grad_norm:.3f} tok/s {tps:,.0f}")
+            done = self.step >= self.total_steps
+            if self._stop_all:
+                self.save()
+                self.checkpointer.wait()
+                raise RetriableError(f"SIGTERM received: checkpoint saved at step {self.step}; exiting to be rescheduled")
+            if cfg.training.eval_every and self.step % cfg.training.eval_every == 0 and not done:
+                last_eval = self._eval_and_record()
+                watchdog.beat("evaluation")
+            if self.step % self.interval == 0 or done:
+                self.save()
+                watchdog.beat("checkpoint")
+        self.checkpointer.wait()
+        watchdog.beat("final checkpoint")
+        final_eval = self._eval_and_record() or last_eval
+        watchdog.beat("final evaluation")
+        return FitResult(
+            steps=self.step,
+            tokens=self.tokens,
+            final_loss=loss,
+            eval=final_eval,
+            loss_spikes=self.detector.spikes,
+            rollbacks=self.detector.rollbacks,
+            tokens_per_second=tps,
+            mfu=mfu(tps, self.flops_per_token, self.peak, self.env.world_size),
+            resumed_from=resumed,
+        )
+
+    def _eval_and_record(self) -> dict[str, float]:
+        result = self.evaluate()
+        if result:
+            self.metrics.set(train_eval_loss=result["loss"])
+            self.step_log.event("eval", step=self.step, **result)
+            self.log(f"eval at step {self.step}: loss {result['loss']:.4f} perplexity {result['perplexity']:.2f}")
+        return result
+
+    def export(self, out_dir: str) -> None:
+        """The final model in Hugging Face format into the local folder ``out_dir`` (rank 0)."""
+        from crucible.trainer.output import save_hf_model
+
+        state = self.strategy.export_state()  # collective
+        if self.env.is_main:
+            assert state is not None
+            save_hf_model(self.strategy.module, state, out_dir, self.tokenizer)
+
+    def close(self) -> None:
+        self.checkpointer.close()

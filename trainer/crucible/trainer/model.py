@@ -1,0 +1,67 @@
+"""The causal LM: a Llama built from :class:`ModelConfig`, or a Hugging Face model from a dir / s3 prefix."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crucible.trainer import storage as st
+from crucible.trainer.config.training import ModelConfig
+from crucible.trainer.faults import SpecError
+
+
+def intermediate_size(cfg: ModelConfig) -> int:
+    if cfg.intermediate_size:
+        return cfg.intermediate_size
+    return int(64 * round(8 * cfg.hidden_size / 3 / 64)) or 64
+
+
+def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=intermediate_size(cfg),
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+        pad_token_id=None,
+        use_cache=False,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int, eos_id: int | None = None) -> torch.nn.Module:
+    """A freshly initialised LlamaForCausalLM (fp32, CPU); identical on every rank for one seed."""
+    from transformers import LlamaForCausalLM
+
+    if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
+        raise SpecError(
+            f"model.vocabSize ({cfg.vocab_size}) is smaller than the data's vocabulary ({vocab_size}); "
+            "leave it empty to take the tokenizer's size"
+        )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(cfg, cfg.vocab_size or vocab_size, eos_id))
+    model.config.use_cache = False
+    return model
+
+
+def load_pretrained(uri: str, store: st.Storage, cache_dir: str | None = None) -> tuple[torch.nn.Module, Path]:
+    """A Hugging Face causal LM from a local directory or an ``s3://`` prefix (fp32 for training)."""
+    from transformers import AutoModelForCausalLM
+
+    local = store.local_path(uri, cache_dir or tempfile.mkdtemp(prefix="crucible-model-"))
+    if not (Path(local) / "config.json").is_file():
+        raise SpecError(f"model.source.uri {uri}: no config.json there; point it at a Hugging Face model folder")
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
+    model.config.use_cache = False
+    return model, Path(local)

@@ -1,0 +1,195 @@
+"""``python -m crucible.trainer pretrain --spec FILE``: next-token pretraining on packed token shards.
+
+parse the spec → build (data, tokenizer, model) → :class:`~crucible.trainer.engine.Engine`
+``.fit()`` → export the Hugging Face model → answer ``eval.prompts`` before/after →
+``_SUCCESS`` with the data receipt's sha256. A stage whose ``_SUCCESS`` exists returns 0 at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crucible.trainer import storage as st
+from crucible.trainer.config.stages import PretrainConfig
+from crucible.trainer.data.shards import INDEX_FILE, ShardFormatError, ShardSet
+from crucible.trainer.engine import Batch, Engine, TrainContext
+from crucible.trainer.faults import SpecError, run_guarded
+from crucible.trainer.sampler import BatchIterator, GlobalSampler, PackedSequences
+
+STAGE = "pretrain"
+
+
+def log(msg: str) -> None:
+    print(f"[crucible pretrain] {msg}", file=sys.stderr, flush=True)
+
+
+class PretrainObjective:
+    """Next-token cross-entropy over fixed-length windows of the packed token stream."""
+
+    def __init__(self, train: ShardSet, validation: ShardSet | None) -> None:
+        self.train = train
+        self.validation = validation
+
+    def train_batches(self, ctx: TrainContext) -> BatchIterator:
+        data = PackedSequences(self.train, ctx.seq_len)
+        sampler = GlobalSampler(len(data), ctx.micro_batch_size, ctx.env.rank, ctx.env.world_size, ctx.seed)
+        return BatchIterator(sampler, data.fetch)
+
+    def eval_batches(self, ctx: TrainContext) -> Iterable[Batch] | None:
+        if self.validation is None or self.validation.num_tokens < ctx.seq_len * ctx.env.world_size:
+            return None
+        data = PackedSequences(self.validation, ctx.seq_len)
+        mbs = min(ctx.micro_batch_size, max(len(data) // ctx.env.world_size, 1))
+        sampler = GlobalSampler(len(data), mbs, ctx.env.rank, ctx.env.world_size, ctx.seed, shuffle=False)
+
+        def batches() -> Iterator[Batch]:  # the same held-out windows at every evaluation
+            while True:
+                yield data.fetch(sampler.next_indices())
+
+        return batches()
+
+    def loss(self, model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
+        return out.loss, {}
+
+    def tokens(self, batch: Batch) -> int:
+        return int(batch["input_ids"].numel())
+
+
+def open_split(data_uri: str, split: str, store: st.Storage, cache: Path, required: bool) -> ShardSet | None:
+    split_uri = st.join(data_uri, split)
+    if not store.exists(st.join(split_uri, INDEX_FILE)):
+        if required:
+            raise SpecError(
+                f"data.uri {data_uri}: no {split}/{INDEX_FILE}; point data at a DataPipeline output "
+                "(its train/ and validation/ token shards)"
+            )
+        return None
+    local = store.local_path(split_uri, cache / split)
+    try:
+        return ShardSet(local)
+    except ShardFormatError as exc:
+        raise SpecError(f"data.uri {data_uri}: {exc}") from exc
+
+
+def find_tokenizer(config: PretrainConfig, data_uri: str, store: st.Storage, cache: Path) -> Path | None:
+    if config.tokenizer is not None:
+        uri = config.tokenizer.uri
+        if not uri:
+            raise SpecError("tokenizer.fromRun was not resolved to tokenizer.uri")
+        candidates = [st.join(uri, "tokenizer"), uri]
+    else:
+        candidates = [st.join(data_uri, "tokenizer")]
+    for candidate in candidates:
+        if store.exists(st.join(candidate, "tokenizer.json")):
+            return store.local_path(candidate, cache / "tokenizer")
+    if config.tokenizer is not None:
+        raise SpecError(f"tokenizer.uri {config.tokenizer.uri}: no tokenizer.json there or in tokenizer/")
+    log(f"warning: {data_uri} has no tokenizer/; the model is exported without tokenizer files")
+    return None
+
+
+def answer_prompts_before_after(config: PretrainConfig, base_model: Any, out_dir: Path, tokenizer_dir: Path | None,
+                                before: list[str] | None) -> None:
+    """Write the prompts answered by the starting and the trained model side by side."""
+    from crucible.trainer import evaluate
+
+    model, tokenizer = evaluate.load_model(out_dir)
+    if tokenizer is None:
+        log("eval.prompts set but the model has no tokenizer; prompts skipped")
+        return
+    after = evaluate.answer_prompts(model, tokenizer, config.eval.prompts, config.eval.max_new_tokens)
+    if before is None:
+        before = ["" for _ in config.eval.prompts]
+    evaluate.write_side_by_side(out_dir, config.eval.prompts, before, after,
+                                labels=("before", "after"), title="Prompts before and after pretraining")
+
+
+def run(config: PretrainConfig) -> int:
+    from crucible.trainer.distributed import barrier, init_distributed, shutdown
+    from crucible.trainer.model import build_model, load_pretrained
+    from crucible.trainer.output import manifest_sha256, publish, success_exists, write_success
+
+    store = st.Storage.from_config(config.storage)
+    out_uri = config.output.uri
+    if not out_uri:
+        raise SpecError("output.uri is empty: set it (the backends fill it in from the storage root)")
+    if config.data.uri is None:
+        raise SpecError("data.fromRun was not resolved to data.uri; run through crucible run or the operator")
+    if success_exists(out_uri, store):
+        log(f"{out_uri}/_SUCCESS exists: nothing to do")
+        return 0
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    env = init_distributed(timeout_s=float(config.failure_policy.hang_timeout_seconds))
+    cache = Path(tempfile.mkdtemp(prefix="crucible-pretrain-"))
+    try:
+        train = open_split(config.data.uri, "train", store, cache, required=True)
+        assert train is not None
+        validation = open_split(config.data.uri, "validation", store, cache, required=False)
+        tokenizer_dir = find_tokenizer(config, config.data.uri, store, cache)
+        if config.model.source is not None:
+            if not config.model.source.uri:
+                raise SpecError("model.source.fromRun was not resolved to model.source.uri")
+            model: Any
+            model, _ = load_pretrained(config.model.source.uri, store, str(cache / "source"))
+            if model.config.vocab_size < train.vocab_size:
+                raise SpecError(
+                    f"model.source {config.model.source.uri} has vocabulary {model.config.vocab_size}, "
+                    f"the data {train.vocab_size}; tokenize the data with the model's tokenizer"
+                )
+        else:
+            model = build_model(config.model, train.vocab_size, config.training.seed, eos_id=train.eos_id)
+        before: list[str] | None = None
+        if config.eval.prompts and env.is_main and tokenizer_dir is not None and config.model.source is not None:
+            from crucible.trainer import evaluate
+
+            source_uri = config.model.source.uri or ""
+            tok = evaluate.load_model(source_uri)[1] if not st.is_s3(source_uri) else None
+            if tok is not None:
+                before = evaluate.answer_prompts(model, tok, config.eval.prompts, config.eval.max_new_tokens)
+        engine = Engine(config, model, PretrainObjective(train, validation), str(tokenizer_dir) if tokenizer_dir else None,
+                        env, store)
+        try:
+            result = engine.fit()
+            staging = Path(out_uri) if not st.is_s3(out_uri) else cache / "export"
+            engine.export(str(staging))
+        finally:
+            engine.close()
+        if env.is_main:
+            if config.eval.prompts:
+                answer_prompts_before_after(config, model, staging, tokenizer_dir, before)
+            publish(staging, out_uri, store)
+            results = {**result.results(), "parameters": sum(p.numel() for p in engine.strategy.module.parameters())}
+            inputs: dict[str, Any] = {
+                "data": config.data.uri,
+                "dataManifestSha256": manifest_sha256(config.data.uri, store),
+            }
+            if config.model.source is not None:
+                inputs["modelSource"] = config.model.source.uri
+            if config.tokenizer is not None:
+                inputs["tokenizer"] = config.tokenizer.uri
+            write_success(out_uri, store, STAGE, inputs, results)
+            log(f"wrote {out_uri} ({result.steps} steps, final loss {result.final_loss:.4f})")
+        barrier()
+        return 0
+    finally:
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+        shutdown()
+
+
+def main(argv: list[str]) -> int:
+    def body() -> int:
+        from crucible.trainer.posttrain_io import read_spec
+
+        config, _ = read_spec(STAGE, argv, PretrainConfig)
+        return run(config)
+
+    return run_guarded(body)
