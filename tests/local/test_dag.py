@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from crucible.local.dag import DagError, build_dag
-from crucible.local.load import LoadError, LoadedResource, load_resources
+from crucible.local.load import LoadedResource, LoadError, load_resources
 
 from .conftest import Pipeline, data_pipeline, finetune_run, pretrain_run, quantize_job
 

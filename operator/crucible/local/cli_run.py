@@ -89,16 +89,18 @@ def run(args: argparse.Namespace) -> int:
         ui.close()
         print(f"\nstopped. Run the same command again to resume; `crucible status -w {workdir}` shows where each run is.")
         return EXIT_INTERRUPTED
-    ui.close()
     wall = time.monotonic() - started
     if not args.no_report:
         try:
-            from crucible.local.report import write_report
+            from crucible.local.report import print_checks, write_report
 
+            ui.info("writing the report (held-out perplexity of every model, answers side by side)...")
             paths = write_report(workdir)
+            print_checks(workdir)
             print(f"report: {paths['markdown']}  {paths['html']}")
         except Exception as exc:  # the report must never hide the runs' own outcome
             print(f"warning: could not write the report: {type(exc).__name__}: {exc}", file=sys.stderr)
+    ui.close()
     print_summary(outcomes, wall, workdir)
     if any(o.phase != "Succeeded" for o in outcomes):
         code = EXIT_FAILED

@@ -265,6 +265,19 @@ class Runner:
                 self.ui.finish(ui_key, False, "suspended (spec.suspend is true)")
                 return RunOutcome(key, "Suspended", decision.message, time.monotonic() - started,
                                   restarts=state.status.restarts)
+            if decision.action == "restart":  # the previous runner died with this attempt running
+                state.status = next_status(state.status, decision, now=time.time())
+                state.pids = []
+                self.workdir.save_state(state)
+                self.ui.warn(f"{label}: {decision.message}; restarting from the latest checkpoint "
+                             f"(restart {state.status.restarts} of {policy.max_restarts})")
+                continue
+            if decision.action == "fail":
+                state.status = next_status(state.status, decision, now=time.time())
+                self.workdir.save_state(state)
+                self.ui.finish(ui_key, False, state.status.message or decision.reason)
+                return RunOutcome(key, "Failed", decision.message, time.monotonic() - started,
+                                  restarts=state.status.restarts)
             if decision.action != "start":
                 raise RunnerError(f"{label}: unexpected decision {decision.action} ({decision.reason}: {decision.message})")
 
