@@ -34,14 +34,14 @@ import re
 import sys
 from pathlib import Path
 
-MODULES = (
+MODULES = (  # noqa: SIM905 - a readable list of module names
     "abc argparse array ast asyncio base64 bisect calendar collections contextlib copy csv dataclasses "
     "datetime decimal difflib email enum fnmatch fractions functools gettext glob gzip hashlib heapq hmac "
     "html http.client inspect io ipaddress itertools json logging math mimetypes operator os pathlib pickle "
     "pprint queue random re sched secrets shlex shutil socket sqlite3 statistics string struct subprocess "
     "tarfile tempfile textwrap threading time timeit tokenize traceback types typing unittest urllib.parse "
     "uuid warnings weakref zipfile zlib"
-).split()  # noqa: SIM905 - a readable list of module names
+).split()
 
 MAX_WORDS = 450
 MIN_WORDS = 60
