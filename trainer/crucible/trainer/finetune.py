@@ -1,0 +1,305 @@
+"""``python -m crucible.trainer finetune --spec FILE``: supervised fine-tuning (FinetuneRun).
+
+parse → check the method can run here (QLoRA: CUDA + bitsandbytes) → base model + tokenizer →
+instruction data (:mod:`crucible.trainer.sft_data`: chat template, prompt tokens masked, packing)
+→ held-out loss and prompt answers of the base → :class:`~crucible.trainer.engine.Engine` with
+:class:`SftObjective` (checkpoints, exact resume, loss spikes, metrics come from the engine) →
+export merged model or adapter (:mod:`crucible.trainer.lora`) → held-out loss and answers after
+→ ``_SUCCESS``. Methods: ``full`` (every weight), ``lora``, ``qlora`` (adapters over a 4-bit base).
+
+The helpers below :class:`SftObjective` are shared with the preference stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crucible.trainer import storage as st
+from crucible.trainer.config.stages import FinetuneConfig, LoraConfig
+from crucible.trainer.engine import Batch, Engine, TrainContext
+from crucible.trainer.faults import SpecError, run_guarded
+from crucible.trainer.sampler import BatchIterator, GlobalSampler
+from crucible.trainer.sft_data import IGNORE_INDEX, SftBatches, SftData, build_sft_data
+
+STAGE = "finetune"
+
+
+def log(msg: str) -> None:
+    print(f"[crucible post-train] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the objective ---------------------------------------------------------------------------
+
+
+def fixed_eval_batches(items: int, fetch: Callable[[list[int]], Batch], ctx: TrainContext) -> Iterable[Batch] | None:
+    """The same held-out micro-batches at every evaluation, the same count on every rank."""
+    mbs = min(ctx.micro_batch_size, items // ctx.env.world_size)
+    if mbs < 1:
+        log(f"held-out split has {items} items, fewer than {ctx.env.world_size} ranks: no held-out evaluation")
+        return None
+    sampler = GlobalSampler(items, mbs, ctx.env.rank, ctx.env.world_size, ctx.seed, shuffle=False)
+
+    def batches() -> Iterator[Batch]:
+        while True:
+            yield fetch(sampler.next_indices())
+
+    return batches()
+
+
+class SftObjective:
+    """Next-token loss on assistant tokens only (labels are -100 elsewhere)."""
+
+    def __init__(self, data: SftData) -> None:
+        self.data = data
+
+    def train_batches(self, ctx: TrainContext) -> BatchIterator:
+        train = self.data.train
+        sampler = GlobalSampler(train.num_items, ctx.micro_batch_size, ctx.env.rank, ctx.env.world_size, ctx.seed)
+        return BatchIterator(sampler, train.fetch)
+
+    def eval_batches(self, ctx: TrainContext) -> Iterable[Batch] | None:
+        val = self.data.validation
+        return None if val is None else fixed_eval_batches(val.num_items, val.fetch, ctx)
+
+    def loss(self, model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        return sft_loss(model, batch), {}
+
+    def tokens(self, batch: Batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def sft_loss(model: Any, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over the learned tokens of a (packed or padded) micro-batch."""
+    # No attention_mask for packed rows: transformers then builds the per-example causal mask
+    # from the position_ids resets; use_cache=False or that detection is skipped.
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        labels=batch["labels"],
+        use_cache=False,
+    )
+    return out.loss
+
+
+@torch.no_grad()
+def held_out_loss(model: Any, batches: SftBatches | None, micro_batch_size: int) -> float | None:
+    """Token-weighted SFT loss over every held-out row (all ranks compute the same, no collective)."""
+    if batches is None:
+        return None
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, batches.num_items, micro_batch_size):
+            batch = batches.fetch(list(range(start, min(start + micro_batch_size, batches.num_items))))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = int((batch["labels"] != IGNORE_INDEX).sum())
+            total += float(sft_loss(model, batch)) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / count if count else None
+
+
+# -- shared by the post-training stages ------------------------------------------------------
+
+
+@dataclass
+class Workspace:
+    store: st.Storage
+    cache: Path
+    out_uri: str
+    base_dir: Path
+    base_uri: str
+
+    @property
+    def staging(self) -> Path:
+        return Path(self.out_uri) if not st.is_s3(self.out_uri) else self.cache / "export"
+
+
+def open_workspace(config: Any, stage: str) -> Workspace | None:
+    """Resolve output and base model; None when ``_SUCCESS`` already exists."""
+    from crucible.trainer.output import success_exists
+    from crucible.trainer.posttrain_io import local_model, require_uri
+
+    store = st.Storage.from_config(config.storage)
+    out_uri = require_uri(config.output.uri, "spec.output.uri", "where the model goes")
+    base_uri = require_uri(config.model.uri, "spec.model.uri", "the base model (fromRun is resolved to it)")
+    if success_exists(out_uri, store):
+        log(f"{out_uri}/_SUCCESS exists: nothing to do")
+        return None
+    cache = Path(tempfile.mkdtemp(prefix=f"crucible-{stage}-"))
+    base_dir = local_model(store, base_uri, "spec.model.uri", cache)
+    return Workspace(store, cache, out_uri, base_dir, base_uri)
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise SpecError(
+            f"spec.model.uri: {model_dir} has no usable tokenizer ({exc}); fine-tuning needs the tokenizer "
+            "files beside the model"
+        ) from exc
+
+
+def check_seq_len(model: Any, seq_len: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise SpecError(f"training.seqLen ({seq_len}) exceeds the model's maxPositionEmbeddings ({limit}); lower it")
+
+
+def export_trained(
+    engine: Engine,
+    ws: Workspace,
+    lora: LoraConfig | None,
+    merge: bool,
+    tokenizer: Any,
+    model_class: Any = None,
+    task_type: str = "CAUSAL_LM",
+    config_overrides: dict[str, Any] | None = None,
+) -> str | None:
+    """Gather the trained weights (collective) and write them on rank 0; what was written."""
+    from crucible.trainer import lora as lora_mod
+
+    state = engine.strategy.export_state()
+    if not engine.env.is_main:
+        return None
+    assert state is not None
+    return lora_mod.export(
+        state, ws.staging, ws.base_dir, ws.base_uri, lora, merge, tokenizer,
+        model_class=model_class, task_type=task_type, config_overrides=config_overrides,
+    )
+
+
+def load_exported_lm(out_dir: Path, written: str) -> Any:
+    """The exported causal LM for after-training prompts (base + adapter when only the adapter was written)."""
+    from transformers import AutoModelForCausalLM
+
+    if written != "adapter":
+        return AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+    from peft import AutoPeftModelForCausalLM
+
+    return AutoPeftModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+
+
+def write_prompts(config: Any, out_dir: Path, tokenizer: Any, before: list[str], after_model: Any,
+                  template: str | None, stage_title: str) -> None:
+    from crucible.trainer import evaluate
+
+    after = evaluate.answer_prompts(after_model, tokenizer, config.eval.prompts, config.eval.max_new_tokens, template)
+    evaluate.write_side_by_side(out_dir, config.eval.prompts, before, after, ("base", "tuned"),
+                                title=f"Prompts before and after {stage_title}")
+
+
+def publish_and_succeed(ws: Workspace, stage: str, inputs: dict[str, Any], results: dict[str, Any]) -> None:
+    from crucible.trainer.output import publish, write_success
+
+    publish(ws.staging, ws.out_uri, ws.store)
+    write_success(ws.out_uri, ws.store, stage, inputs, results)
+
+
+def input_receipts(ws: Workspace, **uris: str | None) -> dict[str, Any]:
+    from crucible.trainer.posttrain_io import receipt_sha256
+
+    out: dict[str, Any] = {}
+    for name, uri in uris.items():
+        if uri:
+            out[name] = {"uri": uri, "sha256": receipt_sha256(ws.store, uri)}
+    return out
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+
+def build_model(config: FinetuneConfig, ws: Workspace) -> Any:
+    from crucible.trainer import lora as lora_mod
+
+    base = lora_mod.load_base(ws.base_dir, config.method)
+    check_seq_len(base, config.training.seq_len)
+    if config.method == "full":
+        return base
+    return lora_mod.wrap(base, config.lora, seed=config.training.seed)
+
+
+def run(config: FinetuneConfig) -> int:
+    from crucible.trainer import evaluate, lora
+    from crucible.trainer.distributed import barrier, init_distributed, shutdown
+
+    lora.check_method(config.method)
+    ws = open_workspace(config, STAGE)
+    if ws is None:
+        return 0
+    env = init_distributed(timeout_s=float(config.failure_policy.hang_timeout_seconds))
+    try:
+        tokenizer = load_tokenizer(ws.base_dir)
+        data = build_sft_data(
+            config.dataset, tokenizer, config.training.seq_len, config.packing, config.training.seed,
+            config.chat_template, ws.store,
+        )
+        log(f"data: {data.stats.to_json()}")
+        model = build_model(config, ws)
+        trainable, total = lora.trainable_parameters(model)
+        log(f"method {config.method}: {trainable:,} of {total:,} parameters train")
+        mbs = config.training.micro_batch_size
+        loss_before = held_out_loss(model, data.validation, mbs)
+        before: list[str] = []
+        if config.eval.prompts and env.is_main:
+            before = evaluate.answer_prompts(model, tokenizer, config.eval.prompts, config.eval.max_new_tokens,
+                                             data.template)
+        tokenizer.chat_template = data.template  # inference formats prompts exactly as training did
+        engine = Engine(config, model, SftObjective(data), tokenizer, env, ws.store)
+        try:
+            result = engine.fit()
+            loss_after = held_out_loss(engine.strategy.model, data.validation, mbs)
+            written = export_trained(engine, ws, config.lora if config.method != "full" else None,
+                                     config.merge_adapter, tokenizer)
+        finally:
+            engine.close()
+        if env.is_main:
+            assert written is not None
+            if config.eval.prompts:
+                write_prompts(config, ws.staging, tokenizer, before, load_exported_lm(ws.staging, written),
+                              data.template, "fine-tuning")
+            results = {
+                **result.results(),
+                "method": config.method,
+                "output": written,
+                "trainableParameters": trainable,
+                "parameters": total,
+                **({"evalLossBefore": loss_before, "evalLossAfter": loss_after} if loss_before is not None else {}),
+                **{f"data{k[0].upper()}{k[1:]}": v for k, v in data.stats.to_json().items()},
+            }
+            publish_and_succeed(ws, STAGE, input_receipts(ws, model=ws.base_uri, dataset=config.dataset.uri), results)
+            log(f"wrote {written} to {ws.out_uri} ({result.steps} steps, held-out loss {loss_before} -> {loss_after})")
+        barrier()
+        return 0
+    finally:
+        shutil.rmtree(ws.cache, ignore_errors=True)
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        from crucible.trainer.posttrain_io import read_spec
+
+        config, _ = read_spec(STAGE, list(sys.argv[1:] if argv is None else argv), FinetuneConfig)
+        return run(config)
+
+    return run_guarded(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
