@@ -1,0 +1,173 @@
+"""End to end: a real Prometheus server on loopback scrapes a real trainer and the loss-spike alert fires.
+
+The trainer is `python -m crucible.trainer pretrain` on a tiny Llama (CPU) whose training data
+hides a corrupted region: documents of random tokens among highly regular ones. Once the model
+has learned the regular text, a batch drawn from the corrupted region makes the loss jump; the
+trainer's detector (lossSpike.action: alert) counts it in crucible_train_loss_spikes_total and
+Prometheus evaluates the chart's own rendered rules (default thresholds) against what it scrapes.
+Scrape and evaluation intervals are short; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from deploylib import REPO, rule_groups
+
+T = TypeVar("T")
+RUN_LABELS = {"namespace": "ml-research", "run": "tiny-llama", "kind": "PretrainRun", "attempt": "0",
+              "pod": "tiny-llama-0-0-xyz12", "node": "cpu-node-1"}
+VOCAB = 64
+SPIKE_WINDOW = 150  # the detector judges nothing before this many steps: Prometheus sees a calm start
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _wait_for(what: str, probe: Callable[[], T | None], timeout: float, procs: list[subprocess.Popen[bytes]]) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace")[-3000:] if proc.stdout else ""
+                pytest.fail(f"{what}: {proc.args[0]} exited with {proc.returncode} first:\n{out}")
+        try:
+            value = probe()
+        except OSError:
+            value = None
+        if value is not None and value is not False:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _write_training_data(root: Path) -> None:
+    from crucible.trainer.data.shards import ShardWriter
+
+    rng = random.Random(0)
+    for split, docs in (("train", 3000), ("validation", 50)):
+        writer = ShardWriter(root / split, vocab_size=VOCAB, eos_id=0)
+        for i in range(docs):
+            if split == "train" and i % 40 == 39:  # the corrupted region: 2.5% random-token documents
+                writer.add_document([rng.randrange(1, VOCAB) for _ in range(31)])
+            else:
+                writer.add_document([1 + (i % 7 + j) % 20 for j in range(31)])
+        writer.close()
+
+
+def _pretrain_spec(tmp: Path) -> dict[str, Any]:
+    return {
+        "data": {"uri": str(tmp / "data")},
+        "model": {"hiddenSize": 32, "numLayers": 2, "numHeads": 2, "maxPositionEmbeddings": 64},
+        "training": {"seqLen": 32, "globalBatchTokens": 128, "microBatchSize": 4, "maxSteps": 3000,
+                     "evalEvery": 0, "precision": "fp32"},
+        "optimizer": {"lr": 0.01, "warmupSteps": 10, "schedule": "constant"},
+        "checkpoint": {"uri": str(tmp / "checkpoints"), "interval": 100000},
+        "lossSpike": {"action": "alert", "window": SPIKE_WINDOW, "zThreshold": 6},
+        "metrics": {"port": 0, "logEvery": 100},
+        "output": {"uri": str(tmp / "model")},
+    }
+
+
+def _prometheus_config(trainer_port: int) -> dict[str, Any]:
+    return {
+        "global": {"scrape_interval": "500ms", "scrape_timeout": "400ms", "evaluation_interval": "500ms"},
+        "rule_files": ["rules.yaml"],
+        "scrape_configs": [{
+            "job_name": "crucible-trainers",
+            # What the chart's PodMonitor relabelling produces for rank 0 of a training job.
+            "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"], "labels": RUN_LABELS}],
+        }],
+    }
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+@pytest.mark.slow
+def test_prometheus_fires_loss_spike_alert_on_a_live_trainer(
+    prometheus_bin: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    _write_training_data(tmp_path / "data")
+    (tmp_path / "spec.json").write_text(json.dumps(_pretrain_spec(tmp_path)))
+    trainer_port, prom_port = _free_port(), _free_port()
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule_groups()}, sort_keys=False))
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(_prometheus_config(trainer_port)))
+
+    api = f"http://127.0.0.1:{prom_port}"
+    processes.append(subprocess.Popen(
+        [prometheus_bin, "--config.file=prometheus.yml", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    ))
+    _wait_for("Prometheus ready", lambda: urllib.request.urlopen(f"{api}/-/ready", timeout=2).status == 200,
+              30, processes)
+    loaded = _get_json(f"{api}/api/v1/rules")["data"]["groups"]
+    assert {r["name"] for g in loaded for r in g["rules"]} >= {"CrucibleLossSpike", "CrucibleTrainingStalled"}
+
+    env = {**os.environ, "CRUCIBLE_METRICS_PORT": str(trainer_port), "OMP_NUM_THREADS": "1",
+           "CRUCIBLE_RUN": RUN_LABELS["run"], "CRUCIBLE_KIND": RUN_LABELS["kind"], "CRUCIBLE_ATTEMPT": "0"}
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", "crucible.trainer", "pretrain", "--spec", str(tmp_path / "spec.json")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    ))
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        url = f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        return list(_get_json(url)["data"]["result"])
+
+    def spike_alerts() -> list[dict[str, Any]]:
+        return [a for a in _get_json(f"{api}/api/v1/alerts")["data"]["alerts"]
+                if a["labels"]["alertname"] == "CrucibleLossSpike"]
+
+    # A calm start: Prometheus has scraped the trainer at step > 0 with no spike counted, and the
+    # alert is silent.
+    _wait_for("a scrape of the training trainer with no spike yet",
+              lambda: query('crucible_train_step > 0 and on() crucible_train_loss_spikes_total == 0'), 120, processes)
+    assert spike_alerts() == []
+
+    alert = _wait_for("CrucibleLossSpike firing",
+                      lambda: next((a for a in spike_alerts() if a["state"] == "firing"), None), 120, processes)
+    labels = alert["labels"]
+    assert {k: labels[k] for k in RUN_LABELS} == RUN_LABELS
+    assert labels["severity"] == "warning"
+    # The gauge branch (loss well above its own average) can fire before the detector's window is
+    # full; the detector must count the corrupted batches too.
+    _wait_for("the trainer's detector to count a spike", lambda: query("crucible_train_loss_spikes_total >= 1"),
+              120, processes)
+    description = alert["annotations"]["description"]
+    assert "ml-research/tiny-llama" in description and "{{" not in description
+    assert alert["annotations"]["summary"] == "Loss spike in PretrainRun ml-research/tiny-llama"
