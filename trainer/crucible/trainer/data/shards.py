@@ -125,26 +125,54 @@ class ShardWriter:
         self.shards.append(ShardInfo(name, int(offsets[-1]), len(offsets) - 1, sha256_file(bin_path)))
         self._chunks, self._offsets = [], [0]
 
-    def close(self, extra: dict[str, object] | None = None) -> dict[str, object]:
-        """Flush the last shard and write ``index.json``; returns the index."""
+    def close(self, extra: dict[str, object] | None = None, write_index: bool = True) -> dict[str, object]:
+        """Flush the last shard and write ``index.json``; returns the index.
+
+        ``write_index=False`` leaves the index to the caller: several writers (one per
+        DataPipeline worker, each with its own ``prefix``) fill one split directory and the
+        last step merges their shard lists with :func:`write_index`.
+        """
         if self._closed:
             raise RuntimeError("ShardWriter already closed")
         self._flush()
         self._closed = True
-        index: dict[str, object] = {
-            "format": FORMAT_NAME,
-            "version": VERSION,
-            "dtype": self.dtype.name,
-            "vocabSize": self.vocab_size,
-            "eosId": self.eos_id,
-            "tokens": sum(s.tokens for s in self.shards),
-            "documents": sum(s.documents for s in self.shards),
-            "shards": [s.to_json() for s in self.shards],
-        }
-        if extra:
-            index.update(extra)
-        _atomic_write(self.directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True).encode())
+        index = build_index(self.shards, self.vocab_size, self.eos_id, extra)
+        if write_index:
+            _atomic_write(self.directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True).encode())
         return index
+
+
+def build_index(
+    shards: Sequence[ShardInfo], vocab_size: int, eos_id: int, extra: dict[str, object] | None = None
+) -> dict[str, object]:
+    """The ``index.json`` content for ``shards`` in stream order."""
+    dtype = dtype_for_vocab(vocab_size)
+    index: dict[str, object] = {
+        "format": FORMAT_NAME,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "vocabSize": vocab_size,
+        "eosId": eos_id,
+        "tokens": sum(s.tokens for s in shards),
+        "documents": sum(s.documents for s in shards),
+        "shards": [s.to_json() for s in shards],
+    }
+    if extra:
+        index.update(extra)
+    return index
+
+
+def write_index(
+    directory: str | os.PathLike[str],
+    shards: Sequence[ShardInfo],
+    vocab_size: int,
+    eos_id: int,
+    extra: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """Write ``index.json`` for shards already in ``directory`` (written last, atomically)."""
+    index = build_index(shards, vocab_size, eos_id, extra)
+    _atomic_write(Path(directory) / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True).encode())
+    return index
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
