@@ -138,3 +138,21 @@ def test_reference_outside_the_files_is_a_warning(tmp_path: Path, capsys: pytest
     path.write_text(BASE.replace("{uri: /data}", "{fromRun: {kind: DataPipeline, name: elsewhere}}"))
     assert main(["validate", str(path)]) == 0
     assert "DataPipeline/elsewhere is not among these files" in capsys.readouterr().err
+
+
+def test_cycle_across_files_and_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first, second = CYCLE.split("---\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "sft.yaml").write_text(first)
+    (tmp_path / "dpo.yml").write_text(second)
+    assert main(["validate", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "cycle: FinetuneRun/a -> PreferenceRun/b -> FinetuneRun/a" in out
+    assert str(tmp_path / "a" / "sft.yaml") in out
+
+
+def test_not_utf8_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.replace("name: p", "name: p # caf\xe9").encode("latin-1"))
+    assert main(["validate", str(path)]) == 1
+    assert "not UTF-8 text" in capsys.readouterr().out
