@@ -15,7 +15,8 @@ status changes, except ``Restarting``, which is re-stamped at every restart beca
 restart backoff is measured from it.
 
 ``progress.updatedAt`` is the time the step last *advanced* (not the time of the last
-scrape): it is the hang clock, and it keeps status writes to one per real change.
+scrape), reset when an attempt starts and when its pods first run: it is the hang clock, and
+it keeps status writes to one per real change.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def next_status(
         if s.phase != "Running":
             s.phase = "Running"
             s.message = msg
+            s.progress.updated_at = rfc3339(now)  # the hang clock starts when the pods run
         cond(RUNNING, "True")
         if find_condition(conds, RESTARTING) is not None:
             cond(RESTARTING, "False")
@@ -145,6 +147,7 @@ def next_status(
             s.phase = "Pending"
         s.attempt = decision.attempt
         s.message = msg
+        s.progress.updated_at = rfc3339(now)  # a new attempt restarts the hang clock
         cond(INPUTS_READY, "True")
         if find_condition(conds, SUSPENDED) is not None:
             cond(SUSPENDED, "False")

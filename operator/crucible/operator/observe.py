@@ -1,0 +1,119 @@
+"""Observe: the current attempt's Jobs, Pods and Nodes as the core sees them (pure).
+
+    observe_attempt(jobs, pods, nodes, *, roles) -> AttemptView
+
+``jobs`` and ``pods`` are the objects labelled with the run and the attempt; ``nodes`` maps
+each node name a pod ran on to its Node object (None when the node is gone). Roles run in
+order (a DataPipeline's stages): :attr:`AttemptView.next_role` names the role whose Job must
+be created next, once every earlier one has completed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from crucible.core.decide import AttemptState
+from crucible.core.failure import ProcessEnd
+from crucible.operator.render import CONTAINER, JOB_INDEX_LABEL, LABEL_ROLE
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    state: AttemptState
+    ends: tuple[ProcessEnd, ...] = ()
+    next_role: str | None = None
+    rank0_ip: str | None = None
+    termination_message: str | None = None
+    """Rank 0's container termination message (the trainer's _SUCCESS JSON on success)."""
+    pods_by_node: Mapping[str, str] = field(default_factory=dict)
+
+
+def _job_done(job: Mapping[str, Any]) -> bool:
+    conds = job.get("status", {}).get("conditions") or []
+    if any(c.get("type") == "Complete" and c.get("status") == "True" for c in conds):
+        return True
+    completions = job.get("spec", {}).get("completions") or 1
+    return int(job.get("status", {}).get("succeeded") or 0) >= completions
+
+
+def _job_failed(job: Mapping[str, Any]) -> bool:
+    conds = job.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Failed" and c.get("status") == "True" for c in conds)
+
+
+def node_lost(node: Mapping[str, Any] | None) -> bool:
+    if node is None:
+        return True
+    conds = node.get("status", {}).get("conditions") or []
+    ready = next((c for c in conds if c.get("type") == "Ready"), None)
+    return ready is not None and ready.get("status") != "True"
+
+
+def _container_state(pod: Mapping[str, Any]) -> dict[str, Any]:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            return cs.get("state") or {}
+    return {}
+
+
+def process_end(pod: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any] | None]) -> ProcessEnd:
+    meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
+    node = spec.get("nodeName")
+    terminated = _container_state(pod).get("terminated")
+    disruption = None
+    for c in status.get("conditions") or []:
+        if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
+            disruption = c.get("reason") or "DisruptionTarget"
+    if status.get("reason") == "Evicted":
+        disruption = disruption or "Evicted"
+    lost = bool(node) and node in nodes and node_lost(nodes[node]) and status.get("phase") not in ("Succeeded",)
+    exit_code = terminated.get("exitCode") if terminated else None
+    signal = terminated.get("signal") if terminated else None
+    failed_phase = status.get("phase") == "Failed"
+    if failed_phase and exit_code is None and not disruption and not lost:
+        exit_code = 137  # failed with no container status: killed before it could report
+    return ProcessEnd(
+        name=meta.get("name", "?"),
+        node=node,
+        exit_code=exit_code,
+        signal=signal,
+        reason=terminated.get("reason") if terminated else None,
+        disruption=disruption if (failed_phase or disruption) else None,
+        node_lost=lost,
+        log_tail=(terminated.get("message") or "") if terminated else "",
+    )
+
+
+def observe_attempt(
+    jobs: Sequence[Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
+    nodes: Mapping[str, Mapping[str, Any] | None],
+    *,
+    roles: Sequence[str],
+) -> AttemptView:
+    by_role = {j.get("metadata", {}).get("labels", {}).get(LABEL_ROLE): j for j in jobs}
+    if not jobs:
+        return AttemptView("absent", next_role=roles[0] if roles else None)
+    ends = tuple(process_end(p, nodes) for p in pods)
+    current = next((r for r in roles if r not in by_role or not _job_done(by_role[r])), None)
+    pods_by_node = {p["spec"]["nodeName"]: p["metadata"]["name"] for p in pods if p.get("spec", {}).get("nodeName")}
+    rank0 = next((p for p in pods if p.get("metadata", {}).get("labels", {}).get(LABEL_ROLE) == (current or roles[-1])
+                  and str(p.get("metadata", {}).get("annotations", {}).get(JOB_INDEX_LABEL,
+                          p.get("metadata", {}).get("labels", {}).get(JOB_INDEX_LABEL, "0"))) == "0"), None)
+    rank0_ip = rank0.get("status", {}).get("podIP") if rank0 else None
+    term = _container_state(rank0).get("terminated", {}) if rank0 else {}
+    message = term.get("message") if term else None
+    failed = any(e.exit_code not in (None, 0) or e.signal is not None or e.node_lost or e.disruption for e in ends)
+    if failed or any(_job_failed(j) for j in jobs):
+        return AttemptView("failed", ends, None, rank0_ip, message, pods_by_node)
+    if current is None:
+        return AttemptView("succeeded", ends, None, rank0_ip, message, pods_by_node)
+    if current not in by_role:
+        # the previous role completed: the next one is due; the attempt as a whole runs on
+        return AttemptView("running", ends, current, rank0_ip, message, pods_by_node)
+    role_pods = [p for p in pods if p.get("metadata", {}).get("labels", {}).get(LABEL_ROLE) == current]
+    if any(p.get("status", {}).get("phase") == "Running" for p in role_pods):
+        return AttemptView("running", ends, None, rank0_ip, message, pods_by_node)
+    return AttemptView("pending", ends, None, rank0_ip, message, pods_by_node)

@@ -1,0 +1,376 @@
+"""One reconcile pass of one run: fetch -> pure core -> apply -> one status write -> events.
+
+    Reconciler(kube, config, metrics).reconcile(body) -> None
+
+Fetch: the referenced runs (``fromRun``), the current attempt's Jobs (by their deterministic
+names), its Pods (by labels) and their Nodes, and rank 0's ``/metrics``. Then the pure
+functions: :func:`~crucible.operator.observe.observe_attempt`,
+:func:`~crucible.core.failure.classify` (hang included), :func:`~crucible.core.decide.decide`,
+:func:`~crucible.core.plan.plan` + :func:`~crucible.operator.render.render` when an attempt
+starts, :func:`~crucible.core.status.next_status`. Apply the decision (create or delete the
+attempt's objects — idempotently, so a restarted operator neither duplicates nor loses an
+attempt), write the status once if it changed, and only then post events.
+
+Stage results: when a run succeeds, ``status.results`` is the ``results`` object of the
+trainer's ``_SUCCESS`` JSON, which the trainer also writes to the path in
+``$CRUCIBLE_TERMINATION_LOG`` (the container's termination message, so no storage access is
+needed); when the output is a local path the operator can read, ``<output>/_SUCCESS`` is read
+as a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pydantic import ValidationError
+
+from crucible.api import GROUP, KIND_MODELS, VERSION, Resource
+from crucible.api.common import CheckpointRef, Progress, RunStatus
+from crucible.core import status as st
+from crucible.core.decide import Decision, Dependency, Situation, decide
+from crucible.core.failure import classify, is_hung
+from crucible.core.plan import TRAINING_KINDS, LaunchPlan, PlanError, default_checkpoint_uri, plan
+from crucible.operator import kube as k
+from crucible.operator.metrics import OperatorMetrics
+from crucible.operator.observe import AttemptView, observe_attempt
+from crucible.operator.render import Rendered, RenderSettings, attempt_labels, child_name, job_name, render
+from crucible.trainer.config.common import FailurePolicy
+
+log = logging.getLogger("crucible.operator")
+INVALID_SPEC = "InvalidSpec"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    storage_root: str = "s3://crucible"
+    render: RenderSettings = field(default_factory=RenderSettings)
+    interval: float = 5.0
+    scrape_timeout: float = 2.0
+    default_credentials_secret: str | None = None
+
+
+def cr_res(kind: str) -> k.Res:
+    return k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL)
+
+
+@dataclass
+class _RunMemory:
+    """Per-run soft state: only caches; the truth is in the resources."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    seen_running: bool = False
+
+
+class Reconciler:
+    def __init__(self, kube: k.Kube, config: OperatorConfig, metrics: OperatorMetrics) -> None:
+        self.kube = kube
+        self.config = config
+        self.metrics = metrics
+        self._runs: dict[tuple[str, str, str], _RunMemory] = {}
+        self._http: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    def _memory(self, key: tuple[str, str, str]) -> _RunMemory:
+        return self._runs.setdefault(key, _RunMemory())
+
+    async def reconcile(self, body: Mapping[str, Any]) -> None:
+        kind = body["kind"]
+        meta = body["metadata"]
+        key = (kind, meta.get("namespace") or "default", meta["name"])
+        started = time.perf_counter()
+        async with self._memory(key).lock:
+            try:
+                await self._pass(body, key)
+            finally:
+                self.metrics.reconcile.labels(kind).observe(time.perf_counter() - started)
+
+    async def forget(self, body: Mapping[str, Any]) -> None:
+        """The run is being deleted: remove its current attempt now (owner references do the rest)."""
+        meta = body["metadata"]
+        key = (body["kind"], meta.get("namespace") or "default", meta["name"])
+        status = _status_of(body)
+        resource = _parse(body)
+        if resource is not None:
+            await self._delete_attempt(resource, status.attempt)
+        self.metrics.forget(key)
+        self._runs.pop(key, None)
+
+    # -- the pass -------------------------------------------------------------------------
+
+    async def _pass(self, body: Mapping[str, Any], key: tuple[str, str, str]) -> None:
+        now = time.time()
+        kind = key[0]
+        status = _status_of(body)
+        try:
+            resource = KIND_MODELS[kind].model_validate({k_: body[k_] for k_ in ("apiVersion", "kind", "metadata", "spec")})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            decision = Decision("fail", INVALID_SPEC, f"spec.{where}: {first['msg']}")
+            if status.phase != "Failed":
+                await self._write(body, status, st.next_status(status, decision, now=now), decision, key)
+            return
+        spec = resource.spec
+        deps = await self._dependencies(resource)
+        roles = _roles(resource, self.config.storage_root)
+        view = await self._observe(resource, status.attempt, roles)
+
+        progress, checkpoint, goodput, spikes = await self._scrape(resource, status, view, now)
+        policy = getattr(spec, "failure_policy", None)
+        hang_timeout = policy.hang_timeout_seconds if policy is not None and spec.metrics.port else None
+        hung = view.state == "running" and status.phase == "Running" and is_hung(
+            last_progress=st.parse_time((progress or status.progress).updated_at), now=now,
+            hang_timeout_seconds=hang_timeout)
+        failure = classify(view.ends, hung=hung,
+                           hang_message=f"no step progress for {policy.hang_timeout if policy else '?'} (failurePolicy.hangTimeout)")
+        situation = Situation(status=status, now=now, attempt_state=view.state,
+                              policy=policy or FailurePolicy(),
+                              suspend=spec.suspend, dependencies=deps, failure=failure)
+        decision = decide(situation)
+
+        output_uri = None
+        results = None
+        if decision.action == "start":
+            try:
+                output_uri = await self._start(resource, status, decision, body)
+            except PlanError as exc:
+                decision = Decision("fail", "PlanError", str(exc))
+        elif decision.action in ("restart", "suspend"):
+            await self._delete_attempt(resource, status.attempt)
+        elif decision.action == "succeed":
+            results = _results(view, status.output_uri)
+        elif decision.action == "wait" and view.next_role is not None and view.state == "running":
+            await self._start_role(resource, status, deps, body, view.next_role)
+
+        new = st.next_status(status, decision, now=now, generation=meta_generation(body), output_uri=output_uri,
+                             results=results, progress=progress, last_checkpoint=checkpoint, goodput=goodput)
+        if spikes is not None:
+            new.loss_spikes = spikes
+        await self._write(body, status, new, decision, key)
+        if spikes is not None and spikes > status.loss_spikes:
+            await self._event(body, "Warning", "LossSpike",
+                              f"{spikes - status.loss_spikes} loss spike(s) detected; rolled back to the last checkpoint"
+                              f" (total {spikes})")
+
+    async def _write(self, body: Mapping[str, Any], old: RunStatus, new: RunStatus, decision: Decision,
+                     key: tuple[str, str, str]) -> None:
+        kind, ns, name = key
+        patch = st.status_patch(old, new)
+        if patch is not None:
+            old_wire = old.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for removed in set(old_wire) - set(patch):
+                patch[removed] = None
+            await self.kube.patch_status(cr_res(kind), ns, name, patch)
+        # metrics and events only after the status write succeeded
+        self.metrics.set_phase(key, new.phase)
+        if new.goodput is not None:
+            self.metrics.goodput.labels(*key).set(new.goodput)
+        if old.phase != "Running" and new.phase == "Running" and not self._memory(key).seen_running:
+            self._memory(key).seen_running = True
+            created = body["metadata"].get("creationTimestamp")
+            if created and old.restarts == 0 and old.phase != "Suspended":
+                t0 = _parse_k8s_time(created)
+                if t0 is not None:
+                    self.metrics.time_to_running.labels(kind).observe(max(0.0, time.time() - t0))
+        if decision.action == "restart":
+            self.metrics.restarts.labels(kind, decision.reason).inc()
+        await self._events_for(body, old, new, decision)
+
+    async def _events_for(self, body: Mapping[str, Any], old: RunStatus, new: RunStatus, d: Decision) -> None:
+        if d.action == "start":
+            await self._event(body, "Normal", "AttemptStarted",
+                              f"attempt {d.attempt} started" + (f", excluding nodes {', '.join(d.excluded_nodes)}"
+                                                                if d.excluded_nodes else ""))
+        elif d.action == "restart":
+            await self._event(body, "Warning", d.reason,
+                              f"{d.message}; restart {new.restarts} as attempt {d.attempt} in {d.delay_seconds:.0f}s")
+        elif d.action == "fail":
+            await self._event(body, "Warning", d.reason, d.message)
+        elif d.action == "succeed":
+            await self._event(body, "Normal", "Succeeded", f"output at {new.output_uri}")
+        elif d.action == "suspend":
+            await self._event(body, "Normal", "Suspended", d.message)
+        elif old.phase != new.phase and new.phase == "Running":
+            await self._event(body, "Normal", "Running", d.message)
+
+    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        await self.kube.event(body, type_, reason, message, st.rfc3339(time.time()))
+
+    # -- fetch ----------------------------------------------------------------------------
+
+    async def _dependencies(self, resource: Resource) -> tuple[Dependency, ...]:
+        out = []
+        for path, ref in resource.input_refs().items():
+            obj = await self.kube.get(cr_res(ref.kind), resource.metadata.namespace, ref.name)
+            if obj is None:
+                out.append(Dependency(path, ref.kind, ref.name, None))
+                continue
+            s = obj.get("status") or {}
+            out.append(Dependency(path, ref.kind, ref.name, s.get("phase") or "Pending", s.get("outputURI"),
+                                  s.get("message")))
+        return tuple(out)
+
+    async def _observe(self, resource: Resource, attempt: int, roles: tuple[str, ...]) -> AttemptView:
+        ns = resource.metadata.namespace
+        jobs = []
+        for role in roles:
+            job = await self.kube.get(k.JOBS, ns, job_name(resource.name, attempt, role))
+            if job is not None and job.get("metadata", {}).get("deletionTimestamp") is None:
+                jobs.append(job)
+        pods: list[dict[str, Any]] = []
+        nodes: dict[str, dict[str, Any] | None] = {}
+        if jobs:
+            pods = await self.kube.list(k.PODS, ns, attempt_labels(resource.kind, resource.name, attempt))
+            for name in {p.get("spec", {}).get("nodeName") for p in pods} - {None}:
+                nodes[name] = await self.kube.get(k.NODES, None, name)
+        return observe_attempt(jobs, pods, nodes, roles=roles)
+
+    async def _scrape(self, resource: Resource, status: RunStatus, view: AttemptView, now: float
+                      ) -> tuple[Progress | None, CheckpointRef | None, float | None, int | None]:
+        metrics_cfg = getattr(resource.spec, "metrics", None)
+        if view.state != "running" or not view.rank0_ip or metrics_cfg is None or not metrics_cfg.port:
+            return None, None, None, None
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.scrape_timeout))
+        try:
+            async with self._http.get(f"http://{view.rank0_ip}:{metrics_cfg.port}/metrics") as resp:
+                if resp.status != 200:
+                    return None, None, None, None
+                text = await resp.text()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return None, None, None, None
+        samples = st.parse_prometheus(text)
+        training = getattr(resource.spec, "training", None)
+        progress = st.progress_from_metrics(samples, previous=status.progress,
+                                            total_steps=training.max_steps if training is not None else None, now=now)
+        checkpoint = None
+        ckpt_step = samples.get(st.M_CKPT_STEP)
+        if ckpt_step is not None and ckpt_step > 0 and resource.kind in TRAINING_KINDS:
+            root = resource.spec.checkpoint.uri or default_checkpoint_uri(
+                self.config.storage_root, resource.metadata.namespace or "default", resource.kind, resource.name)
+            step = int(ckpt_step)
+            same = status.last_checkpoint is not None and status.last_checkpoint.step == step
+            checkpoint = status.last_checkpoint if same else CheckpointRef(
+                step=step, uri=f"{root.rstrip('/')}/step-{step:09d}", time=st.rfc3339(now))
+        goodput = None
+        started = st.parse_time(status.start_time)
+        if progress.tokens and progress.tokens_per_second and started is not None:
+            goodput = st.goodput(progress.tokens / progress.tokens_per_second, now - started)
+        spikes_f = samples.get(st.M_SPIKES)
+        spikes = max(int(spikes_f), status.loss_spikes) if spikes_f is not None else None
+        return progress, checkpoint, goodput, spikes
+
+    # -- act ------------------------------------------------------------------------------
+
+    def _plan(self, resource: Resource, status: RunStatus, attempt: int, excluded: tuple[str, ...],
+              inputs: Mapping[str, str], now: float) -> LaunchPlan:
+        return plan(resource, storage_root=self.config.storage_root, attempt=attempt, restarts=status.restarts,
+                    excluded_nodes=excluded, inputs=inputs, run_started=st.parse_time(status.start_time) or now)
+
+    def _render(self, resource: Resource, p: LaunchPlan, body: Mapping[str, Any]) -> Rendered:
+        rendered = render(resource, p, settings=self.config.render, uid=body["metadata"].get("uid"))
+        secret = self.config.default_credentials_secret
+        if secret and not p.credentials_secret:
+            for job in rendered.jobs:
+                env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+                env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+                        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        return rendered
+
+    async def _start(self, resource: Resource, status: RunStatus, d: Decision, body: Mapping[str, Any]) -> str:
+        p = self._plan(resource, status, d.attempt, d.excluded_nodes, d.inputs, time.time())
+        rendered = self._render(resource, p, body)
+        for obj in [o for o in rendered.objects() if o["kind"] != "Job"]:
+            await self.kube.create(obj)
+        await self.kube.create(rendered.jobs[0])
+        return p.output_uri
+
+    async def _start_role(self, resource: Resource, status: RunStatus, deps: tuple[Dependency, ...],
+                          body: Mapping[str, Any], role: str) -> None:
+        inputs = {d.path: d.output_uri for d in deps if d.output_uri}
+        p = self._plan(resource, status, status.attempt, tuple(status.failed_nodes), inputs, time.time())
+        rendered = self._render(resource, p, body)
+        job = next(j for j, r in zip(rendered.jobs, p.roles, strict=True) if r.name == role)
+        await self.kube.create(job)
+
+    async def _delete_attempt(self, resource: Resource, attempt: int) -> None:
+        ns, name = resource.metadata.namespace, resource.name
+        for role in _roles(resource, self.config.storage_root):
+            await self.kube.delete(k.JOBS, ns, job_name(name, attempt, role))
+        await self.kube.delete(k.SERVICES, ns, child_name(name, attempt))
+        await self.kube.delete(k.CONFIGMAPS, ns, child_name(name, attempt, "spec"))
+        gang = resource.spec.scheduling.gang
+        if gang == "volcano":
+            await self.kube.delete(k.VOLCANO_PODGROUPS, ns, child_name(name, attempt))
+        elif gang == "coscheduling":
+            await self.kube.delete(k.COSCHEDULING_PODGROUPS, ns, child_name(name, attempt))
+
+
+def meta_generation(body: Mapping[str, Any]) -> int | None:
+    gen = body.get("metadata", {}).get("generation")
+    return int(gen) if gen is not None else None
+
+
+def _status_of(body: Mapping[str, Any]) -> RunStatus:
+    raw = dict(body.get("status") or {})
+    raw = {k_: v for k_, v in raw.items() if k_ in RunStatus.model_fields or
+           k_ in {f.alias for f in RunStatus.model_fields.values() if f.alias}}
+    try:
+        return RunStatus.model_validate(raw)
+    except ValidationError:
+        log.warning("unreadable status of %s/%s; starting from an empty one",
+                    body.get("kind"), body.get("metadata", {}).get("name"))
+        return RunStatus()
+
+
+def _parse(body: Mapping[str, Any]) -> Resource | None:
+    try:
+        return KIND_MODELS[body["kind"]].model_validate({k_: body[k_] for k_ in ("apiVersion", "kind", "metadata", "spec")})
+    except ValidationError:
+        return None
+
+
+def _roles(resource: Resource, storage_root: str) -> tuple[str, ...]:
+    placeholder = {path: "pending" for path in resource.input_refs()}
+    return tuple(r.name for r in plan(resource, storage_root=storage_root, inputs=placeholder).roles)
+
+
+def _results(view: AttemptView, output_uri: str | None) -> dict[str, Any] | None:
+    for text in (view.termination_message, _read_local_success(output_uri)):
+        if not text:
+            continue
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("results"), dict):
+            return doc["results"]
+    return None
+
+
+def _read_local_success(output_uri: str | None) -> str | None:
+    if not output_uri or "://" in output_uri:
+        return None
+    path = Path(output_uri) / "_SUCCESS"
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _parse_k8s_time(text: str) -> float | None:
+    try:
+        return st.parse_time(text.replace(".000000", "").split(".")[0].rstrip("Z") + "Z")
+    except ValueError:
+        return None

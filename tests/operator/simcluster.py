@@ -1,0 +1,394 @@
+"""A simulated cluster for operator tests: KMock's KubernetesEmulator + a tiny Job controller,
+scheduler, kubelet, garbage collector and fake trainers serving rank-0 metrics on loopback.
+
+Everything goes through the emulator's HTTP API (so Kopf's watch streams see it), using the
+operator's own small client. Faults are injected by the test: ``kill_node``, ``fail_rank``,
+``hang``. The fake trainer advances ``steps_per_second`` (wall clock) while all its pods run on Ready
+nodes, checkpoints every
+``checkpoint_every`` steps, resumes a new attempt from the last checkpoint, and on the last
+step exits 0 with the ``_SUCCESS`` JSON as its termination message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+import yaml
+from aiohttp import web
+from kmock import KubernetesEmulator, ResourceInfo, Server
+
+from crucible.api import GROUP, KIND_MODELS, VERSION
+from crucible.operator import kube as k
+from crucible.operator.handlers import build_registry
+from crucible.operator.metrics import OperatorMetrics
+from crucible.operator.reconcile import OperatorConfig
+from crucible.operator.render import JOB_INDEX_LABEL, LABEL_ATTEMPT, LABEL_RUN
+
+REPO = Path(__file__).resolve().parents[2]
+NAMESPACE = "ml"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+
+
+@dataclass
+class Trainer:
+    """The simulated state of one run's training, shared by its attempts."""
+
+    total_steps: int
+    port: int
+    steps_per_second: float = 10.0
+    checkpoint_every: int = 4
+    last_tick: float | None = None
+    step: int = 0
+    checkpoint: int = 0
+    tokens_per_step: int = 512
+    hung: bool = False
+    spikes: int = 0
+    exit_at: tuple[int, int, str] | None = None  # (step, exit code, termination message)
+    attempts_seen: list[int] = field(default_factory=list)
+
+
+class SimCluster:
+    def __init__(self, *, nodes: int = 4, interval: float = 0.2, tick: float = 0.05) -> None:
+        self.node_names = [f"node-{i}" for i in range(1, nodes + 1)]
+        self.interval = interval
+        self.tick = tick
+        self.trainers: dict[str, Trainer] = {}
+        self.metrics_servers: dict[int, web.AppRunner] = {}
+        self.operator_metrics = OperatorMetrics()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._operator: asyncio.Task[Any] | None = None
+        self._stop: asyncio.Event | None = None
+        self.kube: k.Kube
+        self.emulator: KubernetesEmulator
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self, *, operator: bool = True) -> AsyncIterator[SimCluster]:
+        self.emulator = KubernetesEmulator()
+        self._register_resources()
+        async with self.emulator, Server(self.emulator) as server:
+            self.url = str(server.url).rstrip("/")
+            self.kube = k.Kube(k.Connection(server=self.url))
+            await self._seed()
+            self._tasks.append(asyncio.create_task(self._controllers()))
+            if operator:
+                await self.start_operator()
+            try:
+                yield self
+            finally:
+                await self.stop_operator()
+                for t in self._tasks:
+                    t.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+                for runner in self.metrics_servers.values():
+                    await runner.cleanup()
+                await self.kube.close()
+
+    def _register_resources(self) -> None:
+        self.emulator.resources.load_bundled()
+        verbs = {"get", "list", "watch", "create", "update", "patch", "delete"}
+        for model in KIND_MODELS.values():
+            self.emulator.resources[f"{GROUP}/{VERSION}/{model.PLURAL}"] = ResourceInfo(
+                kind=model.KIND, namespaced=True, verbs=verbs, subresources={"status"},
+                singular=model.KIND.lower(), categories={"crucible"})
+        for group_version in ("scheduling.volcano.sh/v1beta1", "scheduling.x-k8s.io/v1alpha1"):
+            self.emulator.resources[f"{group_version}/podgroups"] = ResourceInfo(
+                kind="PodGroup", namespaced=True, verbs=verbs)
+
+    async def _seed(self) -> None:
+        crds = k.Res("apiextensions.k8s.io", "v1", "customresourcedefinitions", namespaced=False)
+        for path in sorted((REPO / "crds").glob("*.yaml")):
+            crd = yaml.safe_load(path.read_text())
+            await self.kube.request("POST", crds.path(), body=crd)
+        # Cluster-scoped core objects go in directly: the emulator's URL parser takes
+        # /api/v1/namespaces for a namespace path. Nothing watches them, the operator GETs nodes.
+        self.emulator.objects["v1/namespaces", None, NAMESPACE] = {
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+        for name in self.node_names:
+            self.emulator.objects["v1/nodes", None, name] = _node(name)
+
+    async def start_operator(self) -> None:
+        config = OperatorConfig(storage_root="s3://bucket/runs", interval=self.interval, scrape_timeout=1.0)
+        registry = build_registry(config, server=self.url, metrics=self.operator_metrics)
+        self._stop = asyncio.Event()
+        self._operator = asyncio.create_task(kopf.operator(
+            registry=registry, standalone=True, clusterwide=True, stop_flag=self._stop,
+        ))
+
+    async def stop_operator(self) -> None:
+        if self._operator is None or self._stop is None:
+            return
+        self._stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._operator), timeout=1)
+        except (TimeoutError, asyncio.CancelledError):
+            # like a killed pod: an operator must survive being stopped at any point
+            self._operator.cancel()
+            await asyncio.gather(self._operator, return_exceptions=True)
+        self._operator = None
+
+    # -- the test's API ---------------------------------------------------------------------
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        obj = json.loads(json.dumps(obj))
+        meta = obj["metadata"]
+        meta.setdefault("namespace", NAMESPACE)
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("generation", 1)
+        meta.setdefault("resourceVersion", "1")
+        meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        await self.kube.create(obj)
+        return obj
+
+    async def get(self, kind: str, name: str) -> dict[str, Any]:
+        obj = await self.kube.get(k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL), NAMESPACE, name)
+        assert obj is not None, f"{kind} {name} is gone"
+        return obj
+
+    async def patch_spec(self, kind: str, name: str, spec: dict[str, Any]) -> None:
+        res = k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL)
+        obj = await self.get(kind, name)
+        gen = int(obj["metadata"].get("generation", 1)) + 1
+        await self.kube.request("PATCH", res.path(NAMESPACE, name), body={"spec": spec, "metadata": {"generation": gen}},
+                                content_type="application/merge-patch+json")
+
+    async def delete(self, kind: str, name: str) -> None:
+        await self.kube.delete(k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL), NAMESPACE, name)
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = await predicate()
+            if last:
+                return last
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last: {last!r}")
+
+    async def wait_phase(self, kind: str, name: str, phase: str, timeout: float = 20.0) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            obj = await self.kube.get(k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL), NAMESPACE, name)
+            return obj if obj and (obj.get("status") or {}).get("phase") == phase else None
+        try:
+            return await self.wait_for(check, timeout, f"{kind} {name} phase {phase}")
+        except AssertionError:
+            obj = await self.kube.get(k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL), NAMESPACE, name)
+            raise AssertionError(f"{kind} {name} never reached {phase}; status: "
+                                 f"{json.dumps((obj or {}).get('status'), indent=1)}") from None
+
+    async def jobs(self, run: str | None = None) -> list[dict[str, Any]]:
+        jobs = await self.kube.list(k.JOBS, NAMESPACE)
+        return [j for j in jobs if run is None or j["metadata"]["labels"].get(LABEL_RUN) == run]
+
+    async def pods(self, run: str | None = None) -> list[dict[str, Any]]:
+        pods = await self.kube.list(k.PODS, NAMESPACE)
+        return [p for p in pods if run is None or p["metadata"]["labels"].get(LABEL_RUN) == run]
+
+    async def events(self, name: str) -> list[dict[str, Any]]:
+        evs = await self.kube.list(k.EVENTS, NAMESPACE)
+        return [e for e in evs if e["involvedObject"]["name"] == name]
+
+    def trainer(self, run: str, *, total_steps: int = 20, port: int, **kw: Any) -> Trainer:
+        self.trainers[run] = Trainer(total_steps=total_steps, port=port, **kw)
+        return self.trainers[run]
+
+    async def kill_node(self, name: str) -> None:
+        """The node goes NotReady: its pods stop making progress (their status goes stale)."""
+        self.emulator.objects["v1/nodes", None, name].patch({"status": {"conditions": [
+            {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}})
+
+    # -- simulated controllers ----------------------------------------------------------------
+
+    async def _controllers(self) -> None:
+        loop = 0
+        while True:
+            loop += 1
+            try:
+                jobs = await self.kube.list(k.JOBS, NAMESPACE)
+                pods = await self.kube.list(k.PODS, NAMESPACE)
+                nodes = {n["metadata"]["name"]: n for n in await self.kube.list(k.NODES, None)}
+                await self._job_controller(jobs, pods, nodes)
+                await self._kubelet(pods, nodes)
+                if loop % 4 == 0:
+                    await self._garbage_collector(jobs, pods)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep simulating; a test will time out with a message
+                print(f"simcluster: {type(exc).__name__}: {exc}")
+            await asyncio.sleep(self.tick)
+
+    async def _job_controller(self, jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
+                              nodes: dict[str, dict[str, Any]]) -> None:
+        for job in jobs:
+            jname = job["metadata"]["name"]
+            spec = job["spec"]
+            mine = [p for p in pods if p["metadata"]["labels"].get(JOB_NAME_LABEL) == jname]
+            conds = job.get("status", {}).get("conditions") or []
+            if any(c["type"] in ("Complete", "Failed") for c in conds) or spec.get("suspend"):
+                continue
+            if not mine:
+                for index in range(spec["completions"]):
+                    await self.kube.create(self._pod(job, index))
+                continue
+            phases = [p["status"].get("phase") for p in mine]
+            if any(ph == "Failed" for ph in phases):
+                for p in mine:
+                    if p["status"].get("phase") in ("Pending", "Running"):
+                        await self.kube.delete(k.PODS, NAMESPACE, p["metadata"]["name"])
+                await self._patch(k.JOBS, jname, {"status": {"failed": phases.count("Failed"), "conditions": [
+                    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}})
+            elif phases.count("Succeeded") == spec["completions"]:
+                await self._patch(k.JOBS, jname, {"status": {"succeeded": spec["completions"], "conditions": [
+                    {"type": "Complete", "status": "True"}]}})
+            # schedule pending pods: one per node, honour excluded nodes, only Ready nodes
+            busy = {p["spec"].get("nodeName") for p in pods if p["status"].get("phase") in ("Pending", "Running")}
+            for p in mine:
+                if p["spec"].get("nodeName") or p["status"].get("phase") != "Pending":
+                    continue
+                excluded = _excluded(p)
+                free = [n for n in self.node_names if n not in busy and n not in excluded and _ready(nodes.get(n))]
+                if free:
+                    busy.add(free[0])
+                    await self._patch(k.PODS, p["metadata"]["name"], {"spec": {"nodeName": free[0]}})
+
+    def _pod(self, job: dict[str, Any], index: int) -> dict[str, Any]:
+        tmpl = job["spec"]["template"]
+        labels = {**tmpl["metadata"]["labels"], JOB_NAME_LABEL: job["metadata"]["name"], JOB_INDEX_LABEL: str(index)}
+        return {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{job['metadata']['name']}-{index}-{uuid.uuid4().hex[:5]}", "namespace": NAMESPACE,
+                         "labels": labels, "annotations": {JOB_INDEX_LABEL: str(index)},
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+                                              "uid": job["metadata"].get("uid", ""), "controller": True}]},
+            "spec": json.loads(json.dumps(tmpl["spec"])),
+            "status": {"phase": "Pending"},
+        }
+
+    async def _kubelet(self, pods: list[dict[str, Any]], nodes: dict[str, dict[str, Any]]) -> None:
+        by_run: dict[str, list[dict[str, Any]]] = {}
+        for p in pods:
+            by_run.setdefault(p["metadata"]["labels"][LABEL_RUN], []).append(p)
+        for run, run_pods in by_run.items():
+            trainer = self.trainers.get(run)
+            live = [p for p in run_pods if p["status"].get("phase") in ("Pending", "Running")]
+            for p in live:
+                node = p["spec"].get("nodeName")
+                if p["status"]["phase"] == "Pending" and node and _ready(nodes.get(node)):
+                    await self._patch(k.PODS, p["metadata"]["name"], {"status": {
+                        "phase": "Running", "podIP": "127.0.0.1",
+                        "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}})
+            running = [p for p in live if p["status"]["phase"] == "Running"]
+            if trainer is None or not running:
+                continue
+            attempt = int(running[0]["metadata"]["labels"][LABEL_ATTEMPT])
+            if attempt not in trainer.attempts_seen:
+                trainer.attempts_seen.append(attempt)
+                trainer.step = trainer.checkpoint  # resume from the last checkpoint
+                trainer.last_tick = None
+            await self._serve_metrics(run, trainer)
+            all_running = len(running) == len(live) and all(_ready(nodes.get(p["spec"]["nodeName"])) for p in running)
+            now = time.monotonic()
+            elapsed = now - (trainer.last_tick or now)
+            trainer.last_tick = now
+            if not all_running or trainer.hung:
+                continue  # a lost peer stalls collective ops: no progress
+            trainer.step = min(trainer.step + max(1, round(elapsed * trainer.steps_per_second)), trainer.total_steps)
+            trainer.checkpoint = trainer.step - trainer.step % trainer.checkpoint_every
+            if trainer.exit_at and trainer.step >= trainer.exit_at[0]:
+                _, code, message = trainer.exit_at
+                trainer.exit_at = None
+                rank0 = next(p for p in running if p["metadata"]["labels"][JOB_INDEX_LABEL] == "0")
+                await self._terminate(rank0, code, message)
+                continue
+            if trainer.step >= trainer.total_steps:
+                success = json.dumps({"stage": "pretrain", "results": {"finalLoss": 2.5, "steps": trainer.step}})
+                for p in running:
+                    await self._terminate(p, 0, success if p["metadata"]["labels"][JOB_INDEX_LABEL] == "0" else "")
+
+    async def _terminate(self, pod: dict[str, Any], code: int, message: str) -> None:
+        await self._patch(k.PODS, pod["metadata"]["name"], {"status": {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                "exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message}}}]}})
+
+    async def _garbage_collector(self, all_jobs: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
+        """Owner references: a Job's pods go with it, a run's objects go with the run."""
+        jobs = {j["metadata"]["name"] for j in all_jobs}
+        for p in pods:
+            if p["metadata"]["labels"].get(JOB_NAME_LABEL) not in jobs:
+                await self.kube.delete(k.PODS, NAMESPACE, p["metadata"]["name"])
+        runs: set[tuple[str, str]] = set()
+        for model in KIND_MODELS.values():
+            for obj in await self.kube.list(k.Res(GROUP, VERSION, model.PLURAL), NAMESPACE):
+                runs.add((model.KIND, obj["metadata"]["name"]))
+        for res in (k.JOBS, k.SERVICES, k.CONFIGMAPS):
+            for obj in await self.kube.list(res, NAMESPACE):
+                owners = obj["metadata"].get("ownerReferences") or []
+                if owners and all((o["kind"], o["name"]) not in runs for o in owners):
+                    await self.kube.delete(res, NAMESPACE, obj["metadata"]["name"])
+
+    async def _serve_metrics(self, run: str, trainer: Trainer) -> None:
+        if trainer.port in self.metrics_servers:
+            return
+
+        async def metrics(_: web.Request) -> web.Response:
+            t = trainer
+            text = "\n".join([
+                "# TYPE crucible_train_step gauge",
+                f"crucible_train_step {t.step}",
+                f"crucible_train_loss {3.0 - t.step * 0.01:.4f}",
+                f"crucible_train_tokens_total {t.step * t.tokens_per_step}",
+                "crucible_train_tokens_per_second 100000.0",
+                "crucible_train_mfu_ratio 0.42",
+                f"crucible_train_loss_spikes_total {t.spikes}",
+                f"crucible_checkpoint_last_step {t.checkpoint}",
+                "",
+            ])
+            return web.Response(text=text)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", trainer.port).start()
+        self.metrics_servers[trainer.port] = runner
+
+    async def _patch(self, res: k.Res, name: str, body: dict[str, Any]) -> None:
+        try:
+            await self.kube.request("PATCH", res.path(NAMESPACE if res.namespaced else None, name), body=body,
+                                    content_type="application/merge-patch+json")
+        except k.ApiError as exc:
+            if exc.status != 404:
+                raise
+
+
+def _node(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def _ready(node: dict[str, Any] | None) -> bool:
+    if node is None:
+        return False
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
+
+
+def _excluded(pod: dict[str, Any]) -> set[str]:
+    terms = (pod["spec"].get("affinity", {}).get("nodeAffinity", {})
+             .get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", []))
+    out: set[str] = set()
+    for term in terms:
+        for f in term.get("matchFields", []):
+            if f["key"] == "metadata.name" and f["operator"] == "NotIn":
+                out |= set(f["values"])
+    return out
