@@ -52,7 +52,8 @@ def _wait_for(what: str, probe: Callable[[], T | None], timeout: float, procs: l
         for proc in procs:
             if proc.poll() is not None:
                 out = proc.stdout.read().decode(errors="replace")[-3000:] if proc.stdout else ""
-                pytest.fail(f"{what}: {proc.args[0]} exited with {proc.returncode} first:\n{out}")
+                program = proc.args[0] if isinstance(proc.args, list) else proc.args
+                pytest.fail(f"{what}: {program!s} exited with {proc.returncode} first:\n{out}")
         try:
             value = probe()
         except OSError:
