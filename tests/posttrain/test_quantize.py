@@ -5,11 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from posttrain_helpers import write_spec
 from transformers import AutoModelForCausalLM
 
 from crucible.trainer.quantize import main
-
-from .conftest import write_spec
 
 
 def _spec(model: Path, data: Path, out: Path, **extra) -> dict:

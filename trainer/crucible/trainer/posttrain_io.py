@@ -52,7 +52,7 @@ def read_spec(stage: str, argv: list[str], expected: type[Config]) -> tuple[Conf
     try:
         config = parse_stage_spec(stage, raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{_dotted(e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{_dotted(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
         raise SpecError(f"{args.spec}: {problems}") from exc
     assert isinstance(config, expected)
     return config, args
