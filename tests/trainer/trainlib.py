@@ -138,3 +138,23 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def make_engine(data: Path, out: Path, objective: Any = None, **overrides: Any) -> Any:
+    """An in-process Engine (one rank, gloo) over the tiny spec; the objective defaults to pretraining."""
+    from crucible.trainer.config import parse_stage_spec
+    from crucible.trainer.data.shards import ShardSet
+    from crucible.trainer.distributed import init_distributed
+    from crucible.trainer.engine import Engine
+    from crucible.trainer.model import build_model
+    from crucible.trainer.pretrain import PretrainObjective
+
+    config = parse_stage_spec("pretrain", tiny_spec(data, out, **overrides))
+    env = init_distributed()
+    train = ShardSet(data / "train")
+    model = build_model(config.model, train.vocab_size, config.training.seed)  # type: ignore[attr-defined]
+    objective = objective or PretrainObjective(train, ShardSet(data / "validation"))
+    return Engine(config, model, objective, None, env, log=lambda msg: LOG.append(msg))  # type: ignore[arg-type]
+
+
+LOG: list[str] = []

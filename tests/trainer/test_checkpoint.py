@@ -1,0 +1,158 @@
+"""Checkpoints: verified resume points only; torn/corrupt ones skipped with a reason; keep K; S3 manifest last."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from trainlib import LOG, make_engine
+
+from crucible.trainer import storage as st
+from crucible.trainer.checkpoint import MANIFEST, Checkpointer, CheckpointInvalid, step_dir_name
+from crucible.trainer.config.common import S3Config
+
+
+def _train(engine, steps: int) -> None:
+    for _ in range(steps):
+        engine.tokens += engine.train_step()[2]
+        engine.step += 1
+
+
+def _params(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.strategy.module.state_dict().items()}
+
+
+def test_save_resume_restores_model_optimizer_data_and_rng(shards: Path, tmp_path: Path) -> None:
+    engine = make_engine(shards, tmp_path)
+    _train(engine, 3)
+    engine.save()
+    engine.checkpointer.wait()
+    saved = _params(engine)
+    position = engine.train_iter.position
+    torch_rng = torch.get_rng_state()
+    _train(engine, 2)
+    expected_next = engine.train_step()[0]  # step 6's loss after training 3..5
+
+    fresh = make_engine(shards, tmp_path)
+    assert fresh.resume() == 3
+    assert fresh.train_iter.position == position
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+    for key, value in _params(fresh).items():
+        assert torch.equal(value, saved[key]), key
+    _train(fresh, 2)
+    assert fresh.train_step()[0] == expected_next  # bit for bit
+    manifest = json.loads((tmp_path / "checkpoints" / step_dir_name(3) / MANIFEST).read_text())
+    assert manifest["step"] == 3 and manifest["tokens"] == 3 * 256 and manifest["configHash"]
+    assert set(manifest["files"]) >= {"model.pt", "optimizer.pt", "trainer.json", "rng-rank-00000.pt"}
+    engine.close()
+    fresh.close()
+
+
+def test_corrupt_and_torn_checkpoints_are_skipped_with_a_reason(shards: Path, tmp_path: Path) -> None:
+    engine = make_engine(shards, tmp_path, checkpoint={"keep": 10})
+    for _ in range(4):
+        _train(engine, 1)
+        engine.save()
+    engine.checkpointer.wait()
+    root = tmp_path / "checkpoints"
+    # step 4: a byte flipped in the model; step 3: no manifest (torn); step 2: a file missing
+    model = root / step_dir_name(4) / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    (root / step_dir_name(3) / MANIFEST).unlink()
+    (root / step_dir_name(2) / "optimizer.pt").unlink()
+    LOG.clear()
+    found = engine.checkpointer.latest_valid()
+    assert found is not None and found[0].step == 1
+    reasons = "\n".join(LOG)
+    assert "step-000000004 skipped: model.pt does not match its sha256" in reasons
+    assert "step-000000003 skipped: no manifest.json" in reasons
+    assert "step-000000002 skipped: optimizer.pt is listed in the manifest but missing" in reasons
+    fresh = make_engine(shards, tmp_path)
+    assert fresh.resume() == 1
+    engine.close()
+    fresh.close()
+
+
+def test_interrupted_save_at_every_write_never_becomes_a_resume_point(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulate the process dying after each write of a save (data files, .done, manifest)."""
+    engine = make_engine(shards, tmp_path, checkpoint={"keep": 10})
+    _train(engine, 1)
+    engine.save()
+    _train(engine, 1)
+    writes: list[str] = []
+    real_write = st.Storage.write_bytes
+    monkeypatch.setattr(st.Storage, "write_bytes", lambda self, uri, data: (writes.append(uri), real_write(self, uri, data)))
+    engine.save()  # step 2, counting its writes
+    monkeypatch.undo()
+    assert writes[-1].endswith(MANIFEST)
+    for cut in range(len(writes)):
+        step_dir = tmp_path / "checkpoints" / step_dir_name(2)
+        count = {"n": 0}
+
+        class Killed(BaseException):
+            pass
+
+        def dying_write(self, uri, data, cut=cut, count=count):
+            if count["n"] == cut:
+                raise Killed
+            count["n"] += 1
+            real_write(self, uri, data)
+
+        monkeypatch.setattr(st.Storage, "write_bytes", dying_write)
+        with pytest.raises(Killed):
+            engine.save()
+        monkeypatch.undo()
+        assert not (step_dir / MANIFEST).exists()
+        with pytest.raises(CheckpointInvalid, match="no manifest"):
+            engine.checkpointer.verify(2)
+        found = engine.checkpointer.latest_valid()
+        assert found is not None and found[0].step == 1, f"cut after {cut} writes"
+    engine.close()
+
+
+def test_keep_last_k(shards: Path, tmp_path: Path) -> None:
+    engine = make_engine(shards, tmp_path, checkpoint={"keep": 2, "asyncSave": True})
+    for _ in range(5):
+        _train(engine, 1)
+        engine.save()
+    engine.checkpointer.wait()
+    assert engine.checkpointer.list_steps() == [4, 5]
+    engine.close()
+
+
+def test_s3_checkpoint_manifest_is_the_last_object(
+    shards: Path, tmp_path: Path, s3_server: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"s3://{s3_bucket}/run/checkpoints"
+    engine = make_engine(shards, tmp_path, checkpoint={"uri": uri, "asyncSave": True},
+                         storage={"s3": {"endpointUrl": s3_server, "addressingStyle": "path"}})
+    order: list[str] = []
+    real_write = st.Storage.write_bytes
+    monkeypatch.setattr(st.Storage, "write_bytes", lambda self, u, d: (real_write(self, u, d), order.append(u)))
+    _train(engine, 2)
+    engine.save()
+    engine.checkpointer.wait()
+    monkeypatch.undo()
+    assert order[-1] == f"{uri}/{step_dir_name(2)}/{MANIFEST}"
+    store = st.Storage(S3Config(endpoint_url=s3_server, addressing_style="path"))
+    keys = store.list(f"{uri}/{step_dir_name(2)}")
+    assert any(k.endswith("model.pt") for k in keys)
+    saved = _params(engine)
+    fresh = make_engine(shards, tmp_path, checkpoint={"uri": uri},
+                        storage={"s3": {"endpointUrl": s3_server, "addressingStyle": "path"}})
+    assert fresh.resume() == 2
+    for key, value in _params(fresh).items():
+        assert torch.equal(value, saved[key])
+    # a corrupted object on S3 is caught by the checksum as well
+    obj = store.read_bytes(f"{uri}/{step_dir_name(2)}/optimizer.pt")
+    store.write_bytes(f"{uri}/{step_dir_name(2)}/optimizer.pt", obj[:-1] + bytes([obj[-1] ^ 0xFF]))
+    checkpointer = Checkpointer(uri, store, fresh.env, 3, False, "x", LOG.append)
+    assert checkpointer.latest_valid() is None
+    engine.close()
+    fresh.close()
