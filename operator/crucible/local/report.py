@@ -142,37 +142,48 @@ def funnel_section(workdir: WorkDir, states: list[RunState]) -> Section:
                 manifest = json.loads((out / "manifest.json").read_text())
             except (OSError, ValueError):
                 manifest = {}
-        results = s.status.results or (read_success(out) or {}).get("results", {}) if out else s.status.results
+        results = s.status.results or ((read_success(out) or {}).get("results", {}) if out else {})
         if not manifest and not results:
             sec.markdown += [f"*{s.name}: no manifest yet ({s.status.phase}).*"]
             continue
         docs_in = manifest.get("documentsIn", results.get("documentsIn"))
         docs_out = manifest.get("documentsOut", results.get("documentsOut"))
-        dropped = manifest.get("dropped", results.get("dropped", {}))
-        counts = [(reason, n) for reason, n in _flatten_counts(dropped) if n]
-        sec.markdown += [f"**{s.name}**: {_fmt(docs_in)} documents in, {_fmt(docs_out)} kept."]
-        sec.markdown += [""]
-        sec.markdown += _md_table(["step / reason", "documents dropped"], [[r, n] for r, n in counts])
-        tokens = {k: v for k, v in {**results, **manifest}.items() if k.startswith("tokens") and isinstance(v, int)}
-        if tokens:
-            sec.markdown += ["", "Tokens: " + ", ".join(f"{k.removeprefix('tokens').lower() or 'total'} {v:,}"
-                                                      for k, v in sorted(tokens.items()))]
-        redacted = manifest.get("redacted") or manifest.get("pii")
-        if isinstance(redacted, dict):
-            flat = [(r, n) for r, n in _flatten_counts(redacted) if n]
-            if flat:
-                sec.markdown += ["", "PII redacted (kept, with placeholders): "
-                                 + ", ".join(f"{r} {n}" for r, n in flat)]
-        if docs_in and counts:
-            png = _funnel_png(s.name, int(docs_in), counts)
+        sec.markdown += [f"**{s.name}**: {_fmt(docs_in)} raw documents in, {_fmt(docs_out)} kept.", ""]
+        funnel = manifest.get("funnel")
+        steps: list[tuple[str, int, dict[str, int]]] = []
+        if isinstance(funnel, list) and funnel:
+            rows = []
+            for f in funnel:
+                dropped = {k: v for k, v in (f.get("dropped") or {}).items() if isinstance(v, int) and v}
+                changes = {k: v for k, v in (f.get("changes") or {}).items() if isinstance(v, int) and v}
+                steps.append((str(f.get("step")), int(f.get("documentsOut") or 0), dropped))
+                rows.append([f.get("step"), _fmt(f.get("documentsIn")), _fmt(f.get("documentsOut")),
+                             ", ".join(f"{k} {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])) or "-",
+                             ", ".join(f"{k} {v}" for k, v in changes.items()) or ""])
+            sec.markdown += _md_table(["step", "in", "out", "dropped (reason: documents)", "changed"], rows)
+        else:
+            counts = [(r, n) for r, n in _flatten_counts(manifest.get("dropped", results.get("dropped", {}))) if n]
+            sec.markdown += _md_table(["step / reason", "documents dropped"], [[r, n] for r, n in counts])
+        tokens = manifest.get("tokens") or {k: v for k, v in results.items() if k.startswith("tokens")}
+        if isinstance(tokens, dict) and tokens:
+            sec.markdown += ["", "Tokens: " + ", ".join(f"{k} {v:,}" for k, v in tokens.items() if isinstance(v, int))]
+        pii = manifest.get("pii")
+        if isinstance(pii, dict) and any(isinstance(v, int) and v for v in pii.values()):
+            sec.markdown += ["", "PII redacted in kept documents (replaced by typed placeholders): "
+                             + ", ".join(f"{k} {v}" for k, v in pii.items() if isinstance(v, int) and v)]
+        tok = manifest.get("tokenizer")
+        if isinstance(tok, dict) and tok.get("vocabSize"):
+            sec.markdown += ["", f"Tokenizer: {tok.get('origin', '')} byte-level BPE, {tok['vocabSize']:,} tokens."]
+        if docs_in and steps:
+            png = _funnel_png(s.name, int(docs_in), steps)
             if png:
-                sec.images.append((FUNNEL_PNG if len(sec.images) == 0 else f"report-funnel-{s.name}.png", png))
+                sec.images.append((FUNNEL_PNG if not sec.images else f"report-funnel-{s.name}.png", png))
     if not sec.markdown:
         sec.markdown.append("*No DataPipeline in this pipeline.*")
     return sec
 
 
-def _funnel_png(name: str, docs_in: int, counts: list[tuple[str, int]]) -> bytes | None:
+def _funnel_png(name: str, docs_in: int, steps: list[tuple[str, int, dict[str, int]]]) -> bytes | None:
     try:
         import matplotlib
 
@@ -180,19 +191,13 @@ def _funnel_png(name: str, docs_in: int, counts: list[tuple[str, int]]) -> bytes
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    # Group by the first component (the step) for the funnel; reasons are in the table.
-    steps: dict[str, int] = {}
-    for reason, n in counts:
-        steps[reason.split(".")[0]] = steps.get(reason.split(".")[0], 0) + n
-    labels = ["raw", *steps]
-    remaining = [docs_in]
-    for n in steps.values():
-        remaining.append(remaining[-1] - n)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2), dpi=110)
+    labels = ["raw", *(f"after {step}" for step, _, _ in steps)]
+    remaining = [docs_in, *(n for _, n, _ in steps)]
+    fig, ax = plt.subplots(figsize=(7, 0.38 * len(labels) + 1.2), dpi=110)
     ax.barh(range(len(labels)), remaining, color="#4c78a8")
     for i, value in enumerate(remaining):
         ax.text(value, i, f" {value}", va="center", fontsize=8)
-    ax.set_yticks(range(len(labels)), [f"after {lab}" if i else lab for i, lab in enumerate(labels)], fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("documents")
     ax.set_title(f"{name}: documents remaining after each step", fontsize=10)
