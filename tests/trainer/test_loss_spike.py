@@ -1,0 +1,88 @@
+"""Loss spikes in the engine: an injected bad batch is caught within 5 steps and rolled back past."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from trainlib import make_engine
+
+from crucible.trainer.data.shards import ShardSet
+from crucible.trainer.metrics import read_step_log
+from crucible.trainer.pretrain import PretrainObjective
+from crucible.trainer.sampler import BatchIterator
+
+BAD_STEP = 30  # the step (1-based) whose data is garbage
+ITEMS_PER_STEP = 8  # 256 tokens / 32 per sequence
+SPIKE = {"window": 10, "zThreshold": 6, "minDelta": 0.5}
+COMMON: dict[str, Any] = {
+    "training": {"maxSteps": 40},
+    "optimizer": {"lr": 1e-2, "warmupSteps": 2},
+    "checkpoint": {"interval": 5},
+}
+
+
+class PoisonedIterator(BatchIterator):
+    """Serves random tokens instead of the data at positions [start, end) — a corrupt stretch of corpus."""
+
+    def __init__(self, inner: BatchIterator, start: int, end: int, vocab: int) -> None:
+        super().__init__(inner.sampler, inner.fetch)
+        self.start, self.end, self.vocab = start, end, vocab
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        position = self.position
+        while (end := self.sampler._skipped(position)) is not None:  # where this batch really starts
+            position = end
+        batch = super().__next__()
+        if self.start <= position < self.end:
+            generator = torch.Generator().manual_seed(position)
+            ids = torch.randint(1, self.vocab, batch["input_ids"].shape, generator=generator)
+            batch = {"input_ids": ids, "labels": ids}
+        return batch
+
+
+class PoisonedObjective(PretrainObjective):
+    def train_batches(self, ctx: Any) -> BatchIterator:
+        start = (BAD_STEP - 1) * ITEMS_PER_STEP
+        return PoisonedIterator(super().train_batches(ctx), start, start + ITEMS_PER_STEP, self.train.vocab_size)
+
+
+def test_bad_batch_is_caught_and_rolled_back(shards: Path, tmp_path: Path) -> None:
+    objective = PoisonedObjective(ShardSet(shards / "train"), None)
+    engine = make_engine(shards, tmp_path, objective=objective, lossSpike={**SPIKE, "action": "rollback"}, **COMMON)
+    result = engine.fit()
+    engine.close()
+    events = read_step_log(tmp_path / "checkpoints" / "metrics.jsonl")
+    rollbacks = [e for e in events if e.get("event") == "rollback"]
+    assert len(rollbacks) == 1, rollbacks
+    assert BAD_STEP <= rollbacks[0]["step"] <= BAD_STEP + 4  # caught within 5 steps
+    bad = [(BAD_STEP - 1) * ITEMS_PER_STEP, BAD_STEP * ITEMS_PER_STEP]
+    assert rollbacks[0]["skip"] == bad
+    assert rollbacks[0]["toStep"] == 25
+    assert result.steps == 40 and result.rollbacks == 1 and result.loss_spikes == 1
+    # the skipped window travels with later checkpoints and the run never trained on it
+    trainer_state = json.loads((tmp_path / "checkpoints" / "step-000000040" / "trainer.json").read_text())
+    assert bad in trainer_state["data"]["skips"]
+    assert json.loads((tmp_path / "checkpoints" / "skip-windows.json").read_text()) == [bad]
+    losses = {e["step"]: e["loss"] for e in events if "event" not in e}
+    assert max(v for k, v in losses.items() if k > 25) < losses[1]
+
+
+def test_clean_run_raises_no_alarm_and_alert_only_counts(shards: Path, tmp_path: Path) -> None:
+    engine = make_engine(shards, tmp_path / "clean", lossSpike={**SPIKE, "action": "rollback"}, **COMMON)
+    result = engine.fit()
+    engine.close()
+    assert result.loss_spikes == 0 and result.rollbacks == 0
+    events = read_step_log(tmp_path / "clean" / "checkpoints" / "metrics.jsonl")
+    assert not [e for e in events if e.get("event") in ("loss_spike", "rollback")]
+
+    objective = PoisonedObjective(ShardSet(shards / "train"), None)
+    engine = make_engine(shards, tmp_path / "alert", objective=objective,
+                         lossSpike={**SPIKE, "action": "alert"}, **COMMON)
+    result = engine.fit()
+    engine.close()
+    assert result.loss_spikes == 1 and result.rollbacks == 0 and result.steps == 40
+    events = read_step_log(tmp_path / "alert" / "checkpoints" / "metrics.jsonl")
+    assert [e["step"] for e in events if e.get("event") == "loss_spike"] == [BAD_STEP]
