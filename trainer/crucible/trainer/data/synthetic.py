@@ -162,7 +162,7 @@ def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
     """Word n-grams of the simplified text, as the MinHash step sees them."""
     from crucible.trainer.data.minhash import simplify
 
-    words = simplify(text)
+    words = simplify(text).split()
     if len(words) < n:
         return {tuple(words)} if words else set()
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
