@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,9 +37,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from crucible.trainer.config.data import (  # noqa: E402
+from crucible.trainer.config.data import (
     C4Quality,
     FineWebQuality,
     GopherQuality,
@@ -49,16 +48,16 @@ from crucible.trainer.config.data import (  # noqa: E402
     PiiStep,
     TokenizerConfig,
 )
-from crucible.trainer.data.c4 import C4QualityFilter  # noqa: E402
-from crucible.trainer.data.document import Document  # noqa: E402
-from crucible.trainer.data.fineweb import FineWebQualityFilter  # noqa: E402
-from crucible.trainer.data.gopher_quality import GopherQualityFilter  # noqa: E402
-from crucible.trainer.data.gopher_repetition import GopherRepetitionFilter  # noqa: E402
-from crucible.trainer.data.minhash import MinHasher, bucket_pairs, exact_pairs, removed_by_clusters  # noqa: E402
-from crucible.trainer.data.pii import PiiRedactor  # noqa: E402
-from crucible.trainer.data.step import Step  # noqa: E402
-from crucible.trainer.data.synthetic import generate_corpus  # noqa: E402
-from crucible.trainer.data.text import word_splitter  # noqa: E402
+from crucible.trainer.data.c4 import C4QualityFilter
+from crucible.trainer.data.document import Document
+from crucible.trainer.data.fineweb import FineWebQualityFilter
+from crucible.trainer.data.gopher_quality import GopherQualityFilter
+from crucible.trainer.data.gopher_repetition import GopherRepetitionFilter
+from crucible.trainer.data.minhash import MinHasher, bucket_pairs, exact_pairs, removed_by_clusters
+from crucible.trainer.data.pii import PiiRedactor
+from crucible.trainer.data.step import Step
+from crucible.trainer.data.synthetic import generate_corpus
+from crucible.trainer.data.text import word_splitter
 
 BATCH = 2048
 
@@ -286,10 +285,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as sig_dir:
         run_datatrove(records[:20], True, sig_dir)  # warm-up: spaCy, regexes
-        run_ours(records[:20], our_quality_steps() + [PiiRedactor(PiiStep())], True)
+        run_ours(records[:20], [*our_quality_steps(), PiiRedactor(PiiStep())], True)
         # 1. throughput of the equivalent blocks
-        dt_kept, dt_s = cpu_timed(lambda: run_datatrove(records, True, sig_dir))
-        _, our_s = cpu_timed(lambda: run_ours(records, our_quality_steps() + [PiiRedactor(PiiStep())], True))
+        _dt_kept, dt_s = cpu_timed(lambda: run_datatrove(records, True, sig_dir))
+        _, our_s = cpu_timed(lambda: run_ours(records, [*our_quality_steps(), PiiRedactor(PiiStep())], True))
     from crucible.trainer.config.data import DataPipelineConfig
     from crucible.trainer.data.pipeline import DataPipeline
 
@@ -340,7 +339,7 @@ def main() -> int:
               f"signatures {mem['signature_seconds']:.0f}s, total {mem['total_seconds']:.0f}s, {mem['removed']:,} removed")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    _ = resource
+
     return 0
 
 
