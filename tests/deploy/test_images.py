@@ -165,6 +165,11 @@ def test_chart_arguments_are_flags_crucible_operator_accepts() -> None:
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert args.metrics_port == ports["metrics"], case
         assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz", case
+        # Every CRUCIBLE_* variable the chart sets is one the operator reads.
+        source = "".join(p.read_text() for p in (REPO / "operator" / "crucible").rglob("*.py"))
+        for env in container["env"]:
+            if env["name"].startswith("CRUCIBLE_"):
+                assert f'"{env["name"]}"' in source, f"{case}: the operator never reads {env['name']}"
 
 
 def test_trainer_image_command_is_the_trainer_entry_point() -> None:
