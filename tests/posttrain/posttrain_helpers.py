@@ -159,3 +159,31 @@ def kill_at_step(proc, checkpoint_dir: Path, step: int, timeout: float = 240) ->
             raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}")
         time.sleep(0.01)
     raise AssertionError(f"step {step} never reached")
+
+
+def preference_records(n: int, seed: int = 0) -> list[dict]:
+    """Separable pairs: the chosen response continues the count, the rejected one is a wrong number."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for record in counting_records(n, seed):
+        right = record["response"].strip()
+        wrong = rng.choice([w for w in WORDS if w != right])
+        out.append({"prompt": record["prompt"], "chosen": f" {right}", "rejected": f" {wrong}"})
+    return out
+
+
+def preference_spec(base: Path, data_file: Path, out_dir: Path, /, **overrides) -> dict:
+    spec = {
+        "model": {"uri": str(base)},
+        "dataset": {"uri": str(data_file), "validationFraction": 0.25},
+        "method": "dpo",
+        "dpo": {"beta": 0.5},
+        "training": {"seqLen": 32, "microBatchSize": 8, "globalBatchTokens": 256, "maxSteps": 25,
+                     "evalEvery": 0, "evalBatches": 2},
+        "optimizer": {"lr": 3e-3, "warmupSteps": 0, "schedule": "constant", "weightDecay": 0.0},
+        "metrics": {"port": 0},
+        "output": {"uri": str(out_dir)},
+    }
+    return merge(spec, overrides)
