@@ -438,3 +438,31 @@ def test_notes_tell_the_next_commands() -> None:
 
 def test_example_the_notes_point_at_exists() -> None:
     assert Path(REPO / "examples" / "pretrainrun.yaml").is_file()
+
+
+def test_packaged_chart_carries_the_crds_and_renders_the_same(tmp_path: Path) -> None:
+    """`helm package` resolves the files/crds link: the archive (what goes to an OCI registry) is complete."""
+    archive = helm.package(str(CHART), destination=str(tmp_path))
+    with helm.Chart.load(archive) as chart:
+        packaged = chart.render({}, name="crucible", namespace=NAMESPACE, is_install=True)
+    assert packaged == render({})
+
+
+def test_values_schema_is_a_valid_json_schema() -> None:
+    import json
+
+    import jsonschema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(yaml.safe_load((CHART / "values.yaml").read_text()))
+
+
+def test_release_fits_in_helms_release_secret() -> None:
+    """Helm stores every rendered manifest gzipped and base64-encoded in one Secret (1 MiB at most)."""
+    import base64
+    import gzip
+
+    manifest = "".join(render(MONITORING_ON).values()).encode()
+    stored = len(base64.b64encode(gzip.compress(manifest)))
+    assert stored < 512 * 1024, f"the release would need {stored} bytes of its 1 MiB Secret: ship CRDs separately"
