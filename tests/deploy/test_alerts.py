@@ -125,6 +125,14 @@ CASES = [
          [series("crucible_operator_restarts_total", "0x5 1x5 2x30", {"kind": "PretrainRun", "reason": "Evicted"}),
           series("crucible_operator_restarts_total", "0x12 1x28", {"kind": "PretrainRun", "reason": "Hang"})],
          {"9m": [], "14m": firing("critical", {"kind": "PretrainRun"})}),
+    Case("first-restarts-of-a-new-reason-count-from-one", "CrucibleRestartStorm",
+         # the series appears at 5m with its first restart already counted (no zero sample before
+         # it); the third restart comes at 9m. increase() alone would see only two.
+         [series("crucible_operator_restarts_total", "_x5 1 1 2 2 3x30", {"kind": "PretrainRun", "reason": "NCCLTimeout"})],
+         {"8m": [], "9m": firing("critical", {"kind": "PretrainRun"}), "20m": firing("critical", {"kind": "PretrainRun"})}),
+    Case("a-new-reasons-single-restart-is-no-storm", "CrucibleRestartStorm",
+         [series("crucible_operator_restarts_total", "_x5 1x40", {"kind": "PretrainRun", "reason": "Evicted"})],
+         {"10m": [], "30m": [], "44m": []}),
     Case("two-restarts-are-no-storm", "CrucibleRestartStorm",
          [series("crucible_operator_restarts_total", "0x5 1x10 2x30", {"kind": "PretrainRun", "reason": "NodeLost"})],
          {"20m": [], "40m": []}),
