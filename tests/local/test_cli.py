@@ -172,3 +172,17 @@ def test_status_output_formats(pipeline: Pipeline, output: str) -> None:
         assert data[0]["status"]["phase"] == "Succeeded"
     else:
         assert result.stdout.splitlines()[0].split() == ["NAME", "KIND", "PHASE", "STEP", "LOSS", "RESTARTS", "TIME", "MESSAGE"]
+
+
+def test_logs_follow_moves_to_the_next_attempt_and_stops_with_the_run(pipeline: Pipeline) -> None:
+    pipeline.write(chain()[:2])
+    env = env_for({"base": {"step_seconds": 0.3, "kill_at_step": 4}})
+    run = subprocess.Popen([*CRUCIBLE, "run", str(pipeline.folder), "-w", str(pipeline.workdir), "--plain",
+                            "--no-report"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (pipeline.run_dir("PretrainRun", "base") / "logs" / "attempt-0.log").exists())
+    follow = subprocess.run([*CRUCIBLE, "logs", "base", "-f", "-w", str(pipeline.workdir)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert run.wait(timeout=60) == 0
+    assert "attempt 0" in follow.stdout
+    assert "attempt changed, now following" in follow.stdout
+    assert "resumed from checkpoint step 2" in follow.stdout

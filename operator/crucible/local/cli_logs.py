@@ -55,25 +55,43 @@ def run(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"{state.kind}/{state.name} has no log for attempt {attempt} rank {args.rank} yet ({path})", file=sys.stderr)
         return 1
-    with open(path, errors="replace") as fh:
-        lines = fh.readlines()
-        start = max(0, len(lines) - args.tail) if args.tail is not None else 0
-        sys.stdout.writelines(lines[start:])
-        sys.stdout.flush()
-        if not args.follow:
+    follow_attempts = args.follow and args.attempt is None
+    while True:
+        with open(path, errors="replace") as fh:
+            lines = fh.readlines()
+            start = max(0, len(lines) - args.tail) if args.tail is not None else 0
+            sys.stdout.writelines(lines[start:])
+            sys.stdout.flush()
+            if not args.follow:
+                return 0
+            nxt = _follow(fh, workdir, state.namespace, state.kind, state.name, path, args.rank, follow_attempts)
+        if nxt is None:
             return 0
-        try:
-            idle = 0.0
-            while True:
-                line = fh.readline()
-                if line:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                    idle = 0.0
-                    continue
-                time.sleep(0.5)
-                idle += 0.5
-                if idle >= 2.0 and not runner_active(workdir.root):
-                    return 0
-        except KeyboardInterrupt:
-            return 0
+        print(f"--- crucible logs: attempt changed, now following {nxt}", flush=True)
+        path, args.tail = nxt, None
+
+
+def _follow(fh, workdir: WorkDir, namespace: str, kind: str, name: str, path: Path, rank: int,
+            follow_attempts: bool) -> Path | None:
+    """Print new lines until the runner is gone (None) or a newer attempt's log appears (its path)."""
+    idle = 0.0
+    try:
+        while True:
+            line = fh.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                idle = 0.0
+                continue
+            time.sleep(0.5)
+            idle += 0.5
+            if follow_attempts and idle >= 1.0:
+                current = workdir.load_state(namespace, kind, name)
+                if current is not None:
+                    newer = workdir.log_path(namespace, kind, name, current.status.attempt, rank)
+                    if newer != path and newer.exists():
+                        return newer
+            if idle >= 2.0 and not runner_active(workdir.root):
+                return None
+    except KeyboardInterrupt:
+        return None

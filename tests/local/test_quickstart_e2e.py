@@ -1,0 +1,132 @@
+"""The quickstart, shortened, end to end with the real stages: SIGKILL during pretraining, rerun, report.
+
+Same YAML files as examples/quickstart/ with fewer steps and a smaller model, so it fits the
+CI budget on two cores. The runner and its pretraining process are SIGKILLed once a
+checkpoint exists (a laptop losing power mid-run); the rerun skips the finished DataPipeline,
+resumes the PretrainRun from that checkpoint, runs the rest, and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "quickstart"
+CRUCIBLE = [sys.executable, "-m", "crucible.cli"]
+
+
+def shorten(folder: Path) -> None:
+    """Make every stage of the copied quickstart small and quick (shapes kept consistent)."""
+    def edit(name: str, change: Any) -> None:
+        path = folder / name
+        doc = yaml.safe_load(path.read_text())
+        change(doc["spec"])
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def short_prompts(spec: dict[str, Any]) -> None:
+        spec["eval"]["prompts"] = spec["eval"]["prompts"][:2]
+        spec["eval"]["maxNewTokens"] = 6
+
+    def pretrain(spec: dict[str, Any]) -> None:
+        spec["model"] = {"hiddenSize": 64, "intermediateSize": 128, "numLayers": 2, "numHeads": 2,
+                         "maxPositionEmbeddings": 256, "tieWordEmbeddings": True}
+        spec["training"].update(seqLen=128, microBatchSize=4, globalBatchTokens=512, maxSteps=40,
+                                evalEvery=20, evalBatches=2)
+        spec["optimizer"]["warmupSteps"] = 4
+        spec["checkpoint"]["interval"] = 10
+        short_prompts(spec)
+
+    def post(steps: int) -> Any:
+        def change(spec: dict[str, Any]) -> None:
+            spec["training"].update(seqLen=64, microBatchSize=4, globalBatchTokens=256, maxSteps=steps,
+                                    evalEvery=steps, evalBatches=1)
+            spec["optimizer"]["warmupSteps"] = 1
+            spec["checkpoint"]["interval"] = steps
+            short_prompts(spec)
+        return change
+
+    def quantize(spec: dict[str, Any]) -> None:
+        spec["evaluation"].update(maxBatches=2, seqLen=64)
+        spec["maxPerplexityIncrease"] = 0.5  # a 100 k-parameter model is noisy; the real bar is in the demo
+        short_prompts(spec)
+
+    edit("02-pretrain.yaml", pretrain)
+    edit("03-finetune.yaml", post(6))
+    edit("04-preference.yaml", post(4))
+    edit("05-quantize.yaml", quantize)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> None:
+    folder = tmp_path / "quickstart"
+    shutil.copytree(QUICKSTART, folder, ignore=shutil.ignore_patterns("__pycache__", "README.md"))
+    shorten(folder)
+    workdir = tmp_path / "work"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("CRUCIBLE_TRAINER_COMMAND", None)
+    env.pop("CRUCIBLE_BASE_MODEL", None)
+    argv = [*CRUCIBLE, "run", str(folder), "-w", str(workdir), "--plain"]
+    pre_dir = workdir / "default" / "pretrainrun" / "stdlib-lm"
+
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not list((pre_dir / "checkpoints").glob("step-*/manifest.json")):
+            assert first.poll() is None, first.communicate()[0]
+            assert time.monotonic() < deadline, "no pretraining checkpoint in time"
+            time.sleep(0.05)
+        trainer_pids = json.loads((pre_dir / "state.json").read_text())["pids"]
+        for pid in trainer_pids:
+            os.kill(pid, signal.SIGKILL)
+        first.kill()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    first.wait()
+    assert first.returncode == -signal.SIGKILL
+    time.sleep(0.5)
+    assert not any(alive(p) for p in trainer_pids)
+    assert not (pre_dir / "output" / "_SUCCESS").exists(), "pretraining finished before it could be killed"
+    killed_at = max(int(p.parent.name[5:]) for p in (pre_dir / "checkpoints").glob("step-*/manifest.json"))
+
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out
+    assert "DataPipeline stdlib-corpus: already succeeded" in out
+    assert "5/5 run(s) succeeded" in out
+
+    log = (pre_dir / "logs" / "attempt-1.log").read_text()
+    assert "resumed from" in log, log[-2000:]
+    state = json.loads((pre_dir / "state.json").read_text())
+    assert state["status"]["restarts"] == 1
+    assert state["status"]["results"].get("resumedFromStep", killed_at) >= killed_at
+
+    status = subprocess.run([*CRUCIBLE, "status", "-w", str(workdir), "-o", "json"], env=env,
+                            capture_output=True, text=True, check=True)
+    phases = {s["name"]: s["status"]["phase"] for s in json.loads(status.stdout)}
+    assert phases == dict.fromkeys(["stdlib-corpus", "stdlib-lm", "stdlib-sft", "stdlib-dpo", "stdlib-int8"], "Succeeded")
+
+    report = (workdir / "report.md").read_text()
+    for heading in ("Data pipeline", "Training loss", "Held-out perplexity", "The same questions", "Quantization"):
+        assert heading in report
+    assert "exact_duplicate" in report and "language_de" in report  # the planted noise was caught
+    assert "Domain perplexity falls after pretraining" in report
+    assert "data:image/png;base64," in (workdir / "report.html").read_text()
