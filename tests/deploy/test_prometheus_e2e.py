@@ -92,16 +92,43 @@ def _pretrain_spec(tmp: Path) -> dict[str, Any]:
     }
 
 
-def _prometheus_config(trainer_port: int) -> dict[str, Any]:
-    return {
+def _start_prometheus(binary: str, tmp: Path, job: str, port: int, labels: dict[str, str],
+                      processes: list[subprocess.Popen[bytes]]) -> Prometheus:
+    """A Prometheus on loopback with the chart's rules (default values), scraping one target twice a second."""
+    config = {
         "global": {"scrape_interval": "500ms", "scrape_timeout": "400ms", "evaluation_interval": "500ms"},
         "rule_files": ["rules.yaml"],
-        "scrape_configs": [{
-            "job_name": "crucible-trainers",
-            # What the chart's PodMonitor relabelling produces for rank 0 of a training job.
-            "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"], "labels": RUN_LABELS}],
-        }],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": labels}]}],
     }
+    (tmp / "rules.yaml").write_text(yaml.safe_dump({"groups": rule_groups()}, sort_keys=False))
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    listen = _free_port()
+    processes.append(subprocess.Popen(
+        [binary, "--config.file=prometheus.yml", f"--storage.tsdb.path={tmp / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{listen}", "--log.level=warn"],
+        cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    ))
+    prom = Prometheus(f"http://127.0.0.1:{listen}")
+    _wait_for("Prometheus ready", lambda: urllib.request.urlopen(f"{prom.api}/-/ready", timeout=2).status == 200,
+              30, processes)
+    loaded = _get_json(f"{prom.api}/api/v1/rules")["data"]["groups"]
+    assert {r["name"] for g in loaded for r in g["rules"]} >= {"CrucibleLossSpike", "CrucibleRunFailed"}
+    return prom
+
+
+class Prometheus:
+    def __init__(self, api: str) -> None:
+        self.api = api
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        url = f"{self.api}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        return list(_get_json(url)["data"]["result"])
+
+    def alerts(self, name: str) -> list[dict[str, Any]]:
+        return [a for a in _get_json(f"{self.api}/api/v1/alerts")["data"]["alerts"] if a["labels"]["alertname"] == name]
+
+    def firing(self, name: str) -> dict[str, Any] | None:
+        return next((a for a in self.alerts(name) if a["state"] == "firing"), None)
 
 
 @pytest.fixture
@@ -124,20 +151,9 @@ def test_prometheus_fires_loss_spike_alert_on_a_live_trainer(
 ) -> None:
     _write_training_data(tmp_path / "data")
     (tmp_path / "spec.json").write_text(json.dumps(_pretrain_spec(tmp_path)))
-    trainer_port, prom_port = _free_port(), _free_port()
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule_groups()}, sort_keys=False))
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(_prometheus_config(trainer_port)))
-
-    api = f"http://127.0.0.1:{prom_port}"
-    processes.append(subprocess.Popen(
-        [prometheus_bin, "--config.file=prometheus.yml", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    ))
-    _wait_for("Prometheus ready", lambda: urllib.request.urlopen(f"{api}/-/ready", timeout=2).status == 200,
-              30, processes)
-    loaded = _get_json(f"{api}/api/v1/rules")["data"]["groups"]
-    assert {r["name"] for g in loaded for r in g["rules"]} >= {"CrucibleLossSpike", "CrucibleTrainingStalled"}
+    trainer_port = _free_port()
+    # The labels are what the chart's PodMonitor relabelling produces for rank 0 of a training job.
+    prom = _start_prometheus(prometheus_bin, tmp_path, "crucible-trainers", trainer_port, RUN_LABELS, processes)
 
     env = {**os.environ, "CRUCIBLE_METRICS_PORT": str(trainer_port), "OMP_NUM_THREADS": "1",
            "CRUCIBLE_RUN": RUN_LABELS["run"], "CRUCIBLE_KIND": RUN_LABELS["kind"], "CRUCIBLE_ATTEMPT": "0"}
@@ -146,29 +162,58 @@ def test_prometheus_fires_loss_spike_alert_on_a_live_trainer(
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     ))
 
-    def query(expr: str) -> list[dict[str, Any]]:
-        url = f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        return list(_get_json(url)["data"]["result"])
-
-    def spike_alerts() -> list[dict[str, Any]]:
-        return [a for a in _get_json(f"{api}/api/v1/alerts")["data"]["alerts"]
-                if a["labels"]["alertname"] == "CrucibleLossSpike"]
-
     # A calm start: Prometheus has scraped the trainer at step > 0 with no spike counted, and the
     # alert is silent.
     _wait_for("a scrape of the training trainer with no spike yet",
-              lambda: query('crucible_train_step > 0 and on() crucible_train_loss_spikes_total == 0'), 120, processes)
-    assert spike_alerts() == []
+              lambda: prom.query("crucible_train_step > 0 and on() crucible_train_loss_spikes_total == 0"), 120,
+              processes)
+    assert prom.alerts("CrucibleLossSpike") == []
 
-    alert = _wait_for("CrucibleLossSpike firing",
-                      lambda: next((a for a in spike_alerts() if a["state"] == "firing"), None), 120, processes)
+    alert = _wait_for("CrucibleLossSpike firing", lambda: prom.firing("CrucibleLossSpike"), 120, processes)
     labels = alert["labels"]
     assert {k: labels[k] for k in RUN_LABELS} == RUN_LABELS
     assert labels["severity"] == "warning"
     # The gauge branch (loss well above its own average) can fire before the detector's window is
     # full; the detector must count the corrupted batches too.
-    _wait_for("the trainer's detector to count a spike", lambda: query("crucible_train_loss_spikes_total >= 1"),
+    _wait_for("the trainer's detector to count a spike", lambda: prom.query("crucible_train_loss_spikes_total >= 1"),
               120, processes)
     description = alert["annotations"]["description"]
     assert "ml-research/tiny-llama" in description and "{{" not in description
     assert alert["annotations"]["summary"] == "Loss spike in PretrainRun ml-research/tiny-llama"
+
+
+def test_prometheus_fires_run_failed_and_restart_storm_from_the_operators_exporter(
+    prometheus_bin: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """The real OperatorMetrics exporter: its label names are the ones the alerts aggregate by."""
+    module = pytest.importorskip("crucible.operator.metrics", reason="the operator's metrics module has not landed")
+    from prometheus_client import CollectorRegistry
+
+    port = _free_port()
+    metrics = module.OperatorMetrics(CollectorRegistry())
+    metrics.serve(port)
+    runs = [("PretrainRun", "ml-research", f"llama-{i}") for i in range(3)]
+    for run in runs:
+        metrics.set_phase(run, "Running")
+    operator_labels = {"namespace": "crucible-system", "pod": "crucible-5d9c7-xk2lp"}
+    prom = _start_prometheus(prometheus_bin, tmp_path, "crucible-operator", port, operator_labels, processes)
+
+    _wait_for("a scrape of three Running runs",
+              lambda: prom.query('sum(crucible_operator_runs{phase="Running"}) == 3'), 60, processes)
+    assert prom.alerts("CrucibleRunFailed") == [] and prom.alerts("CrucibleRestartStorm") == []
+
+    # Node failures: three restarts of one run, the first of a reason the exporter never saw.
+    for _ in range(3):
+        metrics.restarts.labels("PretrainRun", "NodeLost").inc()
+        time.sleep(0.6)
+    metrics.set_phase(runs[0], "Failed")
+
+    storm = _wait_for("CrucibleRestartStorm firing", lambda: prom.firing("CrucibleRestartStorm"), 60, processes)
+    assert storm["labels"]["kind"] == "PretrainRun" and storm["labels"]["severity"] == "critical"
+    failed = _wait_for("CrucibleRunFailed firing", lambda: prom.firing("CrucibleRunFailed"), 60, processes)
+    assert failed["labels"]["kind"] == "PretrainRun"
+    assert failed["annotations"]["summary"] == "1 PretrainRun run(s) Failed"
+    assert "{{" not in storm["annotations"]["description"]
+
+    metrics.forget(runs[0])  # the failed run is deleted: the alert clears
+    _wait_for("CrucibleRunFailed resolved", lambda: not prom.alerts("CrucibleRunFailed"), 60, processes)
