@@ -93,12 +93,9 @@ def wrap(model: torch.nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM",
 
     check_targets(model, lora)
     torch.manual_seed(seed)  # adapter init identical on every rank
-    peft_model = get_peft_model(model, peft_config(lora, task_type))
-    if task_type == "SEQ_CLS":  # the reward head is new: it trains alongside the adapters
-        for name, param in peft_model.named_parameters():
-            if "score" in name.split("."):
-                param.requires_grad_(True)
-    return peft_model
+    # With task_type SEQ_CLS, PEFT keeps the new reward head ("score") trainable itself
+    # (modules_to_save), so only the adapters and that head train.
+    return get_peft_model(model, peft_config(lora, task_type))
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -161,12 +158,7 @@ def export(
             written = "merged model"
         else:
             peft_model.peft_config["default"].base_model_name_or_path = base_uri
-            peft_model.save_pretrained(str(out))
-            if task_type == "SEQ_CLS":  # the score head is not an adapter weight: keep it beside
-                from safetensors.torch import save_file
-
-                head = {k: v.contiguous() for k, v in peft_model.state_dict().items() if ".score." in f".{k}"}
-                save_file(head, str(out / "score_head.safetensors"))
+            peft_model.save_pretrained(str(out))  # a reward head travels as a PEFT modules_to_save weight
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(out))
             return "adapter"
