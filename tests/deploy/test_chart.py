@@ -323,7 +323,15 @@ def test_cluster_role_has_no_wildcards_and_no_secrets() -> None:
 
 def test_cluster_role_is_exactly_what_the_operator_declares() -> None:
     rbac = pytest.importorskip("crucible.operator.rbac", reason="crucible.operator.rbac has not landed yet")
-    declared = rbac.cluster_role_rules() if hasattr(rbac, "cluster_role_rules") else rbac.RULES
+    declared: Any = None
+    for name in ("RULES", "CLUSTER_ROLE_RULES", "cluster_role_rules", "rules", "cluster_role"):
+        if hasattr(rbac, name):
+            declared = getattr(rbac, name)
+            declared = declared() if callable(declared) else declared
+            break
+    assert declared is not None, "crucible.operator.rbac exposes no RULES / cluster_role_rules()"
+    if isinstance(declared, dict):  # a whole ClusterRole
+        declared = declared["rules"]
     ours, theirs = _normalise(_chart_rules()), _normalise(declared)
     assert ours == theirs, (
         f"chart grants more than the operator uses: {sorted(ours - theirs)}; "
