@@ -279,6 +279,15 @@ def test_default_image_tags_follow_the_chart_app_version() -> None:
     assert env["CRUCIBLE_TRAINER_IMAGE"].endswith(f":{app_version}")
 
 
+def test_default_trainer_image_is_the_operators_own_default() -> None:
+    """`crucible operator` run by hand and the chart's operator put the same image in training pods."""
+    from crucible.operator.render import DEFAULT_IMAGE
+
+    _, c = _container({})
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["CRUCIBLE_TRAINER_IMAGE"] == DEFAULT_IMAGE
+
+
 def test_peering_off_runs_standalone_without_peering_objects() -> None:
     objects = render_objects(VALUE_CASES["no-peering-no-crds"])
     _, c = _container(VALUE_CASES["no-peering-no-crds"])
