@@ -65,7 +65,9 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        if world == 1:
+        if world == 1:  # started without torchrun: what DeepSpeed and friends expect to find
+            for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(

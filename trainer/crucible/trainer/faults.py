@@ -21,6 +21,8 @@ anything else (a bug)                         1
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
 import traceback
@@ -74,6 +76,24 @@ def classify(exc: BaseException) -> tuple[int, str]:
     return EXIT_APPLICATION_ERROR, text
 
 
+def write_termination_message(code: int, reason: str) -> None:
+    """Leave the exit reason where Kubernetes reads it (the container's terminationMessagePath).
+
+    Under torchrun the pod's exit status is torchrun's (1 on any worker failure), so the
+    backends read this message to see that a rank exited retriable. Path: env
+    ``CRUCIBLE_TERMINATION_LOG``, else ``/dev/termination-log`` when it exists.
+    """
+    path = os.environ.get("CRUCIBLE_TERMINATION_LOG") or "/dev/termination-log"
+    if not os.environ.get("CRUCIBLE_TERMINATION_LOG") and not os.path.exists(path):
+        return
+    kind = {EXIT_RETRIABLE: "retriable", EXIT_BAD_INPUT: "bad-input"}.get(code, "application-error")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps({"exitCode": code, "kind": kind, "reason": reason[:2000]}) + "\n")
+    except OSError:
+        pass
+
+
 def run_guarded(fn: Callable[[], int], log: Callable[[str], None] | None = None) -> int:
     """Run a stage body and turn any exception into the contract's exit code, logging why."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -89,4 +109,5 @@ def run_guarded(fn: Callable[[], int], log: Callable[[str], None] | None = None)
         if code == EXIT_APPLICATION_ERROR:
             traceback.print_exc()
         log(f"crucible.trainer: {kind} (exit {code}): {reason}")
+        write_termination_message(code, reason)
         return code

@@ -57,5 +57,8 @@ class Watchdog:
 
 
 def _exit_retriable(message: str) -> None:
+    from crucible.trainer.faults import write_termination_message
+
     print(f"crucible.trainer: watchdog: {message}", file=sys.stderr, flush=True)
+    write_termination_message(EXIT_RETRIABLE, f"hang watchdog: {message}")
     os._exit(EXIT_RETRIABLE)
