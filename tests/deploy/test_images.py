@@ -85,6 +85,17 @@ def test_final_stage_runs_as_a_numeric_non_root_user(path: Path) -> None:
     assert not [c for c in after_user if c.cmd == "RUN"], "nothing may run as root after USER"
 
 
+def test_operator_runs_trainer_pods_as_the_trainer_images_user() -> None:
+    """The trainer image's home (caches for DeepSpeed, Triton, Hugging Face) belongs to the pods' uid."""
+    from crucible.operator.render import RenderSettings
+
+    user = [c for c in _final_stage(TRAINER) if c.cmd == "USER"][-1].value[0]
+    uid = RenderSettings().run_as_user
+    assert user == f"{uid}:{uid}"
+    run = " ".join(" ".join(c.value) for c in _commands(TRAINER) if c.cmd == "RUN")
+    assert f"--uid {uid}" in run and f"--gid {uid}" in run
+
+
 def test_chart_runs_the_operator_as_the_images_user() -> None:
     user = [c for c in _final_stage(OPERATOR) if c.cmd == "USER"][-1].value[0]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
