@@ -348,6 +348,26 @@ def test_cluster_role_is_exactly_what_the_operator_declares() -> None:
     )
 
 
+def test_operator_limited_to_namespaces_gets_roles_there_and_only_cluster_scoped_rules_cluster_wide() -> None:
+    namespaces = ["ml-team-a", "ml-team-b"]
+    objects = render_objects({"operator": {"watchNamespaces": namespaces}})
+    cluster = _normalise(one(objects, "ClusterRole")["rules"])
+    assert {resource for _, resource, _ in cluster} == {"nodes", "customresourcedefinitions", "namespaces"}
+    roles = find(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == namespaces
+    bindings = find(objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == namespaces
+    sa = one(objects, "ServiceAccount")["metadata"]["name"]
+    for binding in bindings:
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": roles[0]["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    # Together they grant what the cluster-wide ClusterRole grants, with namespaced peering.
+    namespaced = _normalise(roles[0]["rules"])
+    cluster_wide = _normalise(_chart_rules())
+    swap = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    assert cluster | namespaced == (cluster_wide - swap) | {("kopf.dev", "kopfpeerings", v) for _, _, v in swap}
+
+
 def test_cluster_role_binding_binds_the_operator_service_account() -> None:
     objects = render_objects({})
     binding = one(objects, "ClusterRoleBinding")

@@ -1,4 +1,11 @@
-{{- define "crucible.rbacRules" -}}
+{{/*
+What the operator (crucible.operator) and Kopf use, no wildcards. Split in two so an operator
+limited to operator.watchNamespaces gets Roles in those namespaces and only the cluster-scoped
+rest as a ClusterRole.
+*/}}
+
+{{/* Rules on namespaced resources. */}}
+{{- define "crucible.rbacNamespacedRules" -}}
 # The five Crucible kinds: watch them, patch finalizers and Kopf's annotations, write status.
 - apiGroups: [crucible.dev]
   resources: [datapipelines, pretrainruns, finetuneruns, preferenceruns, quantizejobs]
@@ -13,17 +20,14 @@
 - apiGroups: [""]
   resources: [services, configmaps]
   verbs: [get, list, watch, create, patch, delete]
-# Observe attempts: pod phases and exit codes, the last log lines of a failed pod, and the
-# nodes they ran on (NotReady or gone means an infrastructure fault).
+# Observe attempts: pod phases, exit codes and termination messages, the last log lines of a
+# failed pod; delete a pod stuck on a lost node.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, delete]
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
-- apiGroups: [""]
-  resources: [nodes]
-  verbs: [get, list, watch]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]
@@ -34,14 +38,26 @@
 - apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
   resources: [podgroups]
   verbs: [get, list, watch, create, patch, delete]
-# Kopf itself: peering, and discovering namespaces and CRDs as they come and go.
-- apiGroups: [kopf.dev]
-  resources: [clusterkopfpeerings, kopfpeerings]
-  verbs: [get, list, watch, patch]
+{{- end }}
+
+{{/* Rules on cluster-scoped resources. */}}
+{{- define "crucible.rbacClusterRules" -}}
+# The nodes attempts ran on: NotReady or gone means an infrastructure fault.
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get, list, watch]
+# Kopf: discover CRDs and namespaces as they come and go.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [get, list, watch]
+{{- end }}
+
+{{/* Kopf peering: cluster-wide operators use ClusterKopfPeerings, namespaced ones KopfPeerings. */}}
+{{- define "crucible.rbacPeeringRule" -}}
+- apiGroups: [kopf.dev]
+  resources: [{{ if .Values.operator.watchNamespaces }}kopfpeerings{{ else }}clusterkopfpeerings{{ end }}]
+  verbs: [get, list, watch, patch]
 {{- end }}
