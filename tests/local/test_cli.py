@@ -175,14 +175,16 @@ def test_status_output_formats(pipeline: Pipeline, output: str) -> None:
 
 
 def test_logs_follow_moves_to_the_next_attempt_and_stops_with_the_run(pipeline: Pipeline) -> None:
-    pipeline.write(chain()[:2])
-    env = env_for({"base": {"step_seconds": 0.3, "kill_at_step": 4}})
+    from .conftest import data_pipeline, pretrain_run
+
+    pipeline.write([data_pipeline(), pretrain_run(steps=12)])
+    env = env_for({"base": {"step_seconds": 0.4, "kill_at_step": 10}})
     run = subprocess.Popen([*CRUCIBLE, "run", str(pipeline.folder), "-w", str(pipeline.workdir), "--plain",
                             "--no-report"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (pipeline.run_dir("PretrainRun", "base") / "logs" / "attempt-0.log").exists())
+    wait_for(lambda: step_of(pipeline, "PretrainRun", "base") >= 1)
     follow = subprocess.run([*CRUCIBLE, "logs", "base", "-f", "-w", str(pipeline.workdir)], env=env,
                             capture_output=True, text=True, timeout=60)
     assert run.wait(timeout=60) == 0
     assert "attempt 0" in follow.stdout
     assert "attempt changed, now following" in follow.stdout
-    assert "resumed from checkpoint step 2" in follow.stdout
+    assert "resumed from checkpoint step 8" in follow.stdout

@@ -125,7 +125,7 @@ def overview_section(workdir: WorkDir, states: list[RunState]) -> Section:
         if end:
             ends.append(end)
         took = duration(end - start) if start and end else "-"
-        rows.append([f"{s.kind}/{s.name}", st.phase, took, st.restarts, key_results(st.results, 3) or (st.message or "")])
+        rows.append([f"{s.kind}/{s.name}", st.phase, took, st.restarts, key_results(st.results, 3, kind=s.kind) or (st.message or "")])
     sec.markdown += _md_table(["run", "phase", "time", "restarts", "results"], rows)
     if starts and ends:
         sec.markdown += ["", f"Wall time from the first start to the last finish: {duration(max(ends) - min(starts))}."]
@@ -277,6 +277,23 @@ def _eval_tokens_uri(states: list[RunState]) -> str | None:
     return None
 
 
+def _quiet_imports() -> None:
+    """Keep library chatter (progress bars, optional-kernel warnings) out of the terminal summary."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("torchao", "torch", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def _untrained_model(workdir: WorkDir, states: list[RunState]) -> tuple[Any, Any] | None:
     """The PretrainRun's model at step 0 (same shape and seed), with its tokenizer, or None."""
     pre = next((s for s in states if s.kind == "PretrainRun" and s.status.phase == "Succeeded"), None)
@@ -308,6 +325,7 @@ def perplexity_section(workdir: WorkDir, states: list[RunState], report: Report)
         sec.markdown.append("*No DataPipeline output to evaluate on.*")
         return sec, measured
     try:
+        _quiet_imports()
         import torch
 
         from crucible.trainer import evaluate
@@ -413,32 +431,23 @@ def _untrained_answers(workdir: WorkDir, states: list[RunState], prompts: list[s
         return None
 
 
-def _find(results: dict[str, Any], *needles: str) -> tuple[str, float] | None:
-    for key, value in results.items():
-        if all(n.lower() in key.lower() for n in needles) and isinstance(value, int | float) and not isinstance(value, bool):
-            return key, float(value)
-    return None
-
-
 def preference_section(states: list[RunState], report: Report) -> Section:
     sec = Section("Preference tuning")
     for s in (s for s in states if s.kind == "PreferenceRun"):
         r = s.status.results
-        acc = r.get("preferenceAccuracy")
-        found = ("preferenceAccuracy", float(acc)) if isinstance(acc, int | float) else _find(r, "accuracy")
-        if found is None:
-            sec.markdown.append(f"*{s.name}: no accuracy recorded ({s.status.phase}).*")
+        shown = {k: v for k, v in r.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)
+                 and any(w in k.lower() for w in ("accuracy", "margin", "reward", "heldoutloss"))}
+        if not shown:
+            sec.markdown.append(f"*{s.name}: no preference metrics recorded ({s.status.phase}).*")
             continue
-        before = _find(r, "accuracy", "before")
-        line = f"- **{s.name}**: held-out preference accuracy {found[1]:.2f}"
-        if before:
-            line += f" (before: {before[1]:.2f})"
-        margin = _find(r, "margin")
-        if margin:
-            line += f"; reward margin {margin[1]:.3f}"
-        sec.markdown.append(line)
-        report.checks.append(Check("DPO preference accuracy on held-out pairs is above 0.5", found[1] > 0.5,
-                                   f"{found[1]:.2f}"))
+        sec.markdown.append(f"**{s.name}** ({r.get('method', 'dpo')}, beta {r.get('beta', '-')}), on held-out pairs:")
+        sec.markdown.append("")
+        sec.markdown += _md_table(["metric", "value"], [[k, _fmt(float(v), 3)] for k, v in sorted(shown.items())])
+        acc = r.get("preferenceAccuracy")
+        if isinstance(acc, int | float):
+            report.checks.append(Check("DPO preference accuracy on held-out pairs is above 0.5", acc > 0.5,
+                                       f"{acc:.2f}"))
     if not sec.markdown:
         sec.markdown.append("*No PreferenceRun in this pipeline.*")
     return sec

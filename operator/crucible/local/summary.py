@@ -10,17 +10,16 @@ from typing import Any
 from crucible.core.status import parse_time
 from crucible.local.workdir import RunState
 
-# Results worth a column in the summary, in order of preference (first two found are shown).
-KEY_RESULTS = (
-    ("documentsOut", "docs kept {:,}"),
-    ("tokensTrain", "{:,} train tokens"),
-    ("perplexity", "ppl {:.2f}"),
-    ("evalPerplexity", "ppl {:.2f}"),
-    ("finalLoss", "loss {:.3f}"),
-    ("preferenceAccuracy", "pref. acc {:.2f}"),
-    ("perplexityAfter", "ppl after {:.2f}"),
-    ("sizeBytesAfter", "{}"),
-)
+# Results worth a column in the summary, per kind, in order.
+KEY_RESULTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "DataPipeline": (("documentsOut", "docs kept {:,}"), ("tokensTrain", "{:,} train tokens")),
+    "PretrainRun": (("perplexity", "held-out ppl {:.1f}"), ("finalLoss", "loss {:.3f}")),
+    "FinetuneRun": (("evalLoss", "held-out loss {:.3f}"), ("finalLoss", "loss {:.3f}")),
+    "PreferenceRun": (("preferenceAccuracy", "pref. acc {:.2f}"), ("rewardMargin", "margin {:.3f}"),
+                      ("finalLoss", "loss {:.3f}")),
+    "QuantizeJob": (("sizeBytesAfter", "size {}"), ("perplexityIncrease", "ppl {:+.2%}")),
+}
+_ANY = (("documentsOut", "docs kept {:,}"), ("finalLoss", "loss {:.3f}"))
 
 
 def human_bytes(n: float) -> str:
@@ -31,12 +30,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def key_results(results: dict[str, Any], limit: int = 2) -> str:
+def key_results(results: dict[str, Any], limit: int = 2, kind: str | None = None) -> str:
     parts = []
-    for key, fmt in KEY_RESULTS:
+    for key, fmt in KEY_RESULTS.get(kind or "", _ANY):
         value = results.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            parts.append(f"size {human_bytes(value)}" if key == "sizeBytesAfter" else fmt.format(value))
+            parts.append(fmt.format(human_bytes(value)) if key.startswith("sizeBytes") else fmt.format(value))
         if len(parts) == limit:
             break
     return ", ".join(parts)
@@ -66,7 +65,7 @@ def print_summary(outcomes: Sequence[Any], wall_seconds: float, workdir: Path) -
         _, kind, name = o.key
         phase = o.phase + (" (skipped)" if o.skipped else "")
         rows.append([f"{kind}/{name}", phase, "-" if o.skipped else duration(o.seconds), str(o.restarts),
-                     key_results(o.results) or (o.message.splitlines()[0][:70] if o.message else "")])
+                     key_results(o.results, kind=kind) or (o.message.splitlines()[0][:70] if o.message else "")])
     print()
     print(table(rows, ["RUN", "RESULT", "TIME", "RESTARTS", "NOTES"]))
     ok = sum(1 for o in outcomes if o.phase == "Succeeded")
@@ -89,7 +88,7 @@ def status_rows(states: Sequence[RunState], now: float | None = None) -> list[li
         age = duration((end or now) - start) if start else "-"
         note = st.message or ""
         if st.phase == "Succeeded":
-            note = key_results(st.results) or note
+            note = key_results(st.results, kind=s.kind) or note
         rows.append([s.name, s.kind, st.phase, step, loss, str(st.restarts), age, note.splitlines()[0][:80] if note else ""])
     return rows
 
