@@ -4,11 +4,16 @@ scheduler, kubelet and trainers (tests/operator/simcluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opbuilders import manifest, pretrain_spec
+from opbuilders import data_spec, finetune_spec, manifest, preference_spec, pretrain_spec, quantize_spec
 from simcluster import SimCluster
+
+from crucible.operator import kube as k
+from crucible.operator.reconcile import cr_res
+from crucible.operator.render import LABEL_RUN
 
 FAST = {"maxRestarts": 2, "backoffSeconds": 0, "maxBackoffSeconds": 1, "hangTimeout": "10s"}
 
@@ -20,8 +25,9 @@ def run(scenario: Callable[[SimCluster], Awaitable[None]], **kw: Any) -> None:
     asyncio.run(asyncio.wait_for(main(), timeout=90))
 
 
-def pretrain(name: str, port: int, *, nodes: int = 2, **over: Any) -> dict[str, Any]:
+def pretrain(name: str, port: int, *, nodes: int = 2, steps: int = 20, **over: Any) -> dict[str, Any]:
     spec = pretrain_spec(nodes=nodes, metrics={"port": port}, failurePolicy=FAST, **over)
+    spec["training"]["maxSteps"] = steps
     return manifest("PretrainRun", name, spec, namespace=None)
 
 
@@ -44,3 +50,195 @@ def test_two_node_pretrain_run_succeeds() -> None:
         assert "AttemptStarted" in reasons and "Succeeded" in reasons
         assert [c_["type"] for c_ in s["conditions"] if c_["status"] == "True"] == ["InputsReady", "Complete"]
     run(scenario)
+
+
+async def nodes_of(c: SimCluster, run_name: str) -> set[str]:
+    return {p["spec"].get("nodeName") for p in await c.pods(run_name)} - {None}
+
+
+def test_node_dies_mid_run_restarts_on_other_nodes_and_resumes() -> None:
+    async def scenario(c: SimCluster) -> None:
+        t = c.trainer("pt", total_steps=60, port=19402, steps_per_second=8)
+        await c.apply(pretrain("pt", 19402, steps=60))
+        await c.wait_phase("PretrainRun", "pt", "Running")
+        await c.wait_for(lambda: _true(t.checkpoint >= 8), what="a checkpoint")
+        used = sorted(await nodes_of(c, "pt"))
+        await c.kill_node(used[1])
+        restarting = await c.wait_phase("PretrainRun", "pt", "Restarting")
+        assert restarting["status"]["failedNodes"] == [used[1]]
+        assert restarting["status"]["restarts"] == 1
+        assert "NodeLost" in restarting["status"]["message"]
+        running = await c.wait_phase("PretrainRun", "pt", "Running")
+        assert running["status"]["attempt"] == 1
+        (job,) = await c.jobs("pt")
+        assert job["metadata"]["labels"]["crucible.dev/attempt"] == "1"
+        terms = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert terms[0]["matchFields"][0]["values"] == [used[1]]
+        assert used[1] not in await nodes_of(c, "pt")
+        done = await c.wait_phase("PretrainRun", "pt", "Succeeded", timeout=30)
+        assert done["status"]["restarts"] == 1
+        assert t.attempts_seen == [0, 1]
+        assert t.resumed_from[1] >= 8  # attempt 1 resumed from a checkpoint, not from scratch
+        reasons = [e["reason"] for e in await c.events("pt")]
+        assert "NodeLost" in reasons
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for m in c.operator_metrics.registry.collect() for s in m.samples}
+        assert samples[("crucible_operator_restarts_total", (("kind", "PretrainRun"), ("reason", "NodeLost")))] == 1
+    run(scenario)
+
+
+def _true(value: bool) -> Awaitable[bool]:
+    async def f() -> bool:
+        return value
+    return f()
+
+
+def test_application_error_fails_with_log_lines_and_dependents_fail() -> None:
+    async def scenario(c: SimCluster) -> None:
+        c.trainer("bad", total_steps=40, port=19403,
+                  exit_at=(4, 1, "Traceback (most recent call last):\nValueError: vocab size mismatch"))
+        await c.apply(pretrain("bad", 19403))
+        after = pretrain("after", 19404, nodes=1)
+        after["spec"]["model"] = {"source": {"fromRun": {"kind": "PretrainRun", "name": "bad"}}}
+        await c.apply(after)
+        waiting = await c.wait_phase("PretrainRun", "after", "Waiting")
+        cond = next(x for x in waiting["status"]["conditions"] if x["type"] == "InputsReady")
+        assert cond["status"] == "False" and "PretrainRun bad" in cond["message"]
+        failed = await c.wait_phase("PretrainRun", "bad", "Failed")
+        s = failed["status"]
+        assert s["restarts"] == 0
+        assert s["message"].startswith("ApplicationError: ")
+        cond = next(x for x in s["conditions"] if x["type"] == "Failed")
+        assert cond["reason"] == "ApplicationError"
+        assert "ValueError: vocab size mismatch" in cond["message"]
+        dep = await c.wait_phase("PretrainRun", "after", "Failed")
+        assert dep["status"]["message"].startswith("DependencyFailed: spec.model.source.fromRun: PretrainRun bad failed")
+    run(scenario)
+
+
+def test_restart_budget_runs_out() -> None:
+    async def scenario(c: SimCluster) -> None:
+        c.trainer("flaky", total_steps=40, port=19405, exit_at=(2, 75, "NCCL timeout"), exits_left=10)
+        spec = pretrain("flaky", 19405, nodes=1)
+        spec["spec"]["failurePolicy"]["maxRestarts"] = 2
+        await c.apply(spec)
+        failed = await c.wait_phase("PretrainRun", "flaky", "Failed", timeout=40)
+        s = failed["status"]
+        assert s["restarts"] == 2 and s["attempt"] == 2
+        assert s["message"].startswith("RestartBudgetExhausted: ")
+        assert "failurePolicy.maxRestarts = 2" in next(x for x in s["conditions"] if x["type"] == "Failed")["message"]
+    run(scenario)
+
+
+def test_hang_is_detected_and_restarted() -> None:
+    async def scenario(c: SimCluster) -> None:
+        t = c.trainer("stuck", total_steps=30, port=19406, steps_per_second=4)
+        await c.apply(pretrain("stuck", 19406, nodes=1, steps=30))
+        await c.wait_phase("PretrainRun", "stuck", "Running")
+        await c.wait_for(lambda: _true(t.step >= 4), what="some steps")
+        t.hung = True
+        restarting = await c.wait_phase("PretrainRun", "stuck", "Restarting", timeout=25)
+        assert restarting["status"]["message"].startswith("Hang: no step progress for 10s")
+        assert restarting["status"]["failedNodes"] == []  # a hang blames no node
+        t.hung = False
+        done = await c.wait_phase("PretrainRun", "stuck", "Succeeded", timeout=30)
+        assert done["status"]["restarts"] == 1
+    run(scenario)
+
+
+def test_operator_restart_mid_run_neither_duplicates_nor_loses_the_attempt() -> None:
+    async def scenario(c: SimCluster) -> None:
+        t = c.trainer("pt", total_steps=50, port=19407, steps_per_second=5)
+        await c.apply(pretrain("pt", 19407, steps=50))
+        await c.wait_phase("PretrainRun", "pt", "Running")
+        before = await c.get("PretrainRun", "pt")
+        await c.stop_operator()
+        await asyncio.sleep(1.0)
+        await c.start_operator()
+        await c.wait_for(lambda: _progress_beyond(c, before["status"]["progress"].get("step") or 0), what="progress")
+        jobs = await c.jobs("pt")
+        assert [j["metadata"]["name"] for j in jobs] == ["pt-0"]
+        done = await c.wait_phase("PretrainRun", "pt", "Succeeded", timeout=30)
+        assert (done["status"]["attempt"], done["status"]["restarts"]) == (0, 0)
+        assert done["status"]["startTime"] == before["status"]["startTime"]
+        assert t.attempts_seen == [0]
+    run(scenario)
+
+
+async def _progress_beyond(c: SimCluster, step: int) -> bool:
+    obj = await c.get("PretrainRun", "pt")
+    return (obj["status"]["progress"].get("step") or 0) > step
+
+
+def test_suspend_and_resume_from_checkpoint() -> None:
+    async def scenario(c: SimCluster) -> None:
+        t = c.trainer("pt", total_steps=40, port=19408, steps_per_second=5)
+        await c.apply(pretrain("pt", 19408, steps=40))
+        await c.wait_phase("PretrainRun", "pt", "Running")
+        await c.wait_for(lambda: _true(t.checkpoint >= 4), what="a checkpoint")
+        await c.patch_spec("PretrainRun", "pt", {"suspend": True})
+        suspended = await c.wait_phase("PretrainRun", "pt", "Suspended")
+        assert suspended["status"]["observedGeneration"] == 2
+        await c.wait_for(lambda: _no_jobs(c, "pt"), what="the attempt to be deleted")
+        await c.patch_spec("PretrainRun", "pt", {"suspend": False})
+        resumed = await c.wait_phase("PretrainRun", "pt", "Running")
+        assert resumed["status"]["attempt"] == 1 and resumed["status"]["restarts"] == 0
+        await c.wait_phase("PretrainRun", "pt", "Succeeded", timeout=30)
+        assert t.resumed_from[1] >= 4
+    run(scenario)
+
+
+async def _no_jobs(c: SimCluster, run_name: str) -> bool:
+    return not await c.jobs(run_name)
+
+
+def test_deleting_a_run_removes_what_it_created() -> None:
+    async def scenario(c: SimCluster) -> None:
+        c.trainer("pt", total_steps=500, port=19409)
+        await c.apply(pretrain("pt", 19409))
+        await c.wait_phase("PretrainRun", "pt", "Running")
+        cms = [m for m in await c.kube.list(k.CONFIGMAPS, "ml") if m["metadata"]["labels"].get(LABEL_RUN) == "pt"]
+        assert cms and cms[0]["metadata"]["ownerReferences"][0]["kind"] == "PretrainRun"
+        await c.delete("PretrainRun", "pt")
+
+        async def gone() -> bool:
+            left = [o for res in (k.JOBS, k.SERVICES, k.CONFIGMAPS, k.PODS) for o in await c.kube.list(res, "ml")
+                    if o["metadata"].get("labels", {}).get(LABEL_RUN) == "pt"]
+            crs = await c.kube.list(cr_res("PretrainRun"), "ml")
+            return not left and not crs
+        await c.wait_for(gone, what="the run and its objects to be deleted")
+    run(scenario)
+
+
+def test_from_run_chain_of_all_five_kinds() -> None:
+    async def scenario(c: SimCluster) -> None:
+        for i, name in enumerate(["dp", "pt", "ft", "pr", "q"]):
+            c.trainer(name, total_steps=6, port=19410 + i, steps_per_second=12)
+        ref = lambda kind, name: {"fromRun": {"kind": kind, "name": name}}  # noqa: E731
+        objs = [
+            manifest("QuantizeJob", "q", quantize_spec(ref("PreferenceRun", "pr"), metrics={"port": 19414},
+                                                       evaluation={"data": ref("DataPipeline", "dp")}), namespace=None),
+            manifest("PreferenceRun", "pr", preference_spec(ref("FinetuneRun", "ft"), metrics={"port": 19413},
+                                                            failurePolicy=FAST), namespace=None),
+            manifest("FinetuneRun", "ft", finetune_spec(ref("PretrainRun", "pt"), metrics={"port": 19412},
+                                                        failurePolicy=FAST), namespace=None),
+            pretrain("pt", 19411, nodes=2, data=ref("DataPipeline", "dp")),
+            manifest("DataPipeline", "dp", data_spec(workers=2), namespace=None),
+        ]
+        for obj in objs:
+            await c.apply(obj)
+        waiting = await c.wait_phase("QuantizeJob", "q", "Waiting")
+        assert "PreferenceRun pr" in waiting["status"]["message"] or "PreferenceRun pr" in str(waiting["status"]["conditions"])
+        dp = await c.wait_phase("DataPipeline", "dp", "Succeeded", timeout=40)
+        dp_jobs = sorted(j["metadata"]["name"] for j in await c.jobs("dp"))
+        assert dp_jobs == ["dp-dedup-0", "dp-filter-0", "dp-tokenize-0"]
+        q = await c.wait_phase("QuantizeJob", "q", "Succeeded", timeout=60)
+        pr = await c.get("PreferenceRun", "pr")
+        spec_cm = await c.kube.get(k.CONFIGMAPS, "ml", "q-0-spec")
+        assert spec_cm is not None
+        spec = json.loads(spec_cm["data"]["spec.json"])
+        assert spec["model"] == {"uri": pr["status"]["outputURI"]}
+        assert spec["evaluation"]["data"] == {"uri": dp["status"]["outputURI"]}
+        assert q["status"]["outputURI"] == "s3://bucket/runs/ml/quantizejob/q/output"
+    run(scenario, nodes=4)

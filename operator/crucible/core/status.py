@@ -127,6 +127,7 @@ def next_status(
 
     if a == "wait" and reason == "WaitingForInput":
         s.phase = "Waiting"
+        s.message = msg
         cond(INPUTS_READY, "False")
     elif a == "wait" and reason == "Suspended":
         s.phase = "Suspended"
