@@ -295,11 +295,35 @@ def test_peering_off_runs_standalone_without_peering_objects() -> None:
     assert not [o for o in objects if o["apiVersion"] == "kopf.dev/v1" or o["kind"] == "CustomResourceDefinition"]
 
 
+def _chart_crds_folder() -> list[dict[str, Any]]:
+    """Objects of the chart's crds/ folder: Helm installs them before it renders the templates."""
+    with helm.Chart.load(str(CHART)) as chart:
+        return [doc for item in chart.crds for doc in yaml.load_all(item["data"], Loader=Yaml12Loader) if doc]
+
+
 def test_default_install_creates_kopfs_peering_crds_and_the_cluster_peering() -> None:
-    objects = render_objects({})
-    crd_names = {o["metadata"]["name"] for o in find(objects, "CustomResourceDefinition")}
-    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crd_names
-    assert one(objects, "ClusterKopfPeering")["metadata"]["name"] == "crucible"
+    folder = _chart_crds_folder()
+    assert {c["metadata"]["name"] for c in folder} == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    for crd in folder:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(crd, version, strict=True)
+    assert one(render_objects({}), "ClusterKopfPeering")["metadata"]["name"] == "crucible"
+
+
+def test_no_template_creates_an_object_of_a_crd_the_same_templates_create() -> None:
+    """Helm maps every template to an API before it creates any: a CRD and its first object cannot
+    share one install unless the CRD comes from crds/ (or, for monitoring, from the Prometheus Operator)."""
+    folder_kinds = {(c["spec"]["group"], c["spec"]["names"]["kind"]) for c in _chart_crds_folder()}
+    for case, values in VALUE_CASES.items():
+        objects = render_objects(values)
+        template_crds = {(c["spec"]["group"], c["spec"]["names"]["kind"]) for c in find(objects, "CustomResourceDefinition")}
+        for obj in objects:
+            group = obj["apiVersion"].rpartition("/")[0]
+            if "." not in group or group.endswith(".k8s.io") or group == MONITORING_GROUP.split("/")[0]:
+                continue  # built-in APIs, and Prometheus Operator kinds (their CRDs predate the chart)
+            key = (group, obj["kind"])
+            assert key not in template_crds, f"{case}: {obj['kind']} and its CRD are both templates"
+            assert key in folder_kinds, f"{case}: {obj['kind']} needs its CRD in the chart's crds/ folder"
 
 
 # --- RBAC ---------------------------------------------------------------------------------------
