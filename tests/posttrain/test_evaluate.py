@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from crucible.trainer.config.training import PromptsConfig
 from crucible.trainer.data.shards import ShardWriter
 from crucible.trainer.evaluate import (
     EvalDataError,
     answer_prompts,
+    check_harness,
     load_eval_tokens,
     load_model,
     main,
@@ -20,6 +22,7 @@ from crucible.trainer.evaluate import (
     run_harness_tasks,
     write_side_by_side,
 )
+from crucible.trainer.faults import SpecError
 
 
 def test_perplexity_matches_transformers_own_loss(tiny_model_dir: Path) -> None:
@@ -117,8 +120,37 @@ def test_side_by_side_markdown_and_json(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
 def test_harness_without_lm_eval_says_what_to_install(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="pip install lm-eval"):
+    with pytest.raises(SpecError, match=r"pip install 'crucible\[eval\]'"):
         run_harness_tasks(str(tmp_path), ["hellaswag"])
+
+
+def _counting_task(folder: Path) -> Path:
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    data = folder / "counting.jsonl"
+    data.write_text("".join(
+        json.dumps({"question": f"{words[a]} {words[a + 1]}", "choices": [f" {words[a + 2]}", f" {words[(a + 5) % 10]}"],
+                    "answer": 0}) + "\n" for a in range(8)))
+    (folder / "counting.yaml").write_text(
+        "task: crucible_counting\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs the eval extra (lm-eval)")
+def test_harness_runs_a_task_over_local_data(trained_model_dir: Path, tmp_path: Path) -> None:
+    tasks = _counting_task(tmp_path)
+    results = run_harness_tasks(str(trained_model_dir), ["crucible_counting"], task_dir=str(tasks))
+    assert set(results) == {"crucible_counting"}
+    assert 0.0 <= results["crucible_counting"]["acc"] <= 1.0 and "acc_stderr" in results["crucible_counting"]
+    with pytest.raises(SpecError, match=r"eval.harnessTasks: \['no_such_task'\] are not lm-evaluation-harness tasks"):
+        check_harness(PromptsConfig(harness_tasks=["no_such_task"], harness_task_dir=str(tasks)))
+    with pytest.raises(SpecError, match=r"eval.harnessTaskDir: .* is not a folder"):
+        check_harness(PromptsConfig(harness_tasks=["x"], harness_task_dir=str(tmp_path / "none")))
 
 
 def test_cli_prints_perplexity(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -253,33 +253,90 @@ def write_side_by_side(
     return {"json": str(json_path), "markdown": str(md_path)}
 
 
-def run_harness_tasks(model_dir: str, tasks: Sequence[str], limit: int | None = None) -> dict[str, Any]:
+_TASK_MANAGERS: dict[str | None, Any] = {}
+
+
+def _harness_manager(tasks: Sequence[str], task_dir: str | None) -> Any:
+    try:
+        from lm_eval.tasks import TaskManager  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise SpecError(
+            "eval.harnessTasks needs lm-evaluation-harness, which this image lacks: pip install "
+            "'crucible[eval]' (lm-eval), and make the task data available locally"
+        ) from exc
+    if task_dir is not None and not Path(task_dir).is_dir():
+        raise SpecError(f"eval.harnessTaskDir: {task_dir} is not a folder")
+    if task_dir not in _TASK_MANAGERS:  # indexing every task YAML takes seconds: once per process
+        _TASK_MANAGERS[task_dir] = TaskManager(include_path=task_dir) if task_dir else TaskManager()
+    manager = _TASK_MANAGERS[task_dir]
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise SpecError(
+            f"eval.harnessTasks: {unknown} are not lm-evaluation-harness tasks"
+            + (f" nor defined in {task_dir}" if task_dir else "; define your own in eval.harnessTaskDir")
+        )
+    return manager
+
+
+def check_harness(prompts: Any) -> None:
+    """Before a stage starts: the harness is installed and every named task exists (``eval.*``)."""
+    if prompts.harness_tasks:
+        _harness_manager(prompts.harness_tasks, prompts.harness_task_dir)
+
+
+def harness_results(prompts: Any, model_dir: str | os.PathLike[str], peft_base: str | None = None) -> dict[str, Any]:
+    """``{"harness": {...}}`` for a stage's results when ``eval.harnessTasks`` names tasks, else {}."""
+    if not prompts.harness_tasks:
+        return {}
+    return {"harness": run_harness_tasks(model_dir, prompts.harness_tasks, prompts.harness_limit,
+                                         prompts.harness_task_dir, peft_base=peft_base)}
+
+
+def run_harness_tasks(
+    model_dir: str | os.PathLike[str],
+    tasks: Sequence[str],
+    limit: int | None = None,
+    task_dir: str | None = None,
+    batch_size: int = 4,
+    peft_base: str | None = None,
+) -> dict[str, dict[str, float]]:
     """lm-evaluation-harness results of a saved model on ``tasks``, with downloads forbidden.
 
-    Returns ``{task: {metric: value}}``. Raises RuntimeError naming what is missing when the
-    harness is not installed or a task's data is not available locally.
+    Returns ``{task: {metric: value}}`` (the harness's ``acc,none`` keys become ``acc``).
+    ``task_dir`` is a folder of extra task YAML files (the harness's include_path), e.g. a task
+    over a local jsonl. Raises SpecError naming ``eval.harnessTasks`` when the harness is not
+    installed or a task or its data is not available locally.
     """
-    try:
-        import lm_eval  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise RuntimeError(
-            "eval.harnessTasks needs lm-evaluation-harness: pip install lm-eval (and make the task "
-            "data available locally; Crucible never downloads it)"
-        ) from exc
+    manager = _harness_manager(tasks, task_dir)
+    import lm_eval  # type: ignore[import-not-found]
+
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # An adapter-only output: the harness loads the base and applies the adapter (peft=).
+    model_args = f"pretrained={peft_base},peft={model_dir}" if peft_base else f"pretrained={model_dir}"
     try:
         out = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={model_dir}", tasks=list(tasks), limit=limit
+            model="hf",
+            model_args=f"{model_args},dtype=float32",
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            batch_size=batch_size,
+            device="cuda" if torch.cuda.is_available() else "cpu",
         )
-    except Exception as exc:
-        raise RuntimeError(
-            f"eval.harnessTasks {list(tasks)}: lm-evaluation-harness failed ({exc}); the task data "
-            "must be in the local Hugging Face datasets cache, nothing is downloaded"
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as exc:
+        raise SpecError(
+            f"eval.harnessTasks {list(tasks)}: the harness could not load a task's data ({exc}); the data "
+            "must be local (Hugging Face datasets cache or a task in eval.harnessTaskDir), nothing is downloaded"
         ) from exc
-    results = out.get("results", {}) if out else {}
+    results = (out or {}).get("results", {})
     return {
-        task: {k: v for k, v in metrics.items() if isinstance(v, int | float)} for task, metrics in results.items()
+        task: {
+            key.split(",")[0]: float(value)
+            for key, value in metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "sample_len"
+        }
+        for task, metrics in results.items()
     }
 
 

@@ -239,6 +239,7 @@ def run(config: FinetuneConfig) -> int:
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
 
     lora.check_method(config.method)
+    evaluate.check_harness(config.eval)
     ws = open_workspace(config, STAGE)
     if ws is None:
         return 0
@@ -273,8 +274,10 @@ def run(config: FinetuneConfig) -> int:
             if config.eval.prompts:
                 write_prompts(config, ws.staging, tokenizer, before, load_exported_lm(ws.staging, written),
                               data.template, "fine-tuning")
+            peft_base = str(ws.base_dir) if written == "adapter" else None
             results = {
                 **result.results(),
+                **evaluate.harness_results(config.eval, ws.staging, peft_base),
                 "method": config.method,
                 "output": written,
                 "trainableParameters": trainable,

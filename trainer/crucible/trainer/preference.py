@@ -320,6 +320,10 @@ def run(config: PreferenceConfig) -> int:
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
     from crucible.trainer.sft_data import pad_id_of
 
+    if config.method == "reward-model" and config.eval.harness_tasks:
+        raise SpecError("eval.harnessTasks: a reward model scores text, it is not a causal LM the harness can run; "
+                        "remove harnessTasks or use method dpo")
+    evaluate.check_harness(config.eval)
     ws = open_workspace(config, STAGE)
     if ws is None:
         return 0
@@ -370,6 +374,8 @@ def run(config: PreferenceConfig) -> int:
                               tokenizer.chat_template, "preference optimization")
             results: dict[str, Any] = {
                 **result.results(),
+                **evaluate.harness_results(config.eval, ws.staging,
+                                           str(ws.base_dir) if written == "adapter" else None),
                 "method": config.method,
                 "output": written if config.method == "dpo" else f"{written} (AutoModelForSequenceClassification)",
                 "trainableParameters": trainable,

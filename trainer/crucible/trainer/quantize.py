@@ -44,6 +44,8 @@ from crucible.trainer.config import QuantizeConfig
 from crucible.trainer.config.common import EXIT_APPLICATION_ERROR, EXIT_OK
 from crucible.trainer.evaluate import (
     answer_prompts,
+    check_harness,
+    harness_results,
     load_eval_tokens,
     perplexity,
     write_side_by_side,
@@ -189,6 +191,7 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
     model_uri = require_uri(config.model.uri, "spec.model.uri", "the model to quantize")
     if config.method in ("gptq", "awq"):
         require_cuda_stack(config.method)
+    check_harness(config.eval)
     if config.evaluation.data is None or not config.evaluation.data.uri:
         raise SpecError(
             "spec.evaluation.data is empty: perplexity before/after needs held-out text; point it "
@@ -269,6 +272,7 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
         "maxPerplexityIncrease": config.max_perplexity_increase,
         "evalTokens": after.tokens,
         "maxLogitDelta": float((reloaded_logits - original_logits).abs().max()),
+        **harness_results(config.eval, out_dir),
     }
     (out_dir / "eval").mkdir(exist_ok=True)
     (out_dir / "eval" / "quantize.json").write_text(json.dumps(results, indent=2))

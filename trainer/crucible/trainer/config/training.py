@@ -171,3 +171,20 @@ class PromptsConfig(StrictModel):
 
     prompts: list[str] = Field(default_factory=list, description="Questions asked of the model.")
     max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Tokens generated per answer.")
+    harness_tasks: list[str] = Field(
+        default_factory=list,
+        description=(
+            "lm-evaluation-harness tasks run on the output model (needs the eval extra). Nothing is "
+            "downloaded: the task data must be local (HF datasets cache or tasks in harnessTaskDir)."
+        ),
+    )
+    harness_task_dir: str | None = Field(
+        default=None, min_length=1, description="Local folder of extra harness task YAML files (include_path)."
+    )
+    harness_limit: int | None = Field(default=None, ge=1, description="Examples per harness task; empty: all.")
+
+    @model_validator(mode="after")
+    def _harness(self) -> PromptsConfig:
+        if (self.harness_task_dir or self.harness_limit) and not self.harness_tasks:
+            raise ValueError("harnessTaskDir/harnessLimit are set but harnessTasks is empty; name the tasks to run")
+        return self
