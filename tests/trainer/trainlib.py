@@ -53,12 +53,12 @@ def write_tokenizer(directory: Path, vocab: int = VOCAB) -> None:
     fast.save_pretrained(directory)
 
 
-def tiny_spec(data: Path, out: Path, **overrides: Any) -> dict[str, Any]:
+def tiny_spec(data_dir: Path, out: Path, **overrides: Any) -> dict[str, Any]:
     """A PretrainRun spec (camelCase) for a tiny Llama that trains in seconds on CPU."""
     spec: dict[str, Any] = {
         "model": {"hiddenSize": 32, "numLayers": 2, "numHeads": 4, "intermediateSize": 64,
                   "vocabSize": VOCAB, "maxPositionEmbeddings": 64},
-        "data": {"uri": str(data)},
+        "data": {"uri": str(data_dir)},
         "training": {"seqLen": 32, "globalBatchTokens": 256, "microBatchSize": 4, "maxSteps": 12,
                      "evalEvery": 0, "evalBatches": 2, "seed": 7},
         "optimizer": {"lr": 3e-3, "warmupSteps": 2},
