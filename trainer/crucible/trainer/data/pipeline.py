@@ -766,7 +766,7 @@ class DataPipeline:
             "splits": splits,
             "keptDocumentIdsSha256": ids_sha,
             "tokenizer": tokenizer_info,
-            "config": self.config.to_wire(),
+            "config": {k: v for k, v in self.config.to_wire().items() if k != "output"},  # where it lives is not what it is
         }
         if self.config.dropped.keep:
             data["droppedSamples"] = [f"dropped/part-{p:05d}.jsonl.zst" for p in range(self.num_parts)]
