@@ -45,7 +45,7 @@ def test_parquet_text_folder_glob_and_custom_field(tmp_path: Path) -> None:
     (tmp_path / "txt" / "skip.bin").write_bytes(b"\x00")
     write_jsonl(tmp_path / "g" / "x-1.jsonl", [{"text": "glob one"}])
     write_jsonl(tmp_path / "g" / "y-1.jsonl", [{"text": "not matched"}])
-    docs, reader = _read(
+    docs, _reader = _read(
         SourceConfig(name="pq", uri=str(tmp_path / "a.parquet"), text_field="body", id_field="key"),
         SourceConfig(name="txt", uri=str(tmp_path / "txt")),
         SourceConfig(name="glob", uri=str(tmp_path / "g" / "x-*.jsonl")),

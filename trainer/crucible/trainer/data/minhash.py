@@ -206,15 +206,17 @@ def exact_pairs(hashes: np.ndarray, doc_keys: np.ndarray) -> tuple[np.ndarray, n
     return g[first[member]], g[member]
 
 
-def removed_by_clusters(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Doc keys that are not the smallest key of their connected component (sorted)."""
+def cluster_roots(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(every linked doc key, sorted; the smallest key of its connected component)."""
     if len(a) == 0:
-        return np.zeros(0, np.uint64)
+        empty = np.zeros(0, np.uint64)
+        return empty, empty
     nodes = np.unique(np.concatenate([a, b]))
     ia = np.searchsorted(nodes, a)
     ib = np.searchsorted(nodes, b)
     parent = np.arange(len(nodes))
     while True:
+        # hook every edge's larger root under its smaller one, then jump pointers to the roots
         ra, rb = parent[ia], parent[ib]
         lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
         if np.array_equal(lo, hi):
@@ -225,4 +227,10 @@ def removed_by_clusters(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             if np.array_equal(jumped, parent):
                 break
             parent = jumped
-    return nodes[parent != np.arange(len(nodes))]
+    return nodes, nodes[parent]
+
+
+def removed_by_clusters(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Doc keys that are not the smallest key of their connected component (sorted)."""
+    nodes, roots = cluster_roots(a, b)
+    return nodes[nodes != roots]
