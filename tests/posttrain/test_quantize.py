@@ -104,3 +104,19 @@ def test_model_that_is_not_a_model_directory(eval_text: Path, tmp_path: Path, ca
     assert main(["--spec", str(write_spec(tmp_path / "spec.json", spec))]) == 2
     assert "spec.model.uri" in capsys.readouterr().err
     assert main(["--spec", str(tmp_path / "missing.json")]) == 2
+
+
+def test_size_counts_the_model_not_the_checkpoints_beside_it(
+    trained_model_dir: Path, eval_text: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_model_dir, model)
+    (model / "checkpoints" / "step-000000010").mkdir(parents=True)
+    (model / "checkpoints" / "step-000000010" / "model.safetensors").write_bytes(b"\0" * 100_000)
+    out = tmp_path / "out"
+    assert main(["--spec", str(write_spec(tmp_path / "spec.json", _spec(model, eval_text, out)))]) == 0
+    results = json.loads((out / "_SUCCESS").read_text())["results"]
+    assert results["sizeBytesBefore"] == (model / "model.safetensors").stat().st_size
+    assert results["sizeBytesAfter"] == (out / "model.safetensors").stat().st_size

@@ -124,8 +124,9 @@ def write_success(directory: Path, record: dict[str, Any]) -> None:
 
 
 def model_size_bytes(directory: str | os.PathLike[str]) -> int:
-    """Bytes of a model's weight files (safetensors/bin), not counting tokenizer and config."""
-    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    """Bytes of a model's weight files (safetensors/bin) at its top level: not tokenizer and config,
+    and not a training run's checkpoints/ folder that may sit inside its output."""
+    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
 def local_model(store: Storage, uri: str, field: str, cache: Path) -> Path:
