@@ -373,22 +373,26 @@ def test_cluster_role_has_no_wildcards_and_no_secrets() -> None:
         assert ("crucible.dev", plural, "watch") in triples
 
 
-def test_cluster_role_is_exactly_what_the_operator_declares() -> None:
+PEERING = {
+    kind: {("kopf.dev", kind, verb) for verb in ("get", "list", "watch", "patch")}
+    for kind in ("clusterkopfpeerings", "kopfpeerings")
+}
+
+
+def test_rbac_is_exactly_what_the_operator_declares_in_both_modes() -> None:
+    """crucible.operator.rbac.RULES lists both peering kinds; a cluster-wide operator uses only
+    ClusterKopfPeerings and one limited to namespaces only KopfPeerings, so each mode grants one."""
     rbac = pytest.importorskip("crucible.operator.rbac", reason="crucible.operator.rbac has not landed yet")
-    declared: Any = None
-    for name in ("RULES", "CLUSTER_ROLE_RULES", "cluster_role_rules", "rules", "cluster_role"):
-        if hasattr(rbac, name):
-            declared = getattr(rbac, name)
-            declared = declared() if callable(declared) else declared
-            break
-    assert declared is not None, "crucible.operator.rbac exposes no RULES / cluster_role_rules()"
-    if isinstance(declared, dict):  # a whole ClusterRole
-        declared = declared["rules"]
-    ours, theirs = _normalise(_chart_rules()), _normalise(declared)
-    assert ours == theirs, (
-        f"chart grants more than the operator uses: {sorted(ours - theirs)}; "
-        f"chart lacks: {sorted(theirs - ours)}"
+    declared = _normalise(rbac.RULES)
+    cluster_wide = _normalise(_chart_rules())
+    expected = declared - PEERING["kopfpeerings"]
+    assert cluster_wide == expected, (
+        f"chart grants more than the operator uses: {sorted(cluster_wide - expected)}; "
+        f"chart lacks: {sorted(expected - cluster_wide)}"
     )
+    objects = render_objects({"operator": {"watchNamespaces": ["ml-team-a"]}})
+    limited = _normalise(one(objects, "ClusterRole")["rules"]) | _normalise(one(objects, "Role")["rules"])
+    assert limited == declared - PEERING["clusterkopfpeerings"]
 
 
 def test_operator_limited_to_namespaces_gets_roles_there_and_only_cluster_scoped_rules_cluster_wide() -> None:
@@ -407,8 +411,7 @@ def test_operator_limited_to_namespaces_gets_roles_there_and_only_cluster_scoped
     # Together they grant what the cluster-wide ClusterRole grants, with namespaced peering.
     namespaced = _normalise(roles[0]["rules"])
     cluster_wide = _normalise(_chart_rules())
-    swap = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
-    assert cluster | namespaced == (cluster_wide - swap) | {("kopf.dev", "kopfpeerings", v) for _, _, v in swap}
+    assert cluster | namespaced == (cluster_wide - PEERING["clusterkopfpeerings"]) | PEERING["kopfpeerings"]
 
 
 def test_cluster_role_binding_binds_the_operator_service_account() -> None:

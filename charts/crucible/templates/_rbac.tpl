@@ -1,51 +1,48 @@
 {{/*
-What the operator (crucible.operator) and Kopf use, no wildcards. Split in two so an operator
-limited to operator.watchNamespaces gets Roles in those namespaces and only the cluster-scoped
-rest as a ClusterRole.
+Exactly crucible.operator.rbac.RULES (what the operator and Kopf call, no wildcards; tests in
+tests/deploy and tests/operator keep the two equal). Split in two so an operator limited to
+operator.watchNamespaces gets Roles in those namespaces and only the cluster-scoped rest as a
+ClusterRole.
 */}}
 
 {{/* Rules on namespaced resources. */}}
 {{- define "crucible.rbacNamespacedRules" -}}
-# The five Crucible kinds: watch them, patch finalizers and Kopf's annotations, write status.
+# Kopf watches the five kinds and patches finalizers and its annotations on them; the
+# reconciler reads the runs a fromRun references.
 - apiGroups: [crucible.dev]
-  resources: [datapipelines, pretrainruns, finetuneruns, preferenceruns, quantizejobs]
-  verbs: [get, list, watch, patch, update]
+  resources: [datapipelines, finetuneruns, preferenceruns, pretrainruns, quantizejobs]
+  verbs: [get, list, watch, patch]
+# One merge-patch of status per reconcile pass.
 - apiGroups: [crucible.dev]
-  resources: [datapipelines/status, pretrainruns/status, finetuneruns/status, preferenceruns/status, quantizejobs/status]
-  verbs: [get, patch, update]
-# One Indexed Job, headless Service and spec ConfigMap per attempt.
+  resources: [datapipelines/status, finetuneruns/status, preferenceruns/status, pretrainruns/status, quantizejobs/status]
+  verbs: [get, patch]
+# Each attempt's Indexed Jobs, headless Service and spec ConfigMap.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, list, create, delete]
 - apiGroups: [""]
   resources: [services, configmaps]
-  verbs: [get, list, watch, create, patch, delete]
-# Observe attempts: pod phases, exit codes and termination messages, the last log lines of a
-# failed pod; delete a pod stuck on a lost node.
+  verbs: [get, create, delete]
+# Pods of an attempt: phases, exit codes, termination messages, nodes.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, delete]
-- apiGroups: [""]
-  resources: [pods/log]
-  verbs: [get]
+  verbs: [get, list]
+# The operator's and Kopf's events.
 - apiGroups: ["", events.k8s.io]
   resources: [events]
-  verbs: [create, patch]
-# Gang scheduling: Kueue workloads, Volcano and scheduler-plugins PodGroups.
-- apiGroups: [kueue.x-k8s.io]
-  resources: [workloads]
-  verbs: [get, list, watch]
+  verbs: [create]
+# Gang scheduling: PodGroups of Volcano and of the coscheduling plugin.
 - apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
   resources: [podgroups]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, create, delete]
 {{- end }}
 
 {{/* Rules on cluster-scoped resources. */}}
 {{- define "crucible.rbacClusterRules" -}}
-# The nodes attempts ran on: NotReady or gone means an infrastructure fault.
+# Is the node of a failed pod NotReady or gone (an infrastructure fault)?
 - apiGroups: [""]
   resources: [nodes]
-  verbs: [get, list, watch]
+  verbs: [get]
 # Kopf: discover CRDs and namespaces as they come and go.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
