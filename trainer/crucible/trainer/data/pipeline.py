@@ -142,11 +142,16 @@ class Workspace:
         self.storage = storage
         self.remote = is_s3(uri)
         if self.remote:
-            digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-            self.local = Path(tempfile.gettempdir()) / f"crucible-data-{digest}"
+            # Private to this process: a stale copy from another run must never be read back.
+            self.local = Path(tempfile.mkdtemp(prefix="crucible-data-"))
         else:
             self.local = Path(uri)
         self.local.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        """Remove the local staging copy of a remote output (a local output stays)."""
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
 
     def path(self, rel: str) -> Path:
         p = self.local / rel
@@ -201,7 +206,7 @@ class Workspace:
         else:
             target.unlink(missing_ok=True)
         if self.remote:
-            self.storage.delete_prefix(join(self.uri, rel))
+            self.storage.delete(join(self.uri, rel))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -778,28 +783,34 @@ class DataPipeline:
         {"filter": self.run_filter, "dedup": self.run_dedup, "tokenize": self.run_tokenize}[stage](part)
 
     def run_all(self) -> Manifest:
-        if self.ws.exists(SUCCESS):
-            return self.load_manifest()
-        for stage in STAGES:
-            for part in range(self.num_parts):
-                self.run_stage(stage, part)
-        manifest = self.finalize()
-        if manifest is None:  # pragma: no cover - every part ran above
-            raise PipelineError("tokenize parts missing after running them all")
-        return manifest
+        try:
+            if self.ws.exists(SUCCESS):
+                return self.load_manifest()
+            for stage in STAGES:
+                for part in range(self.num_parts):
+                    self.run_stage(stage, part)
+            manifest = self.finalize()
+            if manifest is None:  # pragma: no cover - every part ran above
+                raise PipelineError("tokenize parts missing after running them all")
+            return manifest
+        finally:
+            self.ws.close()
 
     def run_worker(self, part: int, stage: str, wait_seconds: float) -> Manifest | None:
         """One worker of N: one stage, or all of them with barriers between."""
-        if self.ws.exists(SUCCESS):
-            return self.load_manifest()
-        if stage != "all":
-            self.run_stage(stage, part)
-            return self.finalize() if stage == "tokenize" else None
-        for i, name in enumerate(STAGES):
-            if i:
-                self.wait_for(STAGES[i - 1], wait_seconds)
-            self.run_stage(name, part)
-        return self.finalize()
+        try:
+            if self.ws.exists(SUCCESS):
+                return self.load_manifest()
+            if stage != "all":
+                self.run_stage(stage, part)
+                return self.finalize() if stage == "tokenize" else None
+            for i, name in enumerate(STAGES):
+                if i:
+                    self.wait_for(STAGES[i - 1], wait_seconds)
+                self.run_stage(name, part)
+            return self.finalize()
+        finally:
+            self.ws.close()
 
 
 def run_pipeline(
@@ -880,10 +891,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage == "all":
                 pipeline.run_all()
             else:
-                for part in range(num):
-                    pipeline.run_stage(args.stage, part)
-                if args.stage == "tokenize":
-                    pipeline.finalize()
+                try:
+                    for part in range(num):
+                        pipeline.run_stage(args.stage, part)
+                    if args.stage == "tokenize":
+                        pipeline.finalize()
+                finally:
+                    pipeline.ws.close()
         else:
             pipeline.run_worker(shard, args.stage, args.wait_timeout)
         return EXIT_OK
