@@ -114,8 +114,17 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 
 
-def launch(stage: str, spec: dict, workdir: Path):
-    """``python -m crucible.trainer STAGE --spec FILE`` as a subprocess, its output in workdir/log.txt."""
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(stage: str, spec: dict, workdir: Path, nproc: int = 1):
+    """``python -m crucible.trainer STAGE --spec FILE`` as a subprocess (under torchrun when nproc > 1),
+    its output in workdir/log.txt."""
     import os
     import subprocess
 
@@ -124,8 +133,11 @@ def launch(stage: str, spec: dict, workdir: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CRUCIBLE_METRICS_PORT": "0"})
     log = open(workdir / "log.txt", "a")  # noqa: SIM115
-    return subprocess.Popen([PYTHON, "-m", "crucible.trainer", stage, "--spec", str(spec_path)], cwd=REPO,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    command = ["-m", "crucible.trainer", stage, "--spec", str(spec_path)]
+    if nproc > 1:
+        command = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+                   f"--master-port={free_port()}", "--monitor-interval=0.2", *command]
+    return subprocess.Popen([PYTHON, *command], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def step_losses(checkpoint_dir: Path) -> dict[int, float]:

@@ -191,3 +191,18 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
     assert 10 <= _results(tmp_path / "run")["resumedFromStep"] < 40
     assert step_losses(tmp_path / "run" / "checkpoints") == expected  # bit for bit
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_ranks_fsdp_lora_dpo_with_reference_precomputed_across_ranks(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    spec = preference_spec(tiny_model_dir, pairs_file, tmp_path / "out", lora=LORA,
+                           dpo={"beta": 0.5, "precomputeReference": True},
+                           training={"maxSteps": 8, "globalBatchTokens": 512, "strategy": "fsdp"})
+    rc = launch("preference", spec, tmp_path / "job", nproc=2).wait(timeout=600)
+    assert rc == 0, (tmp_path / "job" / "log.txt").read_text()[-3000:]
+    results = _results(tmp_path / "out")
+    assert results["referencePrecomputed"] is True and results["steps"] == 8
+    assert results["preferenceAccuracy"] > 0.6, results
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
