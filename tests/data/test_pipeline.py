@@ -220,3 +220,36 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path: Path, corpus: Pa
         assert not (out / "_SUCCESS").exists()
     assert subprocess.run(cmd, env=env, cwd=REPO, capture_output=True).returncode == 0
     assert _tree(out) == _tree(reference)
+
+
+def test_one_indexed_job_runs_all_stages_with_barriers(
+    tmp_path: Path, corpus_records: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from crucible.trainer.data import pipeline
+
+    monkeypatch.setattr(pipeline, "WAIT_POLL_SECONDS", 0.05)
+    corpus = _write_corpus(tmp_path / "corpus", corpus_records[:120], files=3)
+    config = make_config([{"name": "web", "uri": str(corpus), "idField": "id"}])
+    out = tmp_path / "out"
+    spec = _spec(tmp_path / "spec.json", config, out, workers=2)
+    codes: dict[int, int] = {}
+
+    def worker(index: int) -> None:
+        codes[index] = main(["--spec", str(spec), "--shard", str(index)])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert codes == {0: EXIT_OK, 1: EXIT_OK}
+    assert (out / "_SUCCESS").exists()
+    reference = run_pipeline(config, tmp_path / "single")
+    assert json.loads((out / "manifest.json").read_text())["keptDocumentIdsSha256"] == reference.data["keptDocumentIdsSha256"]
+    # JOB_COMPLETION_INDEX stands in for --shard; a finished output returns at once.
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    assert main(["--spec", str(spec)]) == EXIT_OK
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "5")
+    assert main(["--spec", str(spec)]) == EXIT_BAD_INPUT
