@@ -4,6 +4,7 @@ models (cloudcoil-models-prometheus-operator)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -549,3 +550,52 @@ def test_release_fits_in_helms_release_secret() -> None:
     manifest = "".join(render(MONITORING_ON).values()).encode()
     stored = len(base64.b64encode(gzip.compress(manifest)))
     assert stored < 512 * 1024, f"the release would need {stored} bytes of its 1 MiB Secret: ship CRDs separately"
+
+
+def _helm_test_script(values: dict[str, Any]) -> tuple[str, str]:
+    pod = next(o for o in find(render_objects(values), "Pod") if o["metadata"]["annotations"]["helm.sh/hook"] == "test")
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][:2] == ["python", "-c"]
+    script = container["command"][2]
+    url = re.search(r'url = "(http://[^"]+)"', script)
+    assert url, "the helm test names no URL"
+    return script, url.group(1)
+
+
+def test_helm_test_checks_the_metrics_service_and_passes_against_the_real_exporter() -> None:
+    """`helm test` runs this script in the cluster; here it runs against OperatorMetrics on loopback."""
+    import subprocess
+    import sys
+
+    metrics = pytest.importorskip("crucible.operator.metrics")
+    from prometheus_client import CollectorRegistry
+
+    script, url = _helm_test_script({})
+    service = one(render_objects({}), "Service")
+    assert url == f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}/metrics"
+    port = _free_port()
+    metrics.OperatorMetrics(CollectorRegistry()).serve(port)
+    local = script.replace(url, f"http://127.0.0.1:{port}/metrics")
+    ok = subprocess.run([sys.executable, "-c", local], capture_output=True, text=True, timeout=60, check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # Something else answering on the port fails the test.
+    import http.server
+    import threading
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        wrong = script.replace(url, f"http://127.0.0.1:{other.server_address[1]}/")
+        bad = subprocess.run([sys.executable, "-c", wrong], capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        other.shutdown()
+    assert bad.returncode != 0 and "lacks" in bad.stderr
+    assert not [o for o in render_objects({"metrics": {"service": {"enabled": False}}}) if o["kind"] == "Pod"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -49,8 +49,8 @@ def test_docs_install_with_the_chart_in_this_repository() -> None:
     assert any(argv[1] == "install" for _, argv in commands)
     assert any(argv[1] == "upgrade" for _, argv in commands)
     for doc, argv in commands:
-        assert argv[1] in ("install", "upgrade", "uninstall"), f"{doc}: {argv}"
-        if argv[1] != "uninstall":
+        assert argv[1] in ("install", "upgrade", "uninstall", "test"), f"{doc}: {argv}"
+        if argv[1] in ("install", "upgrade"):
             assert argv[3] == "charts/crucible" and (REPO / argv[3] / "Chart.yaml").exists(), f"{doc}: {argv}"
             assert "-n" in argv and argv[argv.index("-n") + 1] == "crucible-system", f"{doc}: {argv}"
 
@@ -58,7 +58,7 @@ def test_docs_install_with_the_chart_in_this_repository() -> None:
 def test_every_documented_helm_command_passes_the_schema_and_renders() -> None:
     release: dict[str, dict[str, Any]] = {}  # values of the release each document builds up
     for doc, argv in _helm_commands():
-        if argv[1] == "uninstall":
+        if argv[1] not in ("install", "upgrade"):
             continue
         values = _values_of(argv)
         if "--reuse-values" in argv:
