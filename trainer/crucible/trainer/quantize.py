@@ -213,7 +213,9 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
     probe = _first_window(tokens, seq_len)
     original_logits = _logits(original, probe)
     prompts = config.eval.prompts
-    answers_before = answer_prompts(original, tokenizer, prompts, config.eval.max_new_tokens) if prompts else []
+    # A chat model (a FinetuneRun output ships its template) is asked in the format it was trained on.
+    template = getattr(tokenizer, "chat_template", None) or None
+    answers_before = answer_prompts(original, tokenizer, prompts, config.eval.max_new_tokens, template) if prompts else []
     del original
 
     if config.method in ("int8", "int4"):
@@ -252,7 +254,7 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
     after = perplexity(reloaded, tokens, seq_len, batches)
     log(f"perplexity after: {after.perplexity:.4f}")
     if prompts:
-        answers_after = answer_prompts(reloaded, tokenizer, prompts, config.eval.max_new_tokens)
+        answers_after = answer_prompts(reloaded, tokenizer, prompts, config.eval.max_new_tokens, template)
         write_side_by_side(out_dir, prompts, answers_before, answers_after, ("original", config.method),
                            title=f"Prompts before and after {config.method} quantization")
 
