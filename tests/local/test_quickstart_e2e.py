@@ -75,6 +75,20 @@ def alive(pid: int) -> bool:
         return False
 
 
+def trainers_of(workdir: Path) -> list[int]:
+    """Live processes whose command line names a spec under ``workdir``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(workdir) in cmd and "crucible.trainer" in cmd and alive(int(proc.name)):
+                found.append(int(proc.name))
+    return found
+
+
 @pytest.mark.slow
 def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> None:
     folder = tmp_path / "quickstart"
@@ -94,17 +108,18 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
             assert first.poll() is None, first.communicate()[0]
             assert time.monotonic() < deadline, "no pretraining checkpoint in time"
             time.sleep(0.05)
-        trainer_pids = json.loads((pre_dir / "state.json").read_text())["pids"]
-        for pid in trainer_pids:
-            os.kill(pid, signal.SIGKILL)
-        first.kill()
+        state_at_kill = json.loads((pre_dir / "state.json").read_text())
+        first.kill()  # the runner dies first: its trainers must follow (PR_SET_PDEATHSIG)
     finally:
         if first.poll() is None:
             first.kill()
-    first.wait()
+    first_output = first.communicate()[0]
     assert first.returncode == -signal.SIGKILL
-    time.sleep(0.5)
-    assert not any(alive(p) for p in trainer_pids)
+    deadline = time.monotonic() + 5
+    while trainers_of(workdir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not trainers_of(workdir), "trainer processes outlived their runner"
+    assert state_at_kill["pids"] and not any(alive(p) for p in state_at_kill["pids"])
     assert not (pre_dir / "output" / "_SUCCESS").exists(), "pretraining finished before it could be killed"
     killed_at = max(int(p.parent.name[5:]) for p in (pre_dir / "checkpoints").glob("step-*/manifest.json"))
 
@@ -114,7 +129,9 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
     assert "DataPipeline stdlib-corpus: already succeeded" in out
     assert "5/5 run(s) succeeded" in out
 
-    log = (pre_dir / "logs" / "attempt-1.log").read_text()
+    logs = {p.name: p.read_text()[-3000:] for p in (pre_dir / "logs").glob("*.log")}
+    assert "attempt-1.log" in logs, (state_at_kill, first_output[-3000:], logs, out[-3000:])
+    log = logs["attempt-1.log"]
     assert "resumed from" in log, log[-2000:]
     state = json.loads((pre_dir / "state.json").read_text())
     assert state["status"]["restarts"] == 1

@@ -156,7 +156,10 @@ def funnel_section(workdir: WorkDir, states: list[RunState]) -> Section:
             for f in funnel:
                 dropped = {k: v for k, v in (f.get("dropped") or {}).items() if isinstance(v, int) and v}
                 changes = {k: v for k, v in (f.get("changes") or {}).items() if isinstance(v, int) and v}
-                steps.append((str(f.get("step")), int(f.get("documentsOut") or 0), dropped))
+                label = str(f.get("step"))
+                if steps and f.get("documentsIn") is not None and f.get("documentsIn") != steps[-1][1]:
+                    label += " (train split)"
+                steps.append((label, int(f.get("documentsOut") or 0), dropped))
                 rows.append([f.get("step"), _fmt(f.get("documentsIn")), _fmt(f.get("documentsOut")),
                              ", ".join(f"{k} {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])) or "-",
                              ", ".join(f"{k} {v}" for k, v in changes.items()) or ""])
@@ -191,8 +194,12 @@ def _funnel_png(name: str, docs_in: int, steps: list[tuple[str, int, dict[str, i
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    labels = ["raw", *(f"after {step}" for step, _, _ in steps)]
-    remaining = [docs_in, *(n for _, n, _ in steps)]
+    labels, remaining = ["raw"], [docs_in]
+    for step, docs_out, _ in steps:
+        if step == "read" and docs_out == docs_in:
+            continue
+        labels.append(f"after {step}")
+        remaining.append(docs_out)
     fig, ax = plt.subplots(figsize=(7, 0.38 * len(labels) + 1.2), dpi=110)
     ax.barh(range(len(labels)), remaining, color="#4c78a8")
     for i, value in enumerate(remaining):

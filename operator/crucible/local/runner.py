@@ -26,6 +26,7 @@ import glob
 import hashlib
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -75,6 +76,8 @@ class RunOutcome:
     restarts: int = 0
     results: dict[str, Any] = field(default_factory=dict)
     output_uri: str | None = None
+    cpu_seconds: float = 0.0
+    """CPU time (user + system) of the run's processes in this invocation, all attempts."""
 
 
 @dataclass
@@ -247,6 +250,7 @@ class Runner:
     ) -> RunOutcome:
         key = item.key
         started = time.monotonic()
+        cpu_started = _children_cpu()
         ui_key = "/".join(key)
         self.ui.start(ui_key, label, _total_steps(resource))
         while True:
@@ -298,7 +302,8 @@ class Runner:
                 seconds = time.monotonic() - started
                 self.ui.finish(ui_key, True, _done_detail(state.status, seconds))
                 return RunOutcome(key, "Succeeded", "", seconds, restarts=state.status.restarts,
-                                  results=dict(state.status.results), output_uri=launch.output_uri)
+                                  results=dict(state.status.results), output_uri=launch.output_uri,
+                                  cpu_seconds=_children_cpu() - cpu_started)
             decision = dc.decide(dc.Situation(status=state.status, now=now, attempt_state="failed",
                                               policy=policy, failure=end_failure))
             state.status = next_status(state.status, decision, now=now)
@@ -313,7 +318,8 @@ class Runner:
             self.ui.finish(ui_key, False, state.status.message or decision.reason)
             if decision.message and "\n" in decision.message:
                 self.ui.info(decision.message)
-            return RunOutcome(key, "Failed", decision.message, seconds, restarts=state.status.restarts)
+            return RunOutcome(key, "Failed", decision.message, seconds, restarts=state.status.restarts,
+                              cpu_seconds=_children_cpu() - cpu_started)
 
     def _attempt(self, launch: LaunchPlan, state: RunState, ui_key: str) -> tuple[str, Any]:
         """Run every role of one attempt. Returns ("succeeded", None) or ("failed", Failure)."""
@@ -539,6 +545,11 @@ def _file_digest(path: str) -> bytes:
         return f"{st.st_size}:{st.st_mtime_ns}".encode()
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).digest()
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -64,10 +64,11 @@ def print_summary(outcomes: Sequence[Any], wall_seconds: float, workdir: Path) -
     for o in outcomes:
         _, kind, name = o.key
         phase = o.phase + (" (skipped)" if o.skipped else "")
-        rows.append([f"{kind}/{name}", phase, "-" if o.skipped else duration(o.seconds), str(o.restarts),
+        rows.append([f"{kind}/{name}", phase, "-" if o.skipped else duration(o.seconds),
+                     "-" if o.skipped else duration(o.cpu_seconds), str(o.restarts),
                      key_results(o.results, kind=kind) or (o.message.splitlines()[0][:70] if o.message else "")])
     print()
-    print(table(rows, ["RUN", "RESULT", "TIME", "RESTARTS", "NOTES"]))
+    print(table(rows, ["RUN", "RESULT", "TIME", "CPU", "RESTARTS", "NOTES"]))
     ok = sum(1 for o in outcomes if o.phase == "Succeeded")
     print(f"\n{ok}/{len(outcomes)} run(s) succeeded in {duration(wall_seconds)}; everything is under {workdir}")
     failed = [o for o in outcomes if o.phase == "Failed"]
