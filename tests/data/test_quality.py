@@ -168,3 +168,20 @@ def test_same_decisions_and_reasons_as_datatrove(corpus_records: list[dict[str, 
         assert (dt_result is True) == (our_result is None), text[:200]
         if our_result is None:
             assert doc.text == dt_doc.text  # C4 rewrote both the same way
+
+
+def test_ngram_hashes_equal_the_reference_loops() -> None:
+    """The vectorized repetition counts equal datatrove's loops, "".join collisions included."""
+    import random
+
+    from crucible.trainer.data.gopher_repetition import NgramHashes, duplicated_ngram_chars, top_ngram_chars
+
+    rng = random.Random(0)
+    for _ in range(400):
+        vocab = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 6))]
+        words = [rng.choice(vocab) for _ in range(rng.randint(1, 60))]
+        hashes = NgramHashes(words)
+        for n in range(2, 5):
+            assert hashes.top_chars(n) == top_ngram_chars(words, n), (words, n)
+        for n in range(5, 11):
+            assert hashes.duplicated_chars(n) == duplicated_ngram_chars(words, n), (words, n)

@@ -6,6 +6,7 @@ most frequent 2/3/4-gram, and the character share of duplicated 5..10-grams.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import Counter
 
@@ -126,23 +127,47 @@ class NgramHashes:
         return length * int(best)
 
     def duplicated_chars(self, n: int) -> int:
-        """:func:`duplicated_ngram_chars` from hashes (the greedy skip runs only if anything repeats)."""
+        """:func:`duplicated_ngram_chars` from hashes, jumping from repeat to repeat.
+
+        The greedy scan visits every position except the ``n - 1`` after each repeat, so a
+        position repeats iff an earlier occurrence of its n-gram was not skipped. Only
+        positions with an earlier occurrence are examined; text without repeats costs no loop.
+        """
         grams = self.joined(n)
         m = len(grams)
-        if m == 0 or len(np.unique(grams)) == m:
+        if m == 0:
             return 0
-        hashes = grams.tolist()
+        values, inverse = np.unique(grams, return_inverse=True)
+        if len(values) == m:
+            return 0
+        order = np.argsort(inverse, kind="stable")  # positions grouped by n-gram, ascending
+        grouped = inverse[order]
+        first_of_group = np.concatenate([[True], grouped[1:] != grouped[:-1]])
+        group_start = np.searchsorted(grouped, np.arange(len(values)))
+        candidates = np.sort(order[~first_of_group]).tolist()  # positions with an earlier occurrence
+        order_l, start_l, inverse_l = order.tolist(), group_start.tolist(), inverse.tolist()
         offsets = self.offsets
-        seen: set[int] = set()
-        repeated = idx = 0
-        while idx < m:
-            h = hashes[idx]
-            if h in seen:
-                repeated += int(offsets[idx + n] - offsets[idx])
-                idx += n
+        skipped: set[int] = set()
+        repeated = idx = k = 0
+        while k < len(candidates):
+            i = candidates[k]
+            if i < idx:
+                k = bisect.bisect_left(candidates, idx, k)
+                continue
+            j = start_l[inverse_l[i]]
+            seen = False
+            while order_l[j] < i:
+                if order_l[j] not in skipped:
+                    seen = True
+                    break
+                j += 1
+            if seen:
+                repeated += int(offsets[i + n] - offsets[i])
+                skipped.update(range(i + 1, i + n))
+                idx = i + n
+                k = bisect.bisect_left(candidates, idx, k)
             else:
-                seen.add(h)
-                idx += 1
+                k += 1
         return repeated
 
 
