@@ -15,49 +15,14 @@ CHART = REPO / "charts" / "crucible"
 RELEASE = "crucible"
 NAMESPACE = "crucible-system"
 
-# Every value override the tests render with, beyond the defaults: monitoring on, images pinned,
-# resources and namespaces changed. One table so lint, render, schema and Kubernetes validation
-# all see the same cases.
-MONITORING_ON: dict[str, Any] = {
-    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
-    "trainerMetrics": {"podMonitor": {"enabled": True, "namespaces": ["ml-team-a", "ml-team-b"]}},
-    "prometheusRule": {
-        "enabled": True,
-        "runbookBaseURL": "https://runbooks.example.com/crucible",
-        "additionalAlertLabels": {"team": "ml-platform"},
-    },
+# Every value override the tests render with, beyond the defaults: charts/crucible/ci/*-values.yaml
+# (chart-testing's convention, so `ct lint` / `ct install` use the same cases). Lint, render,
+# schema and Kubernetes validation all run over this table.
+VALUE_CASES: dict[str, dict[str, Any]] = {"defaults": {}} | {
+    path.name.removesuffix("-values.yaml"): yaml.safe_load(path.read_text()) or {}
+    for path in sorted((CHART / "ci").glob("*-values.yaml"))
 }
-VALUE_CASES: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "monitoring-on": MONITORING_ON,
-    "monitoring-off": {"grafanaDashboard": {"enabled": False}, "metrics": {"service": {"enabled": False}}},
-    "overrides": {
-        "fullnameOverride": "ml-operator",
-        "image": {
-            "repository": "registry.example.com/ml/crucible-operator",
-            "tag": "1.2.3",
-            "digest": "sha256:" + "ab" * 32,
-            "pullPolicy": "Always",
-        },
-        "imagePullSecrets": [{"name": "regcred"}],
-        "trainerImage": {"repository": "registry.example.com/ml/crucible-trainer", "tag": "1.2.3-cu128"},
-        "resources": {"requests": {"cpu": "250m", "memory": "384Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
-        "operator": {
-            "watchNamespaces": ["ml-team-a", "ml-team-b"],
-            "storageRoot": "s3://ml-artifacts/crucible",
-            "storageSecret": "crucible-s3",
-            "logLevel": "debug",
-            "extraEnv": [{"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage:9000"}],
-        },
-        "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/crucible"}},
-        "nodeSelector": {"kubernetes.io/os": "linux"},
-        "tolerations": [{"key": "control-plane", "operator": "Exists", "effect": "NoSchedule"}],
-        "priorityClassName": "system-cluster-critical",
-        "crds": {"keep": False},
-        **MONITORING_ON,
-    },
-    "no-peering-no-crds": {"operator": {"peering": {"enabled": False}}, "crds": {"install": False}},
-}
+MONITORING_ON: dict[str, Any] = VALUE_CASES["monitoring-on"]
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
