@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any
 import kopf
 import yaml
 from aiohttp import web
-from kmock import KubernetesEmulator, ResourceInfo, Server
+from kmock import KubernetesEmulator, KubernetesError, ResourceInfo, Server, action
 
 from crucible.api import GROUP, KIND_MODELS, VERSION
 from crucible.operator import kube as k
@@ -59,17 +60,73 @@ class Trainer:
     attempts_seen: list[int] = field(default_factory=list)
 
 
-class BoundedEmulator(KubernetesEmulator):
-    """The emulator keeps every request for assertions and scans that log on each new request
-    (quadratic over a test); these tests assert on state, not on requests, so only requests
-    in flight stay in the log."""
+class RealisticEmulator(KubernetesEmulator):
+    """KubernetesEmulator plus what an API server does that Kopf relies on: every write bumps
+    metadata.resourceVersion (Kopf waits for its own patches to come back by version), and
+    creation sets uid and creationTimestamp. The emulator also keeps every request and scans
+    that log on each new one (quadratic over a test): here only requests in flight stay."""
+
+    _versions = itertools.count(2)
+    verbs_used: set[tuple[str, str, str, str]]  # (user agent, verb, group, resource[/sub])
 
     async def _handle(self, request: Any) -> Any:
+        if request.resource is not None and request.resource.plural:
+            self._record(request)
         try:
+            if request.resource is not None and request.action in (action.CREATE, action.UPDATE):
+                version = str(next(self._versions))
+                if isinstance(request.data, dict):
+                    meta = request.data.setdefault("metadata", {})
+                    meta["resourceVersion"] = version
+                    if request.action == action.CREATE:
+                        meta.setdefault("uid", str(uuid.uuid4()))
+                        meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                elif isinstance(request.data, list):
+                    self._check_json_patch_tests(request)
+                    request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
             return await super()._handle(request)
         finally:
             with contextlib.suppress(ValueError):
                 self._requests.remove(request)
+
+
+    _indexed_len = -1
+    _index: dict[tuple[Any, ...], Any]
+
+    def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
+        """One object by name in O(1) (the emulator scans every object of every kind)."""
+        res = request.resource
+        if request.name is not None and res is not None and (strict or request.namespace is not None):
+            objects = self._objects._objects
+            if len(objects) != self._indexed_len:
+                self._index = {(r.group, r.version, r.plural, ns, name): obj for (r, ns, name), obj in objects.items()}
+                self._indexed_len = len(objects)
+            obj = self._index.get((res.group, res.version, res.plural, request.namespace, request.name))
+            return [obj] if obj is not None else []
+        return KubernetesEmulator._KubernetesEmulator__get_objs(self, request, strict)  # type: ignore[attr-defined]
+
+    def _check_json_patch_tests(self, request: Any) -> None:
+        """A failed JSON-patch ``test`` is 422 on a real API server (Kopf retries it next cycle)."""
+        key = (request.resource, request.namespace, request.name)
+        if key not in self._objects or self._objects[key].deleted:
+            return
+        current = self._objects[key].get("metadata", {}).get("resourceVersion")
+        for op in request.data:
+            if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and op.get("value") != current:
+                raise KubernetesError(status=422, reason="Invalid",
+                                      message=f"the test of resourceVersion {op.get('value')} failed: now {current}")
+
+    def _record(self, request: Any) -> None:
+        if not hasattr(self, "verbs_used"):
+            self.verbs_used = set()
+        method = str(request.method).rsplit(".", 1)[-1].upper()
+        if method == "GET":
+            verb = "watch" if request.params.get("watch") == "true" else "get" if request.name else "list"
+        else:
+            verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(method, method)
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        agent = request.headers.get("User-Agent", "").split("/")[0].split(" ")[0]
+        self.verbs_used.add((agent, verb, request.resource.group or "", resource))
 
 
 class SimCluster:
@@ -84,17 +141,17 @@ class SimCluster:
         self._operator: threading.Thread | None = None
         self._stop: threading.Event | None = None
         self.kube: k.Kube
-        self.emulator: BoundedEmulator
+        self.emulator: RealisticEmulator
 
     # -- lifecycle ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def running(self, *, operator: bool = True) -> AsyncIterator[SimCluster]:
-        self.emulator = BoundedEmulator()
+        self.emulator = RealisticEmulator()
         self._register_resources()
         async with self.emulator, Server(self.emulator) as server:
             self.url = str(server.url).rstrip("/")
-            self.kube = k.Kube(k.Connection(server=self.url))
+            self.kube = k.Kube(k.Connection(server=self.url), user_agent="simcluster")
             await self._seed()
             self._tasks.append(asyncio.create_task(self._controllers()))
             if operator:
@@ -160,10 +217,7 @@ class SimCluster:
         obj = json.loads(json.dumps(obj))
         meta = obj["metadata"]
         meta.setdefault("namespace", NAMESPACE)
-        meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("generation", 1)
-        meta.setdefault("resourceVersion", "1")
-        meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         await self.kube.create(obj)
         return obj
 

@@ -12,6 +12,7 @@ from opbuilders import data_spec, finetune_spec, manifest, preference_spec, pret
 from simcluster import SimCluster
 
 from crucible.operator import kube as k
+from crucible.operator.rbac import RULES, grants
 from crucible.operator.reconcile import cr_res
 from crucible.operator.render import LABEL_RUN
 
@@ -52,6 +53,15 @@ def test_two_node_pretrain_run_succeeds() -> None:
     run(scenario)
 
 
+def assert_rbac_covers_the_operator(c: SimCluster) -> None:
+    """Every request the operator (and its Kopf) made is granted by crucible.operator.rbac.RULES."""
+    used = {(verb, group, res) for agent, verb, group, res in c.emulator.verbs_used
+            if agent in ("crucible-operator", "kopf")}
+    assert used, "no operator requests recorded"
+    denied = sorted(t for t in used if not grants(RULES, t[1], t[2], t[0]))
+    assert not denied, f"the ClusterRole lacks {denied}"
+
+
 async def nodes_of(c: SimCluster, run_name: str) -> set[str]:
     return {p["spec"].get("nodeName") for p in await c.pods(run_name)} - {None}
 
@@ -85,6 +95,9 @@ def test_node_dies_mid_run_restarts_on_other_nodes_and_resumes() -> None:
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for m in c.operator_metrics.registry.collect() for s in m.samples}
         assert samples[("crucible_operator_restarts_total", (("kind", "PretrainRun"), ("reason", "NodeLost")))] == 1
+        assert samples[("crucible_operator_runs", (("kind", "PretrainRun"), ("phase", "Succeeded")))] == 1
+        assert samples[("crucible_operator_runs", (("kind", "PretrainRun"), ("phase", "Running")))] == 0
+        assert_rbac_covers_the_operator(c)
     run(scenario)
 
 
@@ -208,6 +221,7 @@ def test_deleting_a_run_removes_what_it_created() -> None:
             crs = await c.kube.list(cr_res("PretrainRun"), "ml")
             return not left and not crs
         await c.wait_for(gone, what="the run and its objects to be deleted")
+        assert_rbac_covers_the_operator(c)
     run(scenario)
 
 
@@ -241,4 +255,5 @@ def test_from_run_chain_of_all_five_kinds() -> None:
         assert spec["model"] == {"uri": pr["status"]["outputURI"]}
         assert spec["evaluation"]["data"] == {"uri": dp["status"]["outputURI"]}
         assert q["status"]["outputURI"] == "s3://bucket/runs/ml/quantizejob/q/output"
+        assert_rbac_covers_the_operator(c)
     run(scenario, nodes=4)

@@ -159,10 +159,11 @@ def matches(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
 class Kube:
     """Async API client; one per operator (create it at startup, close it at cleanup)."""
 
-    def __init__(self, conn: Connection, *, retries: int = 4, timeout: float = 30.0) -> None:
+    def __init__(self, conn: Connection, *, retries: int = 4, timeout: float = 30.0,
+                 user_agent: str = "crucible-operator") -> None:
         self.conn = conn
         self.retries = retries
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": user_agent}
         if conn.token:
             headers["Authorization"] = f"Bearer {conn.token}"
         self._session = aiohttp.ClientSession(
