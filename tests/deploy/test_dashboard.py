@@ -22,7 +22,7 @@ METRIC = re.compile(r"\b(crucible_[a-z0-9_]+)\b")
 # What a platform team reads per run (issue 7): panel titles of the dashboard.
 REQUIRED_PANELS = [
     "Loss", "Learning rate", "Gradient norm", "Tokens per second", "MFU", "Goodput",
-    "Restarts by reason", "Checkpoint age", "Checkpoint save time",
+    "Restarts by reason", "Attempts per run", "Checkpoint age", "Checkpoint save time",
 ]
 
 
@@ -121,7 +121,8 @@ def test_panels_do_not_overlap() -> None:
 
 def test_every_dashboard_query_is_valid_promql(promtool: str, tmp_path: Path) -> None:
     def concrete(expr: str) -> str:
-        return expr.replace("$__rate_interval", "1m").replace("$namespace", ".*").replace("$run", ".*")
+        return (expr.replace("$__rate_interval", "1m").replace("$__range", "6h")
+                .replace("$namespace", ".*").replace("$run", ".*"))
 
     rules = [{"record": f"crucible:dashboard_query:{i}", "expr": concrete(e)} for i, e in enumerate(_dashboard_exprs())]
     variable_queries = [v["definition"] for v in _dashboard()["templating"]["list"] if v["type"] == "query"]
