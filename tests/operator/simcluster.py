@@ -422,7 +422,7 @@ class SimCluster:
                 f"crucible_train_step {t.step}",
                 f"crucible_train_loss {3.0 - t.step * 0.01:.4f}",
                 f"crucible_train_tokens_total {t.step * t.tokens_per_step}",
-                "crucible_train_tokens_per_second 100000.0",
+                f"crucible_train_tokens_per_second {t.tokens_per_step * t.steps_per_second:.1f}",
                 "crucible_train_mfu_ratio 0.42",
                 f"crucible_train_loss_spikes_total {t.spikes}",
                 f"crucible_checkpoint_last_step {t.checkpoint}",

@@ -34,10 +34,11 @@ def pretrain(name: str, port: int, *, nodes: int = 2, steps: int = 20, **over: A
 
 def test_two_node_pretrain_run_succeeds() -> None:
     async def scenario(c: SimCluster) -> None:
-        c.trainer("pt", total_steps=20, port=19401)
+        t = c.trainer("pt", total_steps=20, port=19401)
         await c.apply(pretrain("pt", 19401))
         running = await c.wait_phase("PretrainRun", "pt", "Running")
         assert running["status"]["attempt"] == 0
+        t.spikes = 1  # the trainer caught a loss spike and rolled back
         (job,) = await c.jobs("pt")
         assert job["spec"]["completions"] == 2
         done = await c.wait_phase("PretrainRun", "pt", "Succeeded")
@@ -48,8 +49,15 @@ def test_two_node_pretrain_run_succeeds() -> None:
         assert s["progress"]["totalSteps"] == 20
         assert s["completionTime"] and s["startTime"]
         reasons = [e["reason"] for e in await c.events("pt")]
-        assert "AttemptStarted" in reasons and "Succeeded" in reasons
+        assert "AttemptStarted" in reasons and "Succeeded" in reasons and "LossSpike" in reasons
+        assert s["lossSpikes"] == 1
         assert [c_["type"] for c_ in s["conditions"] if c_["status"] == "True"] == ["InputsReady", "Complete"]
+        assert 0 < s["goodput"] <= 1
+        samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+                   for m in c.operator_metrics.registry.collect() for x in m.samples}
+        assert samples[("crucible_operator_time_to_running_seconds_count", (("kind", "PretrainRun"),))] == 1
+        assert samples[("crucible_operator_goodput_ratio", (("kind", "PretrainRun"), ("name", "pt"),
+                                                            ("namespace", "ml")))] == s["goodput"]
     run(scenario)
 
 
