@@ -43,6 +43,10 @@ FUNNEL_PNG = "report-funnel.png"
 FORMAT_PREFIX = "In short"
 """The quickstart's instruction data answers in this format; the report counts answers that follow it."""
 TRAINING_KINDS = ("PretrainRun", "FinetuneRun", "PreferenceRun")
+EVAL_BATCHES = 4
+"""Held-out perplexity: 4 batches of 4 windows of 256 tokens per model, the same windows for every model."""
+UNTRAINED_ANSWER_TOKENS = 16
+"""Random weights answer gibberish; a few tokens show it."""
 MODEL_KINDS = ("PretrainRun", "FinetuneRun", "PreferenceRun", "QuantizeJob")
 
 
@@ -339,8 +343,8 @@ def perplexity_section(workdir: WorkDir, states: list[RunState], report: Report)
     except ImportError as exc:
         sec.markdown.append(f"*Not measured: {exc}.*")
         return sec, measured
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    seq_len, batches = 256, 8
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(4, os.cpu_count() or 1))))
+    seq_len, batches = 256, EVAL_BATCHES
     try:
         tokens = evaluate.load_eval_tokens(uri)
     except Exception as exc:
@@ -432,7 +436,7 @@ def _untrained_answers(workdir: WorkDir, states: list[RunState], prompts: list[s
         if model is None or model[1] is None:
             return None
         with torch.no_grad():
-            answers = evaluate.answer_prompts(model[0], model[1], prompts, 40)
+            answers = evaluate.answer_prompts(model[0], model[1], prompts, UNTRAINED_ANSWER_TOKENS)
         return dict(zip(prompts, answers, strict=True))
     except Exception:
         return None
