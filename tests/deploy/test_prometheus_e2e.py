@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from deploylib import REPO, rule_groups
+from deploylib import CHART, REPO, one, render_objects, rule_groups
 
 T = TypeVar("T")
 RUN_LABELS = {"namespace": "ml-research", "run": "tiny-llama", "kind": "PretrainRun", "attempt": "0",
@@ -93,12 +93,13 @@ def _pretrain_spec(tmp: Path) -> dict[str, Any]:
 
 
 def _start_prometheus(binary: str, tmp: Path, job: str, port: int, labels: dict[str, str],
-                      processes: list[subprocess.Popen[bytes]]) -> Prometheus:
+                      processes: list[subprocess.Popen[bytes]], honor_labels: bool = False) -> Prometheus:
     """A Prometheus on loopback with the chart's rules (default values), scraping one target twice a second."""
     config = {
         "global": {"scrape_interval": "500ms", "scrape_timeout": "400ms", "evaluation_interval": "500ms"},
         "rule_files": ["rules.yaml"],
-        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": labels}]}],
+        "scrape_configs": [{"job_name": job, "honor_labels": honor_labels,
+                            "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": labels}]}],
     }
     (tmp / "rules.yaml").write_text(yaml.safe_dump({"groups": rule_groups()}, sort_keys=False))
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -129,6 +130,21 @@ class Prometheus:
 
     def firing(self, name: str) -> dict[str, Any] | None:
         return next((a for a in self.alerts(name) if a["state"] == "firing"), None)
+
+
+def _dashboard_queries(metric_prefix: str, namespace: str, run: str) -> dict[str, str]:
+    """The dashboard's queries on `metric_prefix` series, with Grafana's variables filled in."""
+    dashboard = json.loads((CHART / "files" / "dashboards" / "crucible-training.json").read_text())
+    queries = {}
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            if metric_prefix in expr and "histogram_quantile" not in expr:
+                queries[f"{panel['title']} / {target['refId']}"] = (
+                    expr.replace("$__rate_interval", "5s").replace("$__range", "5m")
+                    .replace("$namespace", namespace).replace("$run", run)
+                )
+    return queries
 
 
 @pytest.fixture
@@ -179,6 +195,12 @@ def test_prometheus_fires_loss_spike_alert_on_a_live_trainer(
               120, processes)
     description = alert["annotations"]["description"]
     assert "ml-research/tiny-llama" in description and "{{" not in description
+    # Every trainer panel of the dashboard shows this run (label names and PromQL on real series).
+    queries = _dashboard_queries("crucible_", RUN_LABELS["namespace"], RUN_LABELS["run"])
+    queries = {k: v for k, v in queries.items() if "crucible_operator_" not in v}
+    assert len(queries) >= 11
+    empty = [title for title, expr in queries.items() if not _retry_query(prom, expr)]
+    assert not empty, f"dashboard panels with no data for a live run: {empty}"
     assert alert["annotations"]["summary"] == "Loss spike in PretrainRun ml-research/tiny-llama"
 
 
@@ -196,7 +218,11 @@ def test_prometheus_fires_run_failed_and_restart_storm_from_the_operators_export
     for run in runs:
         metrics.set_phase(run, "Running")
     operator_labels = {"namespace": "crucible-system", "pod": "crucible-5d9c7-xk2lp"}
-    prom = _start_prometheus(prometheus_bin, tmp_path, "crucible-operator", port, operator_labels, processes)
+    # As the chart's ServiceMonitor scrapes it: honorLabels keeps goodput's own namespace label.
+    monitor = one(render_objects({"metrics": {"serviceMonitor": {"enabled": True}}}), "ServiceMonitor")
+    honor = bool(monitor["spec"]["endpoints"][0].get("honorLabels", False))
+    prom = _start_prometheus(prometheus_bin, tmp_path, "crucible-operator", port, operator_labels, processes,
+                             honor_labels=honor)
 
     _wait_for("a scrape of three Running runs",
               lambda: prom.query('sum(crucible_operator_runs{phase="Running"}) == 3'), 60, processes)
@@ -215,5 +241,22 @@ def test_prometheus_fires_run_failed_and_restart_storm_from_the_operators_export
     assert failed["annotations"]["summary"] == "1 PretrainRun run(s) Failed"
     assert "{{" not in storm["annotations"]["description"]
 
+    # The operator panels of the dashboard show these series.
+    metrics.goodput.labels("PretrainRun", "ml-research", "llama-1").set(0.93)
+    queries = _dashboard_queries("crucible_operator_", "ml-research", "llama-1")
+    assert len(queries) >= 6
+    empty = [title for title, expr in queries.items() if not _retry_query(prom, expr)]
+    assert not empty, f"dashboard panels with no data: {empty}"
+
     metrics.forget(runs[0])  # the failed run is deleted: the alert clears
     _wait_for("CrucibleRunFailed resolved", lambda: not prom.alerts("CrucibleRunFailed"), 60, processes)
+
+
+def _retry_query(prom: Prometheus, expr: str, timeout: float = 10) -> list[dict[str, Any]]:
+    """A query's result once Prometheus has scraped what it needs (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = prom.query(expr)
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.3)
