@@ -88,3 +88,26 @@ def test_a_pod_that_failed_without_a_container_status_counts_as_killed() -> None
     end = process_end(pod(0, "Failed"), {"n1": READY})
     assert end.exit_code == 137
     assert classify([end]).reason == f.KILLED_BY_SIGNAL
+
+
+RETRIABLE = '{"exitCode": 75, "kind": "retriable", "reason": "NCCL watchdog timeout"}'
+APP = '{"exitCode": 1, "kind": "application-error", "reason": "KeyError: step"}'
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "tail"),
+    [
+        (RETRIABLE, f.RETRIABLE_EXIT, "NCCL watchdog timeout"),
+        (f"{RETRIABLE}\n{RETRIABLE}", f.RETRIABLE_EXIT, "NCCL watchdog timeout"),
+        (f"{RETRIABLE}\n{APP}", f.APPLICATION_ERROR, "KeyError: step"),  # the crash, not its peers' timeouts
+        ('{"exitCode": 2, "kind": "bad-input", "reason": "spec.data.uri: no shards"}', f.BAD_INPUT,
+         "spec.data.uri: no shards"),
+        ("Traceback (most recent call last):\nboom", f.APPLICATION_ERROR, "Traceback (most recent call last):\nboom"),
+    ],
+)
+def test_torchrun_exit_1_is_read_through_the_termination_message(message: str, reason: str, tail: str) -> None:
+    end = process_end(pod(0, "Failed", terminated={"exitCode": 1, "reason": "Error", "message": message}),
+                      {"n1": READY})
+    failure = classify([end])
+    assert failure is not None and failure.reason == reason
+    assert failure.log_tail == tail

@@ -10,6 +10,7 @@ be created next, once every earlier one has completed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from crucible.core.decide import AttemptState
 from crucible.core.failure import ProcessEnd
 from crucible.operator.render import CONTAINER, JOB_INDEX_LABEL, LABEL_ROLE
+from crucible.trainer.config.common import EXIT_APPLICATION_ERROR, EXIT_BAD_INPUT, EXIT_RETRIABLE
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,38 @@ def _container_state(pod: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
+_KIND_CODES = {"bad-input": EXIT_BAD_INPUT, "application-error": EXIT_APPLICATION_ERROR, "retriable": EXIT_RETRIABLE}
+
+
+def trainer_exit(message: str | None) -> tuple[int | None, str]:
+    """The exit the trainer reported in its termination message, and the reasons.
+
+    Under torchrun a pod's exit status is torchrun's own (1 whenever a worker failed), so each
+    failing rank appends ``{"exitCode", "kind", "reason"}`` to ``$CRUCIBLE_TERMINATION_LOG``
+    (crucible.trainer.faults). When ranks disagree, a bad input or an application error wins
+    over a retriable fault: the peers of a crashed rank fail on communication, and that must
+    not turn a bug into restarts. Not JSON (Kubernetes' fallback to the log tail): (None, text).
+    """
+    if not message:
+        return None, ""
+    codes: list[int] = []
+    reasons: list[str] = []
+    for line in message.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and "exitCode" in doc:
+            codes.append(_KIND_CODES.get(doc.get("kind", ""), int(doc["exitCode"])))
+            reasons.append(str(doc.get("reason", "")))
+    if not codes:
+        return None, message
+    for code in (EXIT_BAD_INPUT, EXIT_APPLICATION_ERROR, EXIT_RETRIABLE):
+        if code in codes:
+            return code, "\n".join(dict.fromkeys(r for c, r in zip(codes, reasons, strict=True) if c == code))
+    return codes[0], "\n".join(reasons)
+
+
 def process_end(pod: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any] | None]) -> ProcessEnd:
     meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
     node = spec.get("nodeName")
@@ -71,6 +105,11 @@ def process_end(pod: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any] | 
     lost = bool(node) and node in nodes and node_lost(nodes[node]) and status.get("phase") not in ("Succeeded",)
     exit_code = terminated.get("exitCode") if terminated else None
     signal = terminated.get("signal") if terminated else None
+    log_tail = (terminated.get("message") or "") if terminated else ""
+    if terminated and exit_code not in (None, 0) and terminated.get("reason") != "OOMKilled":
+        reported, detail = trainer_exit(log_tail)
+        if reported is not None:
+            exit_code, log_tail = reported, detail
     failed_phase = status.get("phase") == "Failed"
     if failed_phase and exit_code is None and not disruption and not lost:
         exit_code = 137  # failed with no container status: killed before it could report
@@ -82,7 +121,7 @@ def process_end(pod: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any] | 
         reason=terminated.get("reason") if terminated else None,
         disruption=disruption if (failed_phase or disruption) else None,
         node_lost=lost,
-        log_tail=(terminated.get("message") or "") if terminated else "",
+        log_tail=log_tail,
     )
 
 
