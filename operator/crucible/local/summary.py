@@ -23,11 +23,11 @@ _ANY = (("documentsOut", "docs kept {:,}"), ("finalLoss", "loss {:.3f}"))
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.1f} TiB"
 
 
 def key_results(results: dict[str, Any], limit: int = 2, kind: str | None = None) -> str:

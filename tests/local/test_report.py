@@ -1,0 +1,112 @@
+"""The report from what runs leave behind: funnel, curves, answers, checks, self-contained HTML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from crucible.api.common import RunStatus
+from crucible.local.report import _markdown_to_html, build_report, render_html, render_markdown, write_report
+from crucible.local.workdir import RunState, WorkDir
+
+
+def add_run(workdir: WorkDir, kind: str, name: str, results: dict | None = None, phase: str = "Succeeded") -> Path:
+    out = workdir.run_dir("default", kind, name) / "output"
+    out.mkdir(parents=True)
+    status = RunStatus(phase=phase, output_uri=str(out), results=results or {},
+                       start_time="2026-01-01T00:00:00Z", completion_time="2026-01-01T00:01:30Z")
+    workdir.save_state(RunState(kind, name, "default", status=status))
+    (out / "_SUCCESS").write_text(json.dumps({"stage": kind, "results": results or {}}))
+    return out
+
+
+def prompts(out: Path, before: list[str], after: list[str], labels=("base", "tuned")) -> None:
+    (out / "eval").mkdir()
+    records = [{"prompt": f"q{i}", labels[0]: b, labels[1]: a} for i, (b, a) in enumerate(zip(before, after, strict=True))]
+    (out / "eval" / "prompts.json").write_text(json.dumps({"labels": list(labels), "prompts": records}))
+
+
+def metrics(workdir: WorkDir, kind: str, name: str, losses: list[float]) -> None:
+    path = workdir.run_dir("default", kind, name) / "checkpoints" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    lines = [json.dumps({"step": i + 1, "loss": v}) for i, v in enumerate(losses)]
+    lines.append(json.dumps({"event": "eval", "step": len(losses), "loss": losses[-1] + 0.5}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> WorkDir:
+    wd = WorkDir(tmp_path)
+    data = add_run(wd, "DataPipeline", "corpus", {"documentsIn": 10, "documentsOut": 6})
+    (data / "manifest.json").write_text(json.dumps({
+        "documentsIn": 10, "documentsOut": 6, "tokens": {"train": 900, "validation": 100},
+        "funnel": [{"step": "read", "documentsIn": 10, "documentsOut": 10, "dropped": {}},
+                   {"step": "language", "documentsIn": 10, "documentsOut": 8, "dropped": {"language_de": 2}},
+                   {"step": "dedup", "documentsIn": 8, "documentsOut": 6, "dropped": {"exact_duplicate": 2}}],
+        "pii": {"email": 3},
+    }))
+    pre = add_run(wd, "PretrainRun", "lm", {"finalLoss": 4.0, "perplexity": 200.0})
+    prompts(pre, ["", ""], ["gibberish", "more"], labels=("before", "after"))
+    metrics(wd, "PretrainRun", "lm", [8.0, 6.0, 4.0])
+    sft = add_run(wd, "FinetuneRun", "sft", {"finalLoss": 2.0})
+    prompts(sft, ["x", "y"], ["In short, a: b.", "In short, c: d."])
+    metrics(wd, "FinetuneRun", "sft", [5.0, 3.0])
+    add_run(wd, "PreferenceRun", "dpo", {"preferenceAccuracy": 0.75, "rewardMargin": 1.5, "method": "dpo", "beta": 0.1})
+    add_run(wd, "QuantizeJob", "int8", {"method": "int8", "sizeBytesBefore": 4_000_000, "sizeBytesAfter": 2_000_000,
+                                        "perplexityBefore": 100.0, "perplexityAfter": 101.0,
+                                        "maxPerplexityIncrease": 0.05})
+    return wd
+
+
+def test_checks_and_sections(workdir: WorkDir) -> None:
+    report = build_report(workdir)
+    checks = {c.what: c for c in report.checks}
+    assert checks["Answers after SFT follow the instruction format"].ok is True
+    assert checks["Answers after SFT follow the instruction format"].detail.startswith("2/2")
+    assert checks["DPO preference accuracy on held-out pairs is above 0.5"].ok is True
+    assert checks["INT8 stays within its perplexity threshold"].ok is True
+    assert "+1.00 %" in checks["INT8 stays within its perplexity threshold"].detail
+    md = render_markdown(report, "now")
+    assert "| language | 10 | 8 | language_de 2 |" in md
+    assert "exact_duplicate 2" in md and "email 3" in md
+    assert "loss 8.000 at step 1 → 4.000 at step 3" in md
+    assert "| after finetune (sft) | In short, a: b. |" in md
+    assert "| 3.8 MiB | 1.9 MiB | 0.50× |" in md
+
+
+def test_failing_thresholds_are_marked(workdir: WorkDir) -> None:
+    state = workdir.load_state("default", "PreferenceRun", "dpo")
+    assert state is not None
+    state.status.results["preferenceAccuracy"] = 0.4
+    workdir.save_state(state)
+    checks = {c.what: c.ok for c in build_report(workdir).checks}
+    assert checks["DPO preference accuracy on held-out pairs is above 0.5"] is False
+
+
+def test_html_is_self_contained(workdir: WorkDir) -> None:
+    paths = write_report(workdir.root)
+    page = Path(paths["html"]).read_text()
+    assert page.count("data:image/png;base64,") == 2  # funnel and loss curves
+    assert "<link" not in page and 'src="http' not in page and "<script" not in page
+    assert (workdir.root / "report-loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["| a | b |", "| --- | --- |", "| 1 | x \\| y |"], "<tr><td>1</td><td>x | y</td></tr>"),
+        (["- **bold** item"], "<li><b>bold</b> item</li>"),
+        (["*note*"], "<p><i>note</i></p>"),
+        (["<script>"], "<p>&lt;script&gt;</p>"),
+    ],
+)
+def test_markdown_subset(lines: list[str], expected: str) -> None:
+    assert expected in _markdown_to_html(lines)
+
+
+def test_render_html_escapes_titles(workdir: WorkDir) -> None:
+    report = build_report(workdir)
+    report.title = "<b>x</b>"
+    assert "&lt;b&gt;x&lt;/b&gt;" in render_html(report, "now")
