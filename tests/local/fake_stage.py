@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
     out = Path(spec["output"]["uri"])
     print(f"fake {stage} {run} attempt {attempt} rank {os.environ.get('RANK')} world {os.environ.get('WORLD_SIZE')}",
           flush=True)
+    print("argv " + " ".join(argv[1:]), flush=True)
     if (out / "_SUCCESS").exists():
         print("already done", flush=True)
         return 0

@@ -106,14 +106,45 @@ def test_changed_spec_reruns_that_run_and_everything_downstream(pipeline: Pipeli
     pipeline.write(chain())
     pipeline.run()
     resources = chain()
-    resources[1] = pretrain_run(steps=8)
+    resources[1]["spec"]["model"]["hiddenSize"] = 64
     pipeline.write(resources)
     out = pipeline.run()
     assert out["corpus"].skipped
     assert not out["base"].skipped and not out["sft"].skipped and not out["int8"].skipped
-    assert pipeline.state("PretrainRun", "base").status.progress.step == 8
-    # started over: not resumed from the old run's checkpoints
+    # started over: a different model cannot continue from the old checkpoints
     assert "resumed" not in pipeline.log("PretrainRun", "base")
+
+
+def test_longer_training_continues_from_the_latest_checkpoint(pipeline: Pipeline) -> None:
+    pipeline.write(chain())
+    pipeline.run()
+    resources = chain()
+    resources[1] = pretrain_run(steps=8)
+    pipeline.write(resources)
+    out = pipeline.run()
+    assert out["corpus"].skipped
+    assert not out["base"].skipped and not out["sft"].skipped
+    state = pipeline.state("PretrainRun", "base")
+    assert state.status.progress.step == 8
+    assert "resumed from checkpoint step 6" in pipeline.log("PretrainRun", "base", attempt=state.status.attempt)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda spec: spec["failurePolicy"].update(maxRestarts=7),
+        lambda spec: spec.update(metrics={"port": 0}),
+        lambda spec: spec.update(resources={"cpu": "2"}),
+    ],
+    ids=["failurePolicy", "metrics", "resources"],
+)
+def test_operational_edits_do_not_rerun(pipeline: Pipeline, edit) -> None:
+    pipeline.write(chain()[:2])
+    pipeline.run()
+    resources = chain()[:2]
+    edit(resources[1]["spec"])
+    pipeline.write(resources)
+    assert all(o.skipped for o in pipeline.run().values())
 
 
 def test_changed_input_file_reruns_the_pipeline_that_reads_it(pipeline: Pipeline) -> None:
@@ -215,3 +246,32 @@ def test_quantize_of_a_finetune_output(pipeline: Pipeline) -> None:
     assert out["int8"].phase == "Succeeded"
     assert spec_of(pipeline, "QuantizeJob", "int8")["model"]["uri"].endswith("pretrainrun/base/output")
     assert os.path.isdir(out["int8"].output_uri)
+
+
+def test_data_pipeline_workers_run_each_stage_as_shards(pipeline: Pipeline) -> None:
+    dp = data_pipeline()
+    dp["spec"]["workers"] = 2
+    pipeline.write([dp])
+    out = pipeline.run()
+    assert out["corpus"].phase == "Succeeded"
+    logs = pipeline.run_dir("DataPipeline", "corpus") / "logs"
+    first = (logs / "attempt-0.log").read_text()
+    for stage in ("filter", "dedup", "tokenize"):
+        assert f"--stage {stage} --shard 0 --num-shards 2" in first
+        assert f"--stage {stage} --shard 1 --num-shards 2" in (logs / f"attempt-0.{stage}-1.log").read_text()
+    assert "rank None" in first  # shards are independent processes, not a torch.distributed world
+
+
+def test_suspended_run_is_not_started_and_blocks_what_needs_it(pipeline: Pipeline) -> None:
+    resources = chain()[:3]
+    resources[1]["spec"]["suspend"] = True
+    pipeline.write(resources)
+    out = pipeline.run()
+    assert out["corpus"].phase == "Succeeded"
+    assert out["base"].phase == "Suspended"
+    assert out["sft"].phase == "Waiting"
+    assert "PretrainRun base (Suspended)" in out["sft"].message
+    resources[1]["spec"]["suspend"] = False
+    pipeline.write(resources)
+    again = pipeline.run()
+    assert again["base"].phase == "Succeeded" and again["sft"].phase == "Succeeded"

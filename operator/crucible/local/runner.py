@@ -59,6 +59,9 @@ BASE_MODEL_ENV = "CRUCIBLE_BASE_MODEL"
 TRAINER_COMMAND_ENV = "CRUCIBLE_TRAINER_COMMAND"
 """Overrides ``<this python> -m crucible.trainer`` (e.g. a wrapper that enters a container)."""
 LOG_TAIL_LINES = 20
+OPERATIONAL_FIELDS = ("suspend", "failurePolicy", "metrics", "scheduling", "resources")
+"""Spec fields that change how a run is operated, not what it produces: editing them never reruns it."""
+TRAINING_LENGTH_FIELDS = ("maxSteps", "maxTokens", "evalEvery", "evalBatches")
 _HASH_LIMIT = 64 * 1024 * 1024
 
 
@@ -214,14 +217,24 @@ class Runner:
             raise RunnerError(f"{item.where}: {exc}") from exc
         self._check_local_inputs(item, resource, probe)
         fingerprint = self._fingerprint(probe, dag, key)
+        training_fingerprint = self._fingerprint(probe, dag, key, training_only=True)
         output_dir = Path(probe.output_uri)
 
         if state.fingerprint is not None and state.fingerprint != fingerprint:
-            if (output_dir / "_SUCCESS").exists() or latest_checkpoint(run_dir / "checkpoints"):
-                self.ui.info(f"{label}: its spec or inputs changed since it last ran; starting it over")
-            self._forget(key)
-            state = RunState(kind, name, namespace, source_file=str(item.source))
+            had_work = (output_dir / "_SUCCESS").exists() or latest_checkpoint(run_dir / "checkpoints")
+            if state.training_fingerprint == training_fingerprint and latest_checkpoint(run_dir / "checkpoints"):
+                # Only the length of training (or its evaluation) changed: keep the checkpoints and
+                # continue from the latest one, e.g. after raising training.maxSteps.
+                self.ui.info(f"{label}: training length changed; continuing from its latest checkpoint")
+                shutil.rmtree(output_dir, ignore_errors=True)
+                state.status = RunStatus(attempt=state.status.attempt + 1)
+            else:
+                if had_work:
+                    self.ui.info(f"{label}: its spec or inputs changed since it last ran; starting it over")
+                self._forget(key)
+                state = RunState(kind, name, namespace, source_file=str(item.source))
         state.fingerprint = fingerprint
+        state.training_fingerprint = training_fingerprint
 
         success = read_success(output_dir)
         if success is not None:
@@ -491,9 +504,21 @@ class Runner:
         if problems:
             raise RunnerError("\n".join(problems))
 
-    def _fingerprint(self, launch: LaunchPlan, dag: Dag, key: Key) -> str:
+    def _fingerprint(self, launch: LaunchPlan, dag: Dag, key: Key, training_only: bool = False) -> str:
+        """sha256 of what decides a run's result: the spec (less operational fields), input receipts, local inputs.
+
+        ``training_only`` leaves out how long training runs and how it is evaluated: when only
+        those change, the checkpoints are still a valid start.
+        """
+        spec = {k: v for k, v in launch.spec.items() if k not in OPERATIONAL_FIELDS}
+        checkpoint = {k: v for k, v in (spec.get("checkpoint") or {}).items() if k == "uri"}
+        if checkpoint:
+            spec["checkpoint"] = checkpoint
+        if training_only:
+            spec.pop("eval", None)
+            spec["training"] = {k: v for k, v in (spec.get("training") or {}).items() if k not in TRAINING_LENGTH_FIELDS}
         h = hashlib.sha256()
-        h.update(json.dumps(launch.spec, sort_keys=True).encode())
+        h.update(json.dumps(spec, sort_keys=True).encode())
         for path, target in sorted(dag.upstream.get(key, {}).items()):
             state = self.workdir.load_state(*target)
             receipt = read_success(Path(state.status.output_uri)) if state and state.status.output_uri else None

@@ -60,6 +60,8 @@ class RunState:
     status: RunStatus = field(default_factory=RunStatus)
     fingerprint: str | None = None
     """sha256 of the resolved spec and the receipts of its inputs; a change means rerun from scratch."""
+    training_fingerprint: str | None = None
+    """The same without the training length; unchanged means the checkpoints are still a valid start."""
     pids: list[int] = field(default_factory=list)
     run_started: float | None = None
     """Unix time of the first attempt (CRUCIBLE_RUN_STARTED)."""
@@ -71,6 +73,7 @@ class RunState:
             "name": self.name,
             "namespace": self.namespace,
             "fingerprint": self.fingerprint,
+            "trainingFingerprint": self.training_fingerprint,
             "pids": self.pids,
             "runStarted": self.run_started,
             "sourceFile": self.source_file,
@@ -85,6 +88,7 @@ class RunState:
             namespace=data.get("namespace") or "default",
             status=RunStatus.model_validate(data.get("status") or {}),
             fingerprint=data.get("fingerprint"),
+            training_fingerprint=data.get("trainingFingerprint"),
             pids=list(data.get("pids") or []),
             run_started=data.get("runStarted"),
             source_file=data.get("sourceFile"),
