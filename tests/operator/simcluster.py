@@ -94,15 +94,25 @@ class RealisticEmulator(KubernetesEmulator):
     _index: dict[tuple[Any, ...], Any]
 
     def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
-        """One object by name in O(1) (the emulator scans every object of every kind)."""
+        """Objects by name or by kind+namespace from an index (the emulator scans every object
+        of every kind on every request)."""
         res = request.resource
-        if request.name is not None and res is not None and (strict or request.namespace is not None):
-            objects = self._objects._objects
-            if len(objects) != self._indexed_len:
-                self._index = {(r.group, r.version, r.plural, ns, name): obj for (r, ns, name), obj in objects.items()}
-                self._indexed_len = len(objects)
+        if res is None or res.plural is None:
+            return KubernetesEmulator._KubernetesEmulator__get_objs(self, request, strict)  # type: ignore[attr-defined]
+        objects = self._objects._objects
+        if len(objects) != self._indexed_len:
+            self._index = {}
+            self._kinds: dict[tuple[Any, ...], list[Any]] = {}
+            for (r, ns, name), obj in objects.items():
+                self._index[(r.group, r.version, r.plural, ns, name)] = obj
+                self._kinds.setdefault((r.group, r.version, r.plural), []).append((ns, obj))
+            self._indexed_len = len(objects)
+        if request.name is not None and (strict or request.namespace is not None):
             obj = self._index.get((res.group, res.version, res.plural, request.namespace, request.name))
             return [obj] if obj is not None else []
+        if request.name is None:
+            return [obj for ns, obj in self._kinds.get((res.group, res.version, res.plural), [])
+                    if (ns == request.namespace if strict else request.namespace is None or ns == request.namespace)]
         return KubernetesEmulator._KubernetesEmulator__get_objs(self, request, strict)  # type: ignore[attr-defined]
 
     def _check_json_patch_tests(self, request: Any) -> None:
@@ -310,16 +320,17 @@ class SimCluster:
             if not mine:
                 for index in range(spec["completions"]):
                     await self.kube.create(self._pod(job, index))
+                await self._patch(k.JOBS, jname, {"status": {"active": spec["completions"]}})
                 continue
             phases = [p["status"].get("phase") for p in mine]
             if any(ph == "Failed" for ph in phases):
                 for p in mine:
                     if p["status"].get("phase") in ("Pending", "Running"):
                         await self.kube.delete(k.PODS, NAMESPACE, p["metadata"]["name"])
-                await self._patch(k.JOBS, jname, {"status": {"failed": phases.count("Failed"), "conditions": [
+                await self._patch(k.JOBS, jname, {"status": {"active": 0, "failed": phases.count("Failed"), "conditions": [
                     {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}})
             elif phases.count("Succeeded") == spec["completions"]:
-                await self._patch(k.JOBS, jname, {"status": {"succeeded": spec["completions"], "conditions": [
+                await self._patch(k.JOBS, jname, {"status": {"active": 0, "succeeded": spec["completions"], "conditions": [
                     {"type": "Complete", "status": "True"}]}})
             # schedule pending pods: one per node, honour excluded nodes, only Ready nodes
             busy = {p["spec"].get("nodeName") for p in pods if p["status"].get("phase") in ("Pending", "Running")}

@@ -230,7 +230,9 @@ class Reconciler:
                 jobs.append(job)
         pods: list[dict[str, Any]] = []
         nodes: dict[str, dict[str, Any] | None] = {}
-        if jobs:
+        # A Job whose controller reports no pods yet needs no pod listing (the common case for
+        # queued work: the pass is then one GET per role).
+        if any(_job_has_pods(j) for j in jobs):
             pods = await self.kube.list(k.PODS, ns, attempt_labels(resource.kind, resource.name, attempt))
             for name in {p.get("spec", {}).get("nodeName") for p in pods} - {None}:
                 nodes[name] = await self.kube.get(k.NODES, None, name)
@@ -315,6 +317,12 @@ class Reconciler:
             await self.kube.delete(k.VOLCANO_PODGROUPS, ns, child_name(name, attempt))
         elif gang == "coscheduling":
             await self.kube.delete(k.COSCHEDULING_PODGROUPS, ns, child_name(name, attempt))
+
+
+def _job_has_pods(job: Mapping[str, Any]) -> bool:
+    status = job.get("status") or {}
+    return any(status.get(key) for key in ("active", "ready", "failed", "succeeded", "terminating")) \
+        or bool(status.get("conditions"))
 
 
 def meta_generation(body: Mapping[str, Any]) -> int | None:
