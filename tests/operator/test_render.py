@@ -12,6 +12,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from opbuilders import make, make_pretrain_run
 
 from crucible.api.validate import load_or_raise
@@ -149,3 +150,18 @@ def test_long_names_keep_pod_hostnames_within_63() -> None:
     assert rendered.config_map["metadata"]["name"] != job
     for obj in rendered.objects():
         validate(obj)
+
+
+def test_crucible_render_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from crucible.cli import main
+
+    assert main(["render", str(REPO / "examples" / "pretrainrun.yaml"), "--attempt", "2", "--exclude-node", "bad"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert job["metadata"]["labels"][LABEL_ATTEMPT] == "2"
+    assert "bad" in str(job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("apiVersion: crucible.dev/v1alpha1\nkind: PretrainRun\nmetadata: {name: x}\nspec: {}\n")
+    assert main(["render", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.yaml" in err and "nothing rendered" in err
