@@ -34,7 +34,7 @@ os.environ.setdefault("CRUCIBLE_METRICS_PORT", "0")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from posttrain_dpo import WORDS, build_model  # noqa: E402  (same tiny model and tokenizer builder)
+from posttrain_dpo import WORDS, build_model  # the same tiny model and tokenizer builder
 
 MICRO_BATCH = 8
 SEQ_LEN = 64
