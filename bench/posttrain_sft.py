@@ -129,7 +129,8 @@ def run_trl(root: Path, base: Path, records: Path, steps: int, method: str, lr: 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                          peft_config=peft_config)
     output = trainer.train()
-    final = trainer.model.merge_and_unload() if method == "lora" else trainer.model
+    trained: Any = trainer.model
+    final = trained.merge_and_unload() if method == "lora" else trained
     final.save_pretrained(str(root / "trl" / "model"))
     wall = time.perf_counter() - started
     return {"train_s": float(output.metrics["train_runtime"]), "wall_s": wall, "model": root / "trl" / "model"}
