@@ -21,12 +21,15 @@ instead of failing the report.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,6 +291,24 @@ def _eval_tokens_uri(states: list[RunState]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: torch and torchao print optional-kernel and deprecation
+    notices straight to stderr while they import and load models; the report has nothing to say
+    about them (failures still surface as exceptions)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
 def _quiet_imports() -> None:
     """Keep library chatter (progress bars, optional-kernel warnings) out of the terminal summary."""
     import logging
@@ -296,13 +317,10 @@ def _quiet_imports() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("torchao", "torch", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    with quiet_stderr():
         from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _untrained_model(workdir: WorkDir, states: list[RunState]) -> tuple[Any, Any] | None:
@@ -500,9 +518,10 @@ def build_report(workdir: WorkDir) -> Report:
     report.sections.append(overview_section(workdir, states))
     report.sections.append(funnel_section(workdir, states))
     report.sections.append(loss_section(workdir, states))
-    ppl, _ = perplexity_section(workdir, states, report)
-    report.sections.append(ppl)
-    report.sections.append(answers_section(workdir, states, report))
+    with quiet_stderr():
+        ppl, _ = perplexity_section(workdir, states, report)
+        report.sections.append(ppl)
+        report.sections.append(answers_section(workdir, states, report))
     report.sections.append(preference_section(states, report))
     report.sections.append(quantize_section(states, report))
     return report
