@@ -280,9 +280,15 @@ def main() -> int:
     parser.add_argument("--dedup-docs", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, help="also write the figures here")
+    parser.add_argument("--corpus", type=str, default=None,
+                        help="jsonl with a 'text' field to measure sections 1, 2 and 4 on instead of the generated "
+                             "corpus (e.g. the quickstart's stdlib-docs.jsonl); section 3 needs planted duplicates")
     args = parser.parse_args()
 
     records = generate_corpus(args.docs, seed=args.seed)
+    if args.corpus:
+        with open(args.corpus, encoding="utf-8") as f:
+            records = [{"id": f"c{i}", "text": json.loads(line)["text"], "kind": "given"} for i, line in enumerate(f)]
     kinds = Counter(r["kind"] for r in records)
     n_bytes = sum(len(r["text"].encode()) for r in records)
     print(f"corpus: {len(records)} documents, {n_bytes / 1e6:.1f} MB, {dict(sorted(kinds.items()))}")
@@ -321,7 +327,7 @@ def main() -> int:
           "goal >= 99.9 %)")
 
     # 3. near-duplicate precision / recall
-    dq = dedup_quality(records)
+    dq = dedup_quality(records if not args.corpus else generate_corpus(args.docs, seed=args.seed))
     results["dedup"] = dq
     print("\n3. near duplicates (MinHash 5-grams, 14 bands x 8 rows): recall by planted Jaccard")
     for bucket, (hit, total) in dq["recall_by_bucket"].items():

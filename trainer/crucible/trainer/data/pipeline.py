@@ -533,6 +533,8 @@ class DataPipeline:
         exact_removed, near_removed = self.removed()
         info = self.ws.read_json("_work/tokenizer.json")
         tok = tokenizer_lib.load(self.ws.fetch_dir("tokenizer"))
+        # "<|endoftext|>" written in a document is text, not a document end.
+        tok.encode_special_tokens = True
         vocab, eos = int(info["vocabSize"]), int(info["eosId"])
         prefix = f"part-{part:05d}"
         tps = self.config.shards.tokens_per_shard
@@ -547,28 +549,25 @@ class DataPipeline:
         per_source: dict[str, Counter[str]] = {}
         ids_path = self.ws.path(f"{_part('tokenize', part)}/kept_ids.jsonl")
         ids_tmp = ids_path.with_name(".kept_ids.jsonl.tmp")
-        pending: list[tuple[str, str, str, int]] = []  # (split, source, text, copies)
-        chunk_no = 0
+        pending: list[tuple[str, str, str, str, int]] = []  # (split, source, id, text, copies)
 
         def flush() -> None:
-            nonlocal chunk_no
             if not pending:
                 return
-            encodings = tok.encode_batch_fast([t for _, _, t, _ in pending], add_special_tokens=False)
-            entries: list[tuple[str, str, np.ndarray]] = []
-            for (split, src, _, copies), enc in zip(pending, encodings, strict=True):
+            encodings = tok.encode_batch_fast([p[3] for p in pending], add_special_tokens=False)
+            entries: list[tuple[int, str, str, np.ndarray]] = []
+            for (split, src, doc_id, _, copies), enc in zip(pending, encodings, strict=True):
                 ids = np.asarray(enc.ids, dtype=np.int64)
-                for _ in range(copies):
-                    entries.append((split, src, ids))
-            # Repeats of a document are spread through the chunk, not written back to back.
-            rng = np.random.default_rng([shards_cfg.seed, part, chunk_no])
-            for i in rng.permutation(len(entries)):
-                split, src, ids = entries[i]
+                for copy in range(copies):
+                    entries.append((xxhash.xxh64_intdigest(f"{doc_id}\x00{copy}".encode("utf-8", "surrogatepass"), shards_cfg.seed), split, src, ids))
+            # Repeats of a document are spread through the chunk, not written back to back; the
+            # order is a hash of (id, copy), the same on every machine and library version.
+            entries.sort(key=lambda e: e[0])
+            for _, split, src, ids in entries:
                 writers[split].add_document(ids)
                 per_source[src][f"tokens_{split}"] += len(ids) + 1
                 per_source[src][f"written_{split}"] += 1
             pending.clear()
-            chunk_no += 1
 
         with open(ids_tmp, "w", encoding="utf-8") as ids_file:
             for rec in _read_zstd_jsonl(self.ws.fetch(f"{_part('filter', part)}/docs.jsonl.zst")):
@@ -584,7 +583,7 @@ class DataPipeline:
                 c["out"] += 1
                 ids_file.write(json.dumps(rec["id"], ensure_ascii=False) + "\n")
                 if shards_cfg.validation_fraction and unit_hash(rec["id"], shards_cfg.seed) < shards_cfg.validation_fraction:
-                    pending.append(("validation", src, rec["t"], 1))
+                    pending.append(("validation", src, rec["id"], rec["t"], 1))
                 else:
                     copies = self._copies(rec["id"], weights[src], mixture.seed) if mixture.enabled else 1
                     c["mixture_in"] += 1
@@ -592,7 +591,7 @@ class DataPipeline:
                         c["downweighted"] += 1
                         continue
                     c["repeats"] += copies - 1
-                    pending.append(("train", src, rec["t"], copies))
+                    pending.append(("train", src, rec["id"], rec["t"], copies))
                 if len(pending) >= TOKENIZE_CHUNK:
                     flush()
             flush()

@@ -74,9 +74,13 @@ class WordSplitter:
         """Non-whitespace tokens, as datatrove's ``split_into_words`` returns them."""
         special = self._special
         cache = self._chunks
+        chunks = text.split()
+        missing = [c for c in chunks if not (c.isalpha() and c not in special) and c not in cache]
+        if missing:
+            self._tokenize_batch(list(dict.fromkeys(missing)))
         out: list[str] = []
         append, extend = out.append, out.extend
-        for chunk in text.split():
+        for chunk in chunks:
             if chunk.isalpha() and chunk not in special:
                 append(chunk)
             else:
@@ -84,10 +88,36 @@ class WordSplitter:
                 extend(tokens if tokens is not None else self.chunk_tokens(chunk))
         return out
 
+    def _tokenize_batch(self, chunks: list[str]) -> None:
+        """Tokenize many chunks with one spaCy call (each whitespace-separated span is
+        tokenized on its own, so joining them with spaces changes nothing) and cache them."""
+        if len(self._chunks) + len(chunks) >= _CACHE_LIMIT:
+            self._chunks.clear()
+        starts = []
+        pos = 0
+        for c in chunks:
+            starts.append(pos)
+            pos += len(c) + 1
+        with self._nlp.memory_zone():
+            doc = self._nlp.tokenizer(" ".join(chunks))
+            tokens = [(t.idx, t.text) for t in doc]
+        i = 0
+        for chunk, start in zip(chunks, starts, strict=True):
+            end = start + len(chunk)
+            mine = []
+            while i < len(tokens) and tokens[i][0] < end:
+                if tokens[i][0] >= start:
+                    mine.append(tokens[i][1])
+                i += 1
+            self._chunks[chunk] = tuple(mine)
+
     def count_sentences(self, line: str) -> int:
         """Sentences of spaCy's Sentencizer in a stripped, non-empty line."""
         if not line:
             return 0
+        missing = [c for c in line.split() if not c.isalpha() and c not in self._chunks]
+        if missing:
+            self._tokenize_batch(list(dict.fromkeys(missing)))
         count, seen_end = 1, False
         pos = 0
         for match in _WHITESPACE_RUN.finditer(line):
