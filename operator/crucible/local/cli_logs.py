@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,14 @@ def _log_files(run_dir: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BrokenPipeError:  # `crucible logs NAME | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     root = find_workdir(args.workdir)
     if root is None:
         return 1

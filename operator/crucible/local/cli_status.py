@@ -36,6 +36,14 @@ def runner_active(root: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BrokenPipeError:  # `crucible status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     root = find_workdir(args.workdir)
     if root is None:
         return 1
