@@ -185,3 +185,16 @@ def test_ngram_hashes_equal_the_reference_loops() -> None:
             assert hashes.top_chars(n) == top_ngram_chars(words, n), (words, n)
         for n in range(5, 11):
             assert hashes.duplicated_chars(n) == duplicated_ngram_chars(words, n), (words, n)
+
+
+def test_c4_by_sentence_agrees_with_datatrove(corpus_records: list[dict[str, Any]]) -> None:
+    filters = pytest.importorskip("datatrove.pipeline.filters")
+    from datatrove.data import Document as DtDocument
+
+    theirs = filters.C4QualityFilter(split_paragraph=False)
+    ours = C4QualityFilter(C4Quality(split_paragraph=False))
+    for rec in corpus_records[:200]:
+        dt_doc, doc = DtDocument(text=rec["text"], id="x"), make_doc(rec["text"])
+        dt_result, our_result = theirs.filter(dt_doc), ours.filter(doc)
+        assert (dt_result is True) == (our_result is None), rec["id"]
+        assert doc.text == dt_doc.text

@@ -37,3 +37,9 @@ def test_generated_corpus_words_match_datatrove(corpus_records: list[dict]) -> N
     splitter = word_splitter()
     for rec in corpus_records[:150]:
         assert splitter.words(rec["text"]) == text_mod.split_into_words(rec["text"]), rec["id"]
+
+
+@pytest.mark.parametrize("text", [*CASES, "  a. b", "a.  \n  b. c", "   ", "a. \t b", "A.\n\n\nB."])
+def test_sentence_pieces_match_datatrove(text: str) -> None:
+    text_mod = pytest.importorskip("datatrove.utils.text")
+    assert word_splitter().sentences(text) == text_mod.split_into_sentences(text)

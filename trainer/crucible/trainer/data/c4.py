@@ -75,16 +75,5 @@ class C4QualityFilter(Filter):
         return KEEP
 
     def _sentences(self, text: str) -> list[str]:
-        """Sentences of the whole text (splitParagraph: false), by spaCy's sentencizer rule."""
-        out: list[str] = []
-        for line in text.splitlines():
-            out.extend(s for s in _split_sentences(line, self.splitter) if s.strip())
-        return out
-
-
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
-
-
-def _split_sentences(line: str, splitter: WordSplitter) -> list[str]:
-    # Approximation used only with splitParagraph: false; the default path counts exactly.
-    return _SENTENCE_BREAK.split(line.strip()) if line.strip() else []
+        """splitParagraph: false: spaCy-sentencizer pieces of the whole text, as datatrove cuts them."""
+        return self.splitter.sentences(text)

@@ -130,6 +130,48 @@ class WordSplitter:
         count, seen_end = self._scan(line[pos:], count, seen_end)
         return count
 
+    def sentences(self, text: str) -> list[str]:
+        """The text cut after each spaCy-sentencizer sentence, as datatrove's
+        ``split_into_sentences`` cuts it: pieces cover the whole text (whitespace stays with
+        the next piece, the last runs to the end), so ``"".join(pieces) == text``."""
+        chunks = text.split()
+        missing = [c for c in chunks if not c.isalpha() and c not in self._chunks]
+        if missing:
+            self._tokenize_batch(list(dict.fromkeys(missing)))
+        bounds: list[int] = []
+        seen_end = False
+        last_end = 0
+        pos = 0
+
+        def visit(token: str, offset: int, is_space: bool) -> None:
+            nonlocal seen_end, last_end
+            in_end = not is_space and token in SENTENCE_END_CHARS
+            if seen_end and not in_end and (is_space or not self._is_punct(token)):
+                bounds.append(last_end)  # the previous sentence ends with the previous token
+                seen_end = False
+            elif in_end:
+                seen_end = True
+            last_end = offset + len(token)
+
+        for match in _WHITESPACE_RUN.finditer(text):
+            chunk_start, run = match.start(), match.group()
+            self._visit_chunk(text[pos:chunk_start], pos, visit)
+            if chunk_start == 0:
+                visit(run, 0, True)  # leading whitespace is one token
+            elif run != " ":
+                skip = 1 if run[0] == " " else 0  # one space belongs to the previous token
+                visit(run[skip:], chunk_start + skip, True)
+            pos = match.end()
+        self._visit_chunk(text[pos:], pos, visit)
+        return [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+
+    def _visit_chunk(self, chunk: str, offset: int, visit: Any) -> None:
+        if not chunk:
+            return
+        for token in self.chunk_tokens(chunk):
+            visit(token, offset, False)
+            offset += len(token)
+
     def _scan(self, chunk: str, count: int, seen_end: bool) -> tuple[int, bool]:
         if not chunk:
             return count, seen_end
