@@ -208,7 +208,7 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path: Path, corpus: Pa
     spec = _spec(tmp_path / "spec.json", config, out, workers=1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "crucible.trainer", "data", "--spec", str(spec)]
-    # Kill once inside the filter stage (part of the docs written) and once inside tokenize.
+    # Kill once inside the filter stage (part of the docs written), once inside dedup (tokenizer training).
     for marker in (out / "_work" / "filter" / "part-00000" / ".docs.jsonl.zst.tmp", out / "_work" / "dedup"):
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
