@@ -1,18 +1,27 @@
 """Kopf handlers for the five kinds: thin — everything they do is in :mod:`.reconcile`.
 
-    build_registry(config: OperatorConfig, *, server: str | None = None) -> kopf.OperatorRegistry
+    build_registry(config: OperatorConfig, *, server=None, metrics=None, metrics_port=0)
+        -> kopf.OperatorRegistry
 
-Per kind, one timer (every ``config.interval`` seconds, starting as soon as Kopf sees the
-object, so a new run gets its Job at once) runs one reconcile pass, and an optional deletion
-handler removes the current attempt immediately (owner references would remove it too).
-Kopf's progress and diff-base live in ``crucible.dev`` annotations, never in ``status``,
-which belongs to the core. One registry per operator instance, so tests can run several
-(and restart one) in one process.
+Per kind one event handler: a run that appears (at creation, or when the operator starts and
+lists what exists) or whose spec changed (``metadata.generation`` ahead of
+``status.observedGeneration``) is reconciled at once; a deleted run has its current attempt
+removed (owner references remove the rest). Every watch event also refreshes the operator's
+view of the run, and one ticker reconciles every known run each ``config.interval`` seconds
+to observe its pods and metrics.
+
+Why not a Kopf timer per run: timers need a finalizer on every run (two more writes per run
+and a run that cannot be deleted while the operator is down) and a task per run. Level-
+triggered passes over the current state need neither. One registry per operator instance,
+so tests can run several (and restart one) in one process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -22,7 +31,8 @@ from crucible.operator.kube import Kube, load_connection
 from crucible.operator.metrics import OperatorMetrics
 from crucible.operator.reconcile import OperatorConfig, Reconciler
 
-FINALIZER = "crucible.dev/operator"
+log = logging.getLogger("crucible.operator")
+MAX_CONCURRENT_PASSES = 64
 
 
 def build_registry(config: OperatorConfig, *, server: str | None = None,
@@ -41,33 +51,65 @@ def build_registry(config: OperatorConfig, *, server: str | None = None,
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
-        memo.reconciler = Reconciler(Kube(conn), config, op_metrics)
+        reconciler = Reconciler(Kube(conn), config, op_metrics)
+        memo.reconciler = reconciler
+        memo.ticker = asyncio.create_task(_tick(reconciler, config.interval))
         op_metrics.serve(metrics_port)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        ticker: asyncio.Task[None] | None = memo.get("ticker")
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
         reconciler: Reconciler | None = memo.get("reconciler")
         if reconciler is not None:
             await reconciler.close()
             await reconciler.kube.close()
 
     for model in KIND_MODELS.values():
-        _register_kind(registry, model.PLURAL, config)
+        _register_kind(registry, model.PLURAL)
     return registry
 
 
-def _register_kind(registry: kopf.OperatorRegistry, plural: str, config: OperatorConfig) -> None:
-    @kopf.timer(GROUP, VERSION, plural, id="reconcile", interval=config.interval, initial_delay=0,
-                registry=registry)
-    async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await memo.reconciler.reconcile(dict(body))
+def _register_kind(registry: kopf.OperatorRegistry, plural: str) -> None:
+    @kopf.on.event(GROUP, VERSION, plural, id="reconcile", registry=registry)
+    async def on_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        reconciler: Reconciler = memo.reconciler
+        raw = dict(body)
+        if event.get("type") == "DELETED":
+            await reconciler.forget(raw)
+            return
+        reconciler.remember(raw)
+        if event.get("type") in (None, "ADDED") or _spec_changed(raw):
+            await reconciler.reconcile(raw)
 
-    @kopf.on.delete(GROUP, VERSION, plural, id="cleanup", optional=True, registry=registry)
-    async def delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await memo.reconciler.forget(dict(body))
+
+def _spec_changed(body: Mapping[str, Any]) -> bool:
+    generation = body.get("metadata", {}).get("generation")
+    observed = (body.get("status") or {}).get("observedGeneration")
+    return generation is not None and generation != observed
+
+
+async def _tick(reconciler: Reconciler, interval: float) -> None:
+    """Reconcile every known run each ``interval`` seconds (skipping runs mid-pass)."""
+    limit = asyncio.Semaphore(MAX_CONCURRENT_PASSES)
+
+    async def one(body: Mapping[str, Any]) -> None:
+        async with limit:
+            try:
+                await reconciler.reconcile(body)
+            except Exception:
+                log.exception("reconcile of %s/%s failed; retrying next tick",
+                              body.get("kind"), body.get("metadata", {}).get("name"))
+
+    while True:
+        await asyncio.sleep(interval)
+        bodies = [b for key, b in reconciler.known() if not reconciler.busy(key)]
+        await asyncio.gather(*(one(b) for b in bodies))

@@ -17,9 +17,9 @@ from crucible.api import GROUP, KIND_MODELS
 PLURALS = sorted(m.PLURAL for m in KIND_MODELS.values())
 
 RULES: list[dict[str, Any]] = [
-    # Kopf watches the five kinds and patches finalizers and its annotations on them;
+    # Kopf watches the five kinds (no finalizers, no annotations: see handlers.py);
     # reconcile reads referenced runs (get).
-    {"apiGroups": [GROUP], "resources": PLURALS, "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": PLURALS, "verbs": ["get", "list", "watch"]},
     # reconcile._write: one merge-patch of status per pass.
     {"apiGroups": [GROUP], "resources": [f"{p}/status" for p in PLURALS], "verbs": ["get", "patch"]},
     # reconcile._start / _observe / _delete_attempt: the attempt's Indexed Jobs.

@@ -67,6 +67,8 @@ class _RunMemory:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     seen_running: bool = False
+    scraped_attempt: int | None = None
+    body: Mapping[str, Any] | None = None
 
 
 class Reconciler:
@@ -75,6 +77,7 @@ class Reconciler:
         self.config = config
         self.metrics = metrics
         self._runs: dict[tuple[str, str, str], _RunMemory] = {}
+        self._gone: set[str] = set()  # uids of deleted runs
         self._http: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -84,12 +87,27 @@ class Reconciler:
     def _memory(self, key: tuple[str, str, str]) -> _RunMemory:
         return self._runs.setdefault(key, _RunMemory())
 
+    def remember(self, body: Mapping[str, Any]) -> None:
+        """Keep the latest body of a run (from the watch) for the periodic passes."""
+        self._memory(_key(body)).body = body
+
+    def known(self) -> list[tuple[tuple[str, str, str], Mapping[str, Any]]]:
+        return [(key, m.body) for key, m in list(self._runs.items()) if m.body is not None]
+
+    def busy(self, key: tuple[str, str, str]) -> bool:
+        memory = self._runs.get(key)
+        return memory is not None and memory.lock.locked()
+
     async def reconcile(self, body: Mapping[str, Any]) -> None:
         kind = body["kind"]
-        meta = body["metadata"]
-        key = (kind, meta.get("namespace") or "default", meta["name"])
+        key = _key(body)
+        if body["metadata"].get("uid") in self._gone:
+            return  # deleted while this pass was queued
         started = time.perf_counter()
-        async with self._memory(key).lock:
+        memory = self._memory(key)
+        async with memory.lock:
+            if memory.body is not None and _version(memory.body) > _version(body):
+                body = memory.body  # a newer one arrived while this pass waited
             try:
                 await self._pass(body, key)
             finally:
@@ -97,8 +115,10 @@ class Reconciler:
 
     async def forget(self, body: Mapping[str, Any]) -> None:
         """The run is being deleted: remove its current attempt now (owner references do the rest)."""
-        meta = body["metadata"]
-        key = (body["kind"], meta.get("namespace") or "default", meta["name"])
+        key = _key(body)
+        uid = body["metadata"].get("uid")
+        if uid:
+            self._gone.add(uid)
         status = _status_of(body)
         resource = _parse(body)
         if resource is not None:
@@ -124,12 +144,23 @@ class Reconciler:
         spec = resource.spec
         deps = await self._dependencies(resource)
         roles = _roles(resource, self.config.storage_root)
-        view = await self._observe(resource, status.attempt, roles)
+        if status.start_time is None and status.phase in ("Pending", "Waiting"):
+            # Nothing was ever started for this run (starting records startTime), and starting
+            # is idempotent: no need to look for an attempt.
+            view = AttemptView("absent", next_role=roles[0])
+        else:
+            view = await self._observe(resource, status.attempt, roles)
 
         progress, checkpoint, goodput, spikes = await self._scrape(resource, status, view, now)
+        memory = self._memory(key)
+        if progress is not None:
+            memory.scraped_attempt = status.attempt
         policy = getattr(spec, "failure_policy", None)
         hang_timeout = policy.hang_timeout_seconds if policy is not None and spec.metrics.port else None
-        hung = view.state == "running" and status.phase == "Running" and is_hung(
+        # Only a run whose metrics this operator has read in this attempt can be called hung:
+        # an unreachable endpoint (a NetworkPolicy, a slow start) must not restart every run.
+        hung = view.state == "running" and status.phase == "Running" and memory.scraped_attempt == status.attempt \
+            and is_hung(
             last_progress=st.parse_time((progress or status.progress).updated_at), now=now,
             hang_timeout_seconds=hang_timeout)
         failure = classify(view.ends, hung=hung,
@@ -293,8 +324,9 @@ class Reconciler:
     async def _start(self, resource: Resource, status: RunStatus, d: Decision, body: Mapping[str, Any]) -> str:
         p = self._plan(resource, status, d.attempt, d.excluded_nodes, d.inputs, time.time())
         rendered = self._render(resource, p, body)
-        for obj in [o for o in rendered.objects() if o["kind"] != "Job"]:
-            await self.kube.create(obj)
+        # What the pods mount and resolve first, together; then the Job. Every create is
+        # idempotent (409 = exists), so a pass cut short is completed by the next one.
+        await asyncio.gather(*(self.kube.create(o) for o in rendered.objects() if o["kind"] != "Job"))
         await self.kube.create(rendered.jobs[0])
         return p.output_uri
 
@@ -317,6 +349,18 @@ class Reconciler:
             await self.kube.delete(k.VOLCANO_PODGROUPS, ns, child_name(name, attempt))
         elif gang == "coscheduling":
             await self.kube.delete(k.COSCHEDULING_PODGROUPS, ns, child_name(name, attempt))
+
+
+def _key(body: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = body["metadata"]
+    return (body["kind"], meta.get("namespace") or "default", meta["name"])
+
+
+def _version(body: Mapping[str, Any]) -> int:
+    try:
+        return int(body.get("metadata", {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0  # resourceVersion is opaque in general; only numeric ones are compared
 
 
 def _job_has_pods(job: Mapping[str, Any]) -> bool:
