@@ -143,3 +143,6 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
     assert 10 <= results["resumedFromStep"] < 40
     assert step_losses(tmp_path / "run" / "checkpoints") == expected  # bit for bit
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    # A LoRA checkpoint holds the adapter, not the frozen base again.
+    newest = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    assert (newest / "model.pt").stat().st_size < (tiny_model_dir / "model.safetensors").stat().st_size / 4

@@ -152,10 +152,16 @@ class Strategy:
 
     # -- checkpoint state (full, rank-0 files) -------------------------------------------------
 
+    def frozen_parameter_names(self) -> set[str]:
+        """Parameters that never change (a LoRA/QLoRA base): rebuilt from the base model, not checkpointed."""
+        return {name for name, p in self.module.named_parameters() if not p.requires_grad}
+
     def full_state(self, with_optimizer: bool = True) -> dict[str, Any] | None:
         """Full model (and optimizer) state on rank 0 as CPU copies; None on other ranks.
 
-        A collective: every rank must call it.
+        A collective: every rank must call it. With the optimizer (a checkpoint), frozen
+        parameters are left out — for LoRA the checkpoint is the adapter, not the base again;
+        without it (the export) the state is complete.
         """
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -168,6 +174,9 @@ class Strategy:
         optim_sd = get_optimizer_state_dict(self.module, self.optimizer, options=opts) if with_optimizer else None
         if not self.env.is_main:
             return None
+        if with_optimizer:
+            frozen = self.frozen_parameter_names()
+            model_sd = {k: v for k, v in model_sd.items() if k not in frozen}
         out: dict[str, Any] = {"model": _detached_copy(model_sd)}
         if optim_sd is not None:
             out["optimizer"] = _detached_copy(optim_sd)
@@ -180,8 +189,12 @@ class Strategy:
             set_optimizer_state_dict,
         )
 
+        missing = {name for name, _ in self.module.named_parameters()} - set(model_sd)
+        if missing - self.frozen_parameter_names():
+            raise RuntimeError(f"the checkpoint lacks trainable parameters, e.g. {sorted(missing)[:3]}")
+        # Frozen parameters (a LoRA base) are not in checkpoints: they stay as loaded from the base.
+        set_model_state_dict(self.module, model_sd, options=StateDictOptions(full_state_dict=True, strict=not missing))
         opts = StateDictOptions(full_state_dict=True, strict=True)
-        set_model_state_dict(self.module, model_sd, options=opts)
         if optim_sd is not None:
             set_optimizer_state_dict(self.module, self.optimizer, optim_sd, options=opts)
 
