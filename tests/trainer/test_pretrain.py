@@ -21,7 +21,7 @@ from crucible.trainer.config.common import S3Config
 def test_pretrain_writes_a_loadable_model_and_a_lineage_receipt(shards: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = tiny_spec(shards, tmp_path, training={"evalEvery": 5})
+    spec = tiny_spec(shards, tmp_path, training={"evalEvery": 5}, eval={"prompts": ["w5 w6 w7"], "maxNewTokens": 4})
     rc, log = run_stage(spec, tmp_path / "job")
     assert rc == 0, log[-3000:]
     out = tmp_path / "model"
@@ -41,6 +41,8 @@ def test_pretrain_writes_a_loadable_model_and_a_lineage_receipt(shards: Path, tm
     assert {"step", "loss", "lr", "gradNorm", "tokens", "tokensPerSecond", "mfu", "time"} <= set(steps[0])
     assert [r["step"] for r in records if r.get("event") == "eval"] == [5, 10, 12]
     assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [4, 8, 12]
+    answered = json.loads((out / "eval" / "prompts.json").read_text())["prompts"]
+    assert answered[0]["prompt"] == "w5 w6 w7" and answered[0]["after"]
     # a finished stage returns at once
     started = time.monotonic()
     rc, log = run_stage(spec, tmp_path / "job")

@@ -58,8 +58,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_adamw(model: torch.nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: the fused kernel on CUDA, the multi-tensor (foreach) path on CPU."""
-    fused = device.type == "cuda"
+    """AdamW with the fused kernel (CUDA and CPU); the multi-tensor (foreach) path elsewhere."""
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
