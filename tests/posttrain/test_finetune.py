@@ -50,6 +50,7 @@ def test_lora_sft_lowers_held_out_loss_and_exports_a_merged_model(
     assert results["evalLossAfter"] < results["evalLossBefore"] - 0.3, results
     assert results["trainableParameters"] < results["parameters"] / 5
     assert results["dataValidationExamples"] == 12 and results["dataChatTemplate"] == "default"
+    assert results["tokens"] > 5 * results["dataTrainedTokens"]  # tokens processed: prompts and template too
     # The merged model is a plain transformers model that reproduces the trained held-out loss.
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -73,7 +73,9 @@ class SftObjective:
         return sft_loss(model, batch), {}
 
     def tokens(self, batch: Batch) -> int:
-        return int((batch["labels"] != IGNORE_INDEX).sum())
+        # Tokens processed (not padding), so tokens/s and MFU mean what they mean for pretraining;
+        # the exact learned-token-weighted held-out loss is evalLossBefore/After.
+        return int(batch["token_count"].sum())
 
 
 def sft_loss(model: Any, batch: Batch) -> torch.Tensor:

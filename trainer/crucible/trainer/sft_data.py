@@ -297,6 +297,7 @@ class SftBatches:
             "input_ids": torch.from_numpy(ids),  # (B, T)
             "labels": torch.from_numpy(labels),  # (B, T), unshifted; the model shifts
             "position_ids": torch.from_numpy(positions),  # (B, T), 0 at each example start
+            "token_count": torch.tensor([sum(len(self.examples[i].input_ids) for i in m) for m in rows]),  # (B,)
         }
 
     def _padded(self, examples: list[SftExample]) -> dict[str, torch.Tensor]:
@@ -311,6 +312,7 @@ class SftBatches:
             "input_ids": torch.from_numpy(ids),
             "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(mask),
+            "token_count": torch.from_numpy(mask.sum(1)),  # (B,) real tokens per row
         }
 
 
