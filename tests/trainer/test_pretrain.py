@@ -124,3 +124,18 @@ def _one_rank():
     from crucible.trainer.distributed import DistEnv
 
     return DistEnv(0, 1, 0, 1, torch.device("cpu"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_retriable(shards: Path, tmp_path: Path) -> None:
+    """Kubernetes eviction: SIGTERM → checkpoint at the current step → exit 75 → resume there."""
+    spec = tiny_spec(shards, tmp_path, training={"maxSteps": 100000}, checkpoint={"interval": 100000})
+    proc = launch(spec, tmp_path / "job")
+    deadline = time.monotonic() + 180
+    while max(step_losses(tmp_path / "checkpoints"), default=0) < 3 and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), st.Storage(), _one_rank(), 3, False, "", print)
+    found = checkpointer.latest_valid()
+    assert found is not None and found[0].step >= 3
