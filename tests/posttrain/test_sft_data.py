@@ -138,6 +138,7 @@ def test_build_from_folder_of_mixed_records(tokenizer, tmp_path: Path, write_jso
     data = build_sft_data(SftDataset(uri=str(folder), validation_fraction=0.2), tokenizer, 64, packing=True, seed=0)
     assert data.stats.records == 10 and data.stats.validation_examples == 2 and data.stats.train_examples == 8
     assert data.stats.train_rows < 8  # packed
+    assert 0 < data.stats.to_json()["packingEfficiency"] <= 1
     assert data.stats.template_source == "default"
     assert data.validation is not None and data.validation.num_items >= 1
 

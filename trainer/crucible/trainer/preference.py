@@ -349,6 +349,8 @@ def run(config: PreferenceConfig) -> int:
                 log("reference log-probs precomputed for every pair")
         else:
             objective = RewardModelObjective(data)
+            if config.eval.prompts:
+                log("eval.prompts ignored: a reward model scores text, it does not answer prompts")
         before = held_out_pairs(objective, policy, data.validation, mbs)
         answers_before: list[str] = []
         if config.eval.prompts and env.is_main and config.method == "dpo":

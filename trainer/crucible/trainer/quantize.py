@@ -241,7 +241,7 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
         _quantize_with_llmcompressor(
             model_dir, out_dir, config.method, tokens, seq_len, batches * 4
         )
-        layers, quantized_logits, fmt = -1, None, "compressed-tensors W4A16"
+        layers, quantized_logits, fmt = None, None, "compressed-tensors W4A16"
     tokenizer.save_pretrained(str(out_dir))
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), device_map=str(device))

@@ -98,7 +98,7 @@ class SftStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "records": self.records,
             "truncated": self.truncated,
             "droppedNoResponse": self.dropped_no_response,
@@ -106,8 +106,10 @@ class SftStats:
             "validationExamples": self.validation_examples,
             "trainRows": self.train_rows,
             "trainedTokens": self.trained_tokens,
+            "packingEfficiency": self.extra.get("packingEfficiency"),
             "chatTemplate": self.template_source,
         }
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def jsonl_files(uri: str, store: Storage, field_name: str) -> list[Path]:
@@ -376,4 +378,7 @@ def build_sft_data(
     stats.train_examples, stats.validation_examples = len(train_idx), len(val_idx)
     stats.train_rows = train.num_items
     stats.trained_tokens = sum(e.trained_tokens for e in train.examples)
+    if packing:  # share of each packed row that is real tokens rather than padding
+        real = sum(len(e.input_ids) for e in train.examples)
+        stats.extra["packingEfficiency"] = round(real / (train.num_items * seq_len), 4)
     return SftData(train=train, validation=validation, template=template, stats=stats)
