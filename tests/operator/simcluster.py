@@ -203,7 +203,8 @@ class SimCluster:
     async def start_operator(self) -> None:
         """The real operator, in its own thread and event loop (as in a pod of its own): Kopf
         cancels every task created in its loop after it started when it stops."""
-        config = OperatorConfig(storage_root="s3://bucket/runs", interval=self.interval, scrape_timeout=1.0)
+        config = OperatorConfig(storage_root="s3://bucket/runs", interval=self.interval, resync=2.0,
+                                scrape_timeout=1.0)
         registry = build_registry(config, server=self.url, metrics=self.operator_metrics)
         stop = threading.Event()
 
@@ -332,6 +333,9 @@ class SimCluster:
             elif phases.count("Succeeded") == spec["completions"]:
                 await self._patch(k.JOBS, jname, {"status": {"active": 0, "succeeded": spec["completions"], "conditions": [
                     {"type": "Complete", "status": "True"}]}})
+            ready = phases.count("Running")
+            if ready != job.get("status", {}).get("ready", 0) and not any(ph == "Failed" for ph in phases):
+                await self._patch(k.JOBS, jname, {"status": {"ready": ready}})
             # schedule pending pods: one per node, honour excluded nodes, only Ready nodes
             busy = {p["spec"].get("nodeName") for p in pods if p["status"].get("phase") in ("Pending", "Running")}
             for p in mine:

@@ -135,6 +135,15 @@ def test_application_error_fails_with_log_lines_and_dependents_fail() -> None:
         assert "ValueError: vocab size mismatch" in cond["message"]
         dep = await c.wait_phase("PretrainRun", "after", "Failed")
         assert dep["status"]["message"].startswith("DependencyFailed: spec.model.source.fromRun: PretrainRun bad failed")
+        # a spec only the models reject (the emulator enforces no CRD schema) fails at once, naming the field
+        invalid = pretrain("invalid", 19415, nodes=1)
+        invalid["spec"]["failurePolicy"].update(backoffSeconds=60, maxBackoffSeconds=10)
+        await c.apply(invalid)
+        inv = await c.wait_phase("PretrainRun", "invalid", "Failed")
+        assert inv["status"]["message"].startswith("InvalidSpec: spec.failurePolicy")
+        assert inv["status"]["message"] == ("InvalidSpec: spec.failurePolicy.maxBackoffSeconds: "
+                                            "must be at least backoffSeconds (10 < 60)")
+        assert not await c.jobs("invalid")
     run(scenario)
 
 

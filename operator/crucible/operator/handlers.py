@@ -7,8 +7,9 @@ Per kind one event handler: a run that appears (at creation, or when the operato
 lists what exists) or whose spec changed (``metadata.generation`` ahead of
 ``status.observedGeneration``) is reconciled at once; a deleted run has its current attempt
 removed (owner references remove the rest). Every watch event also refreshes the operator's
-view of the run, and one ticker reconciles every known run each ``config.interval`` seconds
-to observe its pods and metrics.
+view of the run. A change to one of a run's Jobs reconciles that run at once. One ticker
+reconciles Running, Restarting and Waiting runs each ``config.interval`` seconds (pods, nodes,
+metrics, hang, backoff, inputs) and every other run once per ``config.resync`` seconds.
 
 Why not a Kopf timer per run: timers need a finalizer on every run (two more writes per run
 and a run that cannot be deleted while the operator is down) and a task per run. Level-
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +32,7 @@ from crucible.api import GROUP, KIND_MODELS, VERSION
 from crucible.operator.kube import Kube, load_connection
 from crucible.operator.metrics import OperatorMetrics
 from crucible.operator.reconcile import OperatorConfig, Reconciler
+from crucible.operator.render import LABEL_KIND, LABEL_MANAGED_BY, LABEL_RUN, MANAGED_BY
 
 log = logging.getLogger("crucible.operator")
 MAX_CONCURRENT_PASSES = 64
@@ -75,6 +78,7 @@ def build_registry(config: OperatorConfig, *, server: str | None = None,
 
     for model in KIND_MODELS.values():
         _register_kind(registry, model.PLURAL)
+    _register_children(registry)
     return registry
 
 
@@ -91,6 +95,24 @@ def _register_kind(registry: kopf.OperatorRegistry, plural: str) -> None:
             await reconciler.reconcile(raw)
 
 
+def _register_children(registry: kopf.OperatorRegistry) -> None:
+    """A Job of a run changed (pods scheduled, ready, failed, done): reconcile that run now.
+
+    Only Jobs are watched, not Pods: the Job controller mirrors its pods into Job status
+    (active, ready, failed, succeeded), and a node lost under a running pod is caught by the
+    ticker, which looks at Running runs every tick.
+    """
+    @kopf.on.event("batch", "v1", "jobs", id="child", labels={LABEL_MANAGED_BY: MANAGED_BY}, registry=registry)
+    async def on_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        labels = body.get("metadata", {}).get("labels", {})
+        kind, run = labels.get(LABEL_KIND), labels.get(LABEL_RUN)
+        namespace = body.get("metadata", {}).get("namespace") or "default"
+        reconciler: Reconciler = memo.reconciler
+        owner = reconciler.poke(kind, namespace, run) if kind and run else None
+        if owner is not None:
+            await reconciler.reconcile(owner)
+
+
 def _spec_changed(body: Mapping[str, Any]) -> bool:
     generation = body.get("metadata", {}).get("generation")
     observed = (body.get("status") or {}).get("observedGeneration")
@@ -98,7 +120,7 @@ def _spec_changed(body: Mapping[str, Any]) -> bool:
 
 
 async def _tick(reconciler: Reconciler, interval: float) -> None:
-    """Reconcile every known run each ``interval`` seconds (skipping runs mid-pass)."""
+    """Each ``interval`` seconds, reconcile the runs that are due (see Reconciler.due)."""
     limit = asyncio.Semaphore(MAX_CONCURRENT_PASSES)
 
     async def one(body: Mapping[str, Any]) -> None:
@@ -111,5 +133,4 @@ async def _tick(reconciler: Reconciler, interval: float) -> None:
 
     while True:
         await asyncio.sleep(interval)
-        bodies = [b for key, b in reconciler.known() if not reconciler.busy(key)]
-        await asyncio.gather(*(one(b) for b in bodies))
+        await asyncio.gather(*(one(b) for b in reconciler.due(time.monotonic())))

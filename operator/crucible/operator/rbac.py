@@ -22,8 +22,9 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": PLURALS, "verbs": ["get", "list", "watch"]},
     # reconcile._write: one merge-patch of status per pass.
     {"apiGroups": [GROUP], "resources": [f"{p}/status" for p in PLURALS], "verbs": ["get", "patch"]},
-    # reconcile._start / _observe / _delete_attempt: the attempt's Indexed Jobs.
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "create", "delete"]},
+    # reconcile._start / _observe / _delete_attempt: the attempt's Indexed Jobs; handlers
+    # watch them (label app.kubernetes.io/managed-by=crucible) to react to their pods at once.
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     # the headless Service and the spec ConfigMap of an attempt.
     {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get", "create", "delete"]},
     # reconcile._observe: pods of the attempt (exit codes, termination messages, nodes).

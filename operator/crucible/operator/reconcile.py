@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from crucible.api import GROUP, KIND_MODELS, VERSION, Resource
 from crucible.api.common import CheckpointRef, Progress, RunStatus
+from crucible.api.validate import validate_document
 from crucible.core import status as st
 from crucible.core.decide import Decision, Dependency, Situation, decide
 from crucible.core.failure import classify, is_hung
@@ -53,6 +54,7 @@ class OperatorConfig:
     storage_root: str = "s3://crucible"
     render: RenderSettings = field(default_factory=RenderSettings)
     interval: float = 5.0
+    resync: float = 60.0
     scrape_timeout: float = 2.0
     default_credentials_secret: str | None = None
 
@@ -69,6 +71,7 @@ class _RunMemory:
     seen_running: bool = False
     scraped_attempt: int | None = None
     body: Mapping[str, Any] | None = None
+    last_pass: float = 0.0
 
 
 class Reconciler:
@@ -91,12 +94,26 @@ class Reconciler:
         """Keep the latest body of a run (from the watch) for the periodic passes."""
         self._memory(_key(body)).body = body
 
-    def known(self) -> list[tuple[tuple[str, str, str], Mapping[str, Any]]]:
-        return [(key, m.body) for key, m in list(self._runs.items()) if m.body is not None]
+    def due(self, now: float) -> list[Mapping[str, Any]]:
+        """Runs the ticker should look at now (monotonic ``now``).
 
-    def busy(self, key: tuple[str, str, str]) -> bool:
-        memory = self._runs.get(key)
-        return memory is not None and memory.lock.locked()
+        Running and Restarting runs every tick (pods, nodes, metrics, hang, backoff), Waiting
+        runs too (their inputs); every other run only once per ``config.resync`` seconds: their
+        Jobs' watch events wake them (:meth:`poke`), this is the safety net.
+        """
+        out = []
+        for m in list(self._runs.values()):
+            if m.body is None or m.lock.locked():
+                continue
+            phase = (m.body.get("status") or {}).get("phase")
+            if phase in ("Running", "Restarting", "Waiting") or now - m.last_pass >= self.config.resync:
+                out.append(m.body)
+        return out
+
+    def poke(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+        """A child of this run changed: the body to reconcile now, if the run is known."""
+        memory = self._runs.get((kind, namespace, name))
+        return memory.body if memory is not None else None
 
     async def reconcile(self, body: Mapping[str, Any]) -> None:
         kind = body["kind"]
@@ -109,6 +126,7 @@ class Reconciler:
             if memory.body is not None and _version(memory.body) > _version(body):
                 body = memory.body  # a newer one arrived while this pass waited
             try:
+                memory.last_pass = time.monotonic()
                 await self._pass(body, key)
             finally:
                 self.metrics.reconcile.labels(kind).observe(time.perf_counter() - started)
@@ -132,15 +150,16 @@ class Reconciler:
         now = time.time()
         kind = key[0]
         status = _status_of(body)
-        try:
-            resource = KIND_MODELS[kind].model_validate({k_: body[k_] for k_ in ("apiVersion", "kind", "metadata", "spec")})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            decision = Decision("fail", INVALID_SPEC, f"spec.{where}: {first['msg']}")
+        doc = {k_: body[k_] for k_ in ("apiVersion", "kind", "metadata", "spec")}
+        parsed, problems = validate_document(doc, f"{kind}/{key[1]}/{key[2]}", 0, 0)
+        if parsed is None:
+            # the CRD schema and its CEL rules catch most of this at the API server already
+            message = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in problems)
+            decision = Decision("fail", INVALID_SPEC, message or "the resource does not validate")
             if status.phase != "Failed":
                 await self._write(body, status, st.next_status(status, decision, now=now), decision, key)
             return
+        resource = parsed
         spec = resource.spec
         deps = await self._dependencies(resource)
         roles = _roles(resource, self.config.storage_root)
