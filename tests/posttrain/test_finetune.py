@@ -70,7 +70,8 @@ def test_adapter_output_loads_with_peft_and_matches(tiny_model_dir: Path, sft_da
     from peft import AutoPeftModelForCausalLM
 
     out = tmp_path / "out"
-    spec = sft_spec(tiny_model_dir, sft_data, out, mergeAdapter=False, training={"maxSteps": 10})
+    spec = sft_spec(tiny_model_dir, sft_data, out, mergeAdapter=False, training={"maxSteps": 10},
+                    eval={"prompts": ["one two"], "maxNewTokens": 2})
     assert _run(spec, tmp_path) == 0
     results = json.loads((out / "_SUCCESS").read_text())["results"]
     assert results["output"] == "adapter"
@@ -78,6 +79,7 @@ def test_adapter_output_loads_with_peft_and_matches(tiny_model_dir: Path, sft_da
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
     model = AutoPeftModelForCausalLM.from_pretrained(out)
     assert _held_out(model, out, sft_data) == pytest.approx(results["evalLossAfter"], rel=1e-4)
+    assert json.loads((out / "eval" / "prompts.json").read_text())["prompts"][0]["prompt"] == "one two"
 
 
 def test_full_fine_tuning_trains_every_weight(tiny_model_dir: Path, sft_data: Path, tmp_path: Path) -> None:

@@ -186,15 +186,17 @@ def export_trained(
     )
 
 
-def load_exported_lm(out_dir: Path, written: str) -> Any:
-    """The exported causal LM for after-training prompts (base + adapter when only the adapter was written)."""
+def load_exported_lm(out_dir: Path, written: str, base_dir: Path) -> Any:
+    """The exported causal LM for after-training prompts (the local base + the adapter when only the
+    adapter was written: its recorded base may be an s3:// URI)."""
     from transformers import AutoModelForCausalLM
 
     if written != "adapter":
         return AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
-    from peft import AutoPeftModelForCausalLM
+    from peft import PeftModel
 
-    return AutoPeftModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(out_dir))
 
 
 def write_prompts(config: Any, out_dir: Path, tokenizer: Any, before: list[str], after_model: Any,
@@ -274,7 +276,8 @@ def run(config: FinetuneConfig) -> int:
         if env.is_main:
             assert written is not None
             if config.eval.prompts:
-                write_prompts(config, ws.staging, tokenizer, before, load_exported_lm(ws.staging, written),
+                tuned = load_exported_lm(ws.staging, written, ws.base_dir)
+                write_prompts(config, ws.staging, tokenizer, before, tuned,
                               data.template, "fine-tuning")
             peft_base = str(ws.base_dir) if written == "adapter" else None
             results = {

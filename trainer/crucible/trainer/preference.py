@@ -372,7 +372,8 @@ def run(config: PreferenceConfig) -> int:
         if env.is_main:
             assert written is not None
             if config.eval.prompts and config.method == "dpo":
-                write_prompts(config, ws.staging, tokenizer, answers_before, load_exported_lm(ws.staging, written),
+                tuned = load_exported_lm(ws.staging, written, ws.base_dir)
+                write_prompts(config, ws.staging, tokenizer, answers_before, tuned,
                               tokenizer.chat_template, "preference optimization")
             results: dict[str, Any] = {
                 **result.results(),
