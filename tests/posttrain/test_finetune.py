@@ -149,3 +149,13 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
     # A LoRA checkpoint holds the adapter, not the frozen base again.
     newest = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
     assert (newest / "model.pt").stat().st_size < (tiny_model_dir / "model.safetensors").stat().st_size / 4
+
+
+def test_without_a_held_out_split(tiny_model_dir: Path, sft_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    spec = sft_spec(tiny_model_dir, sft_data, out, dataset={"uri": str(sft_data), "validationFraction": 0.0},
+                    training={"maxSteps": 3})
+    assert _run(spec, tmp_path) == 0
+    results = json.loads((out / "_SUCCESS").read_text())["results"]
+    assert "evalLossBefore" not in results and "evalLoss" not in results
+    assert results["dataValidationExamples"] == 0 and results["steps"] == 3

@@ -120,3 +120,17 @@ def test_size_counts_the_model_not_the_checkpoints_beside_it(
     results = json.loads((out / "_SUCCESS").read_text())["results"]
     assert results["sizeBytesBefore"] == (model / "model.safetensors").stat().st_size
     assert results["sizeBytesAfter"] == (out / "model.safetensors").stat().st_size
+
+
+def test_a_quantization_that_changes_nothing_fails(
+    trained_model_dir: Path, eval_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import crucible.trainer.quantize as quantize
+
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    monkeypatch.setattr(quantize, "SKIP_MODULES", every_linear)
+    out = tmp_path / "out"
+    assert main(["--spec", str(write_spec(tmp_path / "spec.json", _spec(trained_model_dir, eval_text, out)))]) == 1
+    assert "no linear layer was quantized" in capsys.readouterr().err
+    assert not (out / "_SUCCESS").exists()

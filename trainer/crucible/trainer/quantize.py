@@ -206,6 +206,12 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
     seq_len, batches = config.evaluation.seq_len, config.evaluation.max_batches
 
     original = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=str(device))
+    # Full module names: transformers matches modules_to_not_convert against parameter names from
+    # the start, so a bare "q_proj" would not match "model.layers.0.self_attn.q_proj.weight".
+    keep_full_precision = [
+        name for name, module in original.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in SKIP_MODULES
+    ]
     if config.method in ("int8", "int4"):
         check_group_size(original, config.group_size)
     before = perplexity(original, tokens, seq_len, batches)
@@ -224,7 +230,7 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
             str(model_dir),
             dtype=dtype,
             device_map=str(device),
-            quantization_config=TorchAoConfig(quant_type=quant_type, modules_to_not_convert=SKIP_MODULES),
+            quantization_config=TorchAoConfig(quant_type=quant_type, modules_to_not_convert=keep_full_precision),
         )
         layers = _count_quantized(quantized)
         if layers == 0:
