@@ -134,3 +134,16 @@ def test_a_quantization_that_changes_nothing_fails(
     assert main(["--spec", str(write_spec(tmp_path / "spec.json", _spec(trained_model_dir, eval_text, out)))]) == 1
     assert "no linear layer was quantized" in capsys.readouterr().err
     assert not (out / "_SUCCESS").exists()
+
+
+def test_evaluation_shards_of_another_tokenizer_are_refused(
+    trained_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from crucible.trainer.data.shards import ShardWriter
+
+    writer = ShardWriter(tmp_path / "pipeline" / "validation", vocab_size=50_000, eos_id=0)
+    writer.add_documents([[1, 2, 40_000, 3] * 40])
+    writer.close()
+    spec = _spec(trained_model_dir, tmp_path / "pipeline", tmp_path / "out")
+    assert main(["--spec", str(write_spec(tmp_path / "spec.json", spec))]) == 2
+    assert "spec.evaluation.data holds token id 40000" in capsys.readouterr().err

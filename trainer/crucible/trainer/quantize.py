@@ -206,6 +206,13 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
     seq_len, batches = config.evaluation.seq_len, config.evaluation.max_batches
 
     original = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=str(device))
+    vocab = int(original.config.vocab_size)
+    if len(tokens) and int(tokens.max()) >= vocab:
+        raise SpecError(
+            f"spec.evaluation.data holds token id {int(tokens.max())} but the model's vocabulary has {vocab}: "
+            "the data was tokenized with another tokenizer; use the DataPipeline that fed this model, or a "
+            ".jsonl/.txt file (tokenized with the model's own tokenizer)"
+        )
     # Full module names: transformers matches modules_to_not_convert against parameter names from
     # the start, so a bare "q_proj" would not match "model.layers.0.self_attn.q_proj.weight".
     keep_full_precision = [
