@@ -7,19 +7,20 @@ ClusterRole.
 
 {{/* Rules on namespaced resources. */}}
 {{- define "crucible.rbacNamespacedRules" -}}
-# Kopf watches the five kinds and patches finalizers and its annotations on them; the
-# reconciler reads the runs a fromRun references.
+# Kopf watches the five kinds (no finalizers, no annotations); the reconciler reads the runs
+# a fromRun references.
 - apiGroups: [crucible.dev]
   resources: [datapipelines, finetuneruns, preferenceruns, pretrainruns, quantizejobs]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch]
 # One merge-patch of status per reconcile pass.
 - apiGroups: [crucible.dev]
   resources: [datapipelines/status, finetuneruns/status, preferenceruns/status, pretrainruns/status, quantizejobs/status]
   verbs: [get, patch]
-# Each attempt's Indexed Jobs, headless Service and spec ConfigMap.
+# Each attempt's Indexed Jobs (watched, to react to their pods at once), headless Service and
+# spec ConfigMap.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, create, delete]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [services, configmaps]
   verbs: [get, create, delete]
