@@ -99,7 +99,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _md_cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ").strip() or "∅"
+    return str(text).replace("|", "\\|").replace("\n", " ").strip()
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -433,7 +433,8 @@ def answers_section(workdir: WorkDir, states: list[RunState], report: Report) ->
     for prompt in prompts:
         sec.markdown.append(f"**{prompt}**")
         sec.markdown.append("")
-        sec.markdown += _md_table(["model", "answer"], [[label, answers.get(prompt, "")] for label, answers in columns])
+        sec.markdown += _md_table(["model", "answer"], [[label, answers.get(prompt, "").strip() or "*(empty answer)*"]
+                                                        for label, answers in columns])
         sec.markdown.append("")
     for label, answers in columns:
         if "finetune" in label:
