@@ -206,3 +206,20 @@ def test_two_ranks_fsdp_lora_dpo_with_reference_precomputed_across_ranks(
     assert results["referencePrecomputed"] is True and results["steps"] == 8
     assert results["preferenceAccuracy"] > 0.6, results
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_conversational_pairs_match_their_string_form(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    plain = {"prompt": "one two", "chosen": " three", "rejected": " nine"}
+    chat = {"prompt": [{"role": "user", "content": "one two"}],
+            "chosen": [{"role": "assistant", "content": " three"}],
+            "rejected": [{"role": "assistant", "content": " nine"}]}
+    spec = PreferenceDataset(uri="unused")
+    from crucible.trainer.preference_data import tokenize_pair
+
+    string_pair, _ = tokenize_pair(plain, "a:1", spec, tokenizer, 64)
+    chat_pair, _ = tokenize_pair(chat, "a:2", spec, tokenizer, 64)
+    assert string_pair is not None and chat_pair is not None
+    assert chat_pair.chosen_ids == string_pair.chosen_ids and chat_pair.rejected_ids == string_pair.rejected_ids
+    # A message-list prompt is rendered with the (default) chat template and a generation prompt.
+    assert tokenizer.decode(chat_pair.prompt_ids) == "<|user|>\none two\n<|assistant|>\n"

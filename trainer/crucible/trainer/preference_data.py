@@ -2,7 +2,8 @@
 
 Records are ``{prompt, chosen, rejected}`` (field names from ``spec.dataset``), one per line,
 in a jsonl file or a folder of them, local or s3://. ``prompt`` is a string or a list of chat
-messages; ``chosen``/``rejected`` are the two responses.
+messages; ``chosen``/``rejected`` are the two responses, as strings or (TRL's conversational
+format) a list holding one assistant message.
 
 Formatting: a chat-message prompt is rendered with the model's chat template (or the documented
 default, :data:`crucible.trainer.sft_data.DEFAULT_CHAT_TEMPLATE`) and a generation prompt; a
@@ -89,15 +90,29 @@ def render_prompt(prompt: Any, where: str, spec: PreferenceDataset, tokenizer: A
     )
 
 
+def _response_text(value: Any) -> str | None:
+    """A response as text: a string, or ``[{"role": "assistant", "content": ...}]``."""
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+        and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)
+    ):
+        return str(value[0]["content"])
+    return None
+
+
 def tokenize_pair(
     record: dict[str, Any], where: str, spec: PreferenceDataset, tokenizer: Any, seq_len: int
 ) -> tuple[PreferencePair | None, str]:
     """The tokenized pair (or None) and what happened: "ok", "truncated", "long-prompt", "identical"."""
-    chosen, rejected = record.get(spec.chosen_field), record.get(spec.rejected_field)
-    if not isinstance(chosen, str) or not isinstance(rejected, str):
+    chosen = _response_text(record.get(spec.chosen_field))
+    rejected = _response_text(record.get(spec.rejected_field))
+    if chosen is None or rejected is None:
         raise SpecError(
             f"{where}: expected string fields {spec.chosen_field!r} and {spec.rejected_field!r} "
-            "(spec.dataset.chosenField / rejectedField)"
+            "(or one assistant message each, as in TRL's conversational format; "
+            "spec.dataset.chosenField / rejectedField)"
         )
     if spec.prompt_field not in record:
         raise SpecError(f"{where}: missing field {spec.prompt_field!r} (spec.dataset.promptField)")
