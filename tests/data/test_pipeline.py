@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,9 @@ def test_dropped_samples_carry_reason(finished: tuple[Path, Any]) -> None:
     for rel in manifest.data["droppedSamples"]:
         raw = zstandard.ZstdDecompressor().decompressobj().decompress((out / rel).read_bytes())
         rows += [json.loads(line) for line in raw.decode().splitlines()]
-    filter_drops = sum(sum(r["dropped"].values()) for r in manifest.data["funnel"][1:9])
-    assert len(rows) == filter_drops
+    drops = sum(sum(r["dropped"].values()) for r in manifest.data["funnel"][1:10])  # filter steps + dedup
+    assert len(rows) == drops
+    assert Counter(r["reason"] for r in rows if r["step"] == "dedup") == Counter(manifest.data["funnel"][9]["dropped"])
     assert {"id", "source", "step", "reason", "text"} <= set(rows[0])
 
 

@@ -51,7 +51,8 @@ the other workers' markers between stages (one Indexed Job can run the whole pip
                 "documents", "sha256"}]}, "validation": {...}},
      "keptDocumentIdsSha256": "...",  # sha256 of the kept ids (JSON strings, one per line, input order)
      "tokenizer": {"vocabSize", "eosId", "eosToken", "sha256", "origin"},
-     "droppedSamples": ["dropped/part-00000.jsonl"],   # when dropped.keep
+     "droppedSamples": ["dropped/part-00000.jsonl.zst", "dropped/dedup-part-00000.jsonl.zst"],
+                                     # when dropped.keep: {"id", "source", "step", "reason", "text"} per line
      "config": {... the full DataPipeline spec, camelCase ...}}
 
 Dropped-reason keys in ``sources[*].dropped`` are ``step:reason``.
@@ -569,16 +570,20 @@ class DataPipeline:
                 per_source[src][f"written_{split}"] += 1
             pending.clear()
 
+        dropped_rel = f"dropped/dedup-part-{part:05d}.jsonl.zst"
+        dropped = _AtomicZstdWriter(self.ws.path(dropped_rel)) if self.config.dropped.keep else None
+        rate = self.config.dropped.sample_rate
         with open(ids_tmp, "w", encoding="utf-8") as ids_file:
             for rec in _read_zstd_jsonl(self.ws.fetch(f"{_part('filter', part)}/docs.jsonl.zst")):
                 src = rec["s"]
                 c = per_source.setdefault(src, Counter())
                 c["in"] += 1
-                if rec["k"] in exact_removed:
-                    c["exact_duplicate"] += 1
-                    continue
-                if rec["k"] in near_removed:
-                    c["near_duplicate"] += 1
+                reason = ("exact_duplicate" if rec["k"] in exact_removed
+                          else "near_duplicate" if rec["k"] in near_removed else None)
+                if reason is not None:
+                    c[reason] += 1
+                    if dropped is not None and (rate >= 1 or unit_hash(rec["id"], 7) < rate):
+                        dropped.write({"id": rec["id"], "source": src, "step": "dedup", "reason": reason, "text": rec["t"]})
                     continue
                 c["out"] += 1
                 ids_file.write(json.dumps(rec["id"], ensure_ascii=False) + "\n")
@@ -597,6 +602,9 @@ class DataPipeline:
             flush()
         os.replace(ids_tmp, ids_path)
         self.ws.publish(f"{_part('tokenize', part)}/kept_ids.jsonl")
+        if dropped is not None:
+            dropped.close()
+            self.ws.publish(dropped_rel)
         shards: dict[str, list[dict[str, Any]]] = {}
         for split, writer in writers.items():
             writer.close(write_index=False)
@@ -773,7 +781,8 @@ class DataPipeline:
             "config": {k: v for k, v in self.config.to_wire().items() if k != "output"},  # where it lives is not what it is
         }
         if self.config.dropped.keep:
-            data["droppedSamples"] = [f"dropped/part-{p:05d}.jsonl.zst" for p in range(self.num_parts)]
+            data["droppedSamples"] = [f"dropped/{kind}part-{p:05d}.jsonl.zst"
+                                      for kind in ("", "dedup-") for p in range(self.num_parts)]
         return data
 
     # -- drivers --------------------------------------------------------------------------
