@@ -30,7 +30,6 @@ Nothing here imports kopf, Kubernetes clients or torch.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,7 +141,7 @@ def required_inputs(resource: Resource) -> dict[str, RunRef]:
 
 def resolve_spec(resource: Resource, inputs: Mapping[str, str]) -> dict[str, Any]:
     """The spec's wire JSON with every ``fromRun`` replaced by ``{"uri": inputs[path]}``."""
-    spec = copy.deepcopy(resource.spec.to_wire())
+    spec = resource.spec.to_wire()  # a fresh dict: the resource is never modified
     for path, ref in required_inputs(resource).items():
         uri = inputs.get(path)
         if not uri:
@@ -232,6 +231,15 @@ def plan(
         credentials_secret=s3.credentials_secret if s3 is not None else None,
         inputs=dict(inputs or {}),
     )
+
+
+def role_names(resource: Resource) -> tuple[str, ...]:
+    """The names of the roles :func:`plan` returns, in order, without planning (cheap)."""
+    if resource.kind == "DataPipeline":
+        return DATA_STAGES if resource.spec.workers > 1 else ("data",)
+    if resource.kind == "QuantizeJob":
+        return ("quantize",)
+    return ("trainer",)
 
 
 def _data_roles(base: tuple[str, ...], workers: int) -> tuple[Role, ...]:

@@ -31,7 +31,7 @@ import kopf
 from crucible.api import GROUP, KIND_MODELS, VERSION
 from crucible.operator.kube import Kube, load_connection
 from crucible.operator.metrics import OperatorMetrics
-from crucible.operator.reconcile import OperatorConfig, Reconciler
+from crucible.operator.reconcile import OperatorConfig, Reconciler, job_has_pods
 from crucible.operator.render import LABEL_KIND, LABEL_MANAGED_BY, LABEL_RUN, MANAGED_BY
 
 log = logging.getLogger("crucible.operator")
@@ -104,6 +104,8 @@ def _register_children(registry: kopf.OperatorRegistry) -> None:
     """
     @kopf.on.event("batch", "v1", "jobs", id="child", labels={LABEL_MANAGED_BY: MANAGED_BY}, registry=registry)
     async def on_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        if not job_has_pods(body):
+            return  # just created (by this operator): nothing to observe yet
         labels = body.get("metadata", {}).get("labels", {})
         kind, run = labels.get(LABEL_KIND), labels.get(LABEL_RUN)
         namespace = body.get("metadata", {}).get("namespace") or "default"

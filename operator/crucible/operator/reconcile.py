@@ -34,11 +34,11 @@ from pydantic import ValidationError
 
 from crucible.api import GROUP, KIND_MODELS, VERSION, Resource
 from crucible.api.common import CheckpointRef, Progress, RunStatus
-from crucible.api.validate import validate_document
+from crucible.api.validate import Problem, validate_document
 from crucible.core import status as st
 from crucible.core.decide import Decision, Dependency, Situation, decide
 from crucible.core.failure import classify, is_hung
-from crucible.core.plan import TRAINING_KINDS, LaunchPlan, PlanError, default_checkpoint_uri, plan
+from crucible.core.plan import TRAINING_KINDS, LaunchPlan, PlanError, default_checkpoint_uri, plan, role_names
 from crucible.operator import kube as k
 from crucible.operator.metrics import OperatorMetrics
 from crucible.operator.observe import AttemptView, observe_attempt
@@ -72,6 +72,7 @@ class _RunMemory:
     scraped_attempt: int | None = None
     body: Mapping[str, Any] | None = None
     last_pass: float = 0.0
+    parsed: tuple[int | None, Resource] | None = None
 
 
 class Reconciler:
@@ -150,8 +151,17 @@ class Reconciler:
         now = time.time()
         kind = key[0]
         status = _status_of(body)
-        doc = {k_: body[k_] for k_ in ("apiVersion", "kind", "metadata", "spec")}
-        parsed, problems = validate_document(doc, f"{kind}/{key[1]}/{key[2]}", 0, 0)
+        memory = self._memory(key)
+        generation = body["metadata"].get("generation")
+        parsed: Resource | None
+        problems: list[Problem] = []
+        if memory.parsed is not None and generation is not None and memory.parsed[0] == generation:
+            parsed = memory.parsed[1]  # the spec only changes with the generation
+        else:
+            doc = {k_: body[k_] for k_ in ("apiVersion", "kind", "metadata", "spec")}
+            parsed, problems = validate_document(doc, f"{kind}/{key[1]}/{key[2]}", 0, 0)
+            if parsed is not None:
+                memory.parsed = (generation, parsed)
         if parsed is None:
             # the CRD schema and its CEL rules catch most of this at the API server already
             message = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in problems)
@@ -171,7 +181,6 @@ class Reconciler:
             view = await self._observe(resource, status.attempt, roles)
 
         progress, checkpoint, goodput, spikes = await self._scrape(resource, status, view, now)
-        memory = self._memory(key)
         if progress is not None:
             memory.scraped_attempt = status.attempt
         policy = getattr(spec, "failure_policy", None)
@@ -282,7 +291,7 @@ class Reconciler:
         nodes: dict[str, dict[str, Any] | None] = {}
         # A Job whose controller reports no pods yet needs no pod listing (the common case for
         # queued work: the pass is then one GET per role).
-        if any(_job_has_pods(j) for j in jobs):
+        if any(job_has_pods(j) for j in jobs):
             pods = await self.kube.list(k.PODS, ns, attempt_labels(resource.kind, resource.name, attempt))
             for name in {p.get("spec", {}).get("nodeName") for p in pods} - {None}:
                 nodes[name] = await self.kube.get(k.NODES, None, name)
@@ -382,7 +391,7 @@ def _version(body: Mapping[str, Any]) -> int:
         return 0  # resourceVersion is opaque in general; only numeric ones are compared
 
 
-def _job_has_pods(job: Mapping[str, Any]) -> bool:
+def job_has_pods(job: Mapping[str, Any]) -> bool:
     status = job.get("status") or {}
     return any(status.get(key) for key in ("active", "ready", "failed", "succeeded", "terminating")) \
         or bool(status.get("conditions"))
@@ -413,8 +422,7 @@ def _parse(body: Mapping[str, Any]) -> Resource | None:
 
 
 def _roles(resource: Resource, storage_root: str) -> tuple[str, ...]:
-    placeholder = {path: "pending" for path in resource.input_refs()}
-    return tuple(r.name for r in plan(resource, storage_root=storage_root, inputs=placeholder).roles)
+    return role_names(resource)
 
 
 def _results(view: AttemptView, output_uri: str | None) -> dict[str, Any] | None:
