@@ -225,7 +225,7 @@ _MEMORY_CHILD = r"""
 import random, resource, sys, time
 import numpy as np
 from crucible.trainer.config.data import MinHashConfig
-from crucible.trainer.data.minhash import MinHasher, bucket_pairs, cluster_roots, exact_pairs
+from crucible.trainer.data.minhash import MinHasher, bucket_pairs, exact_pairs, removed_by_clusters
 from crucible.trainer.data.synthetic import NOUNS, VERBS, ADJECTIVES
 n = int(sys.argv[1])
 rng = random.Random(5)
