@@ -269,3 +269,17 @@ def test_special_token_text_is_not_a_document_end(tmp_path: Path, corpus_records
     assert len(docs) == m.data["documentsWritten"]["train"] == 40
     assert all(int((d == shards.eos_id).sum()) == 1 and d[-1] == shards.eos_id for d in docs)
     assert shards.num_tokens == m.tokens["train"]
+
+
+def test_everything_dropped_fails_with_the_funnel(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import random
+
+    from crucible.trainer.data.synthetic import foreign_document
+
+    rng = random.Random(0)
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": foreign_document(rng, "fr")} for _ in range(20)])
+    config = make_config([{"name": "web", "uri": str(tmp_path / "in")}])
+    spec = _spec(tmp_path / "spec.json", config, tmp_path / "out")
+    assert main(["--spec", str(spec)]) == EXIT_BAD_INPUT
+    assert "no training tokens: all 20 input documents were dropped (most by language:language_fr (20))" in caplog.text
+    assert (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "_SUCCESS").exists()

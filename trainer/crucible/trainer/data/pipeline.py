@@ -121,6 +121,10 @@ class PipelineError(RuntimeError):
     """An ordering or state problem (a stage started before the one it needs finished)."""
 
 
+class NothingLeftError(ValueError):
+    """Every document was dropped: the receipt is written, ``_SUCCESS`` is not (exit 2)."""
+
+
 def unit_hash(text: str, seed: int) -> float:
     """A reproducible number in [0, 1) for ``text`` under ``seed``."""
     return xxhash.xxh64_intdigest(text.encode("utf-8", "surrogatepass"), seed) / 2.0**64
@@ -652,6 +656,14 @@ class DataPipeline:
         data = self._manifest(filter_stats, token_stats, splits, info, ids_hash.hexdigest())
         raw = self.ws.write_json(MANIFEST, data)
         manifest_sha = hashlib.sha256(raw).hexdigest()
+        if not data["tokens"]["train"]:
+            biggest = sorted(((n, f"{row['step']}:{r}") for row in data["funnel"] for r, n in row["dropped"].items()),
+                             reverse=True)[:3]
+            raise NothingLeftError(
+                f"no training tokens: all {data['documentsIn']} input documents were dropped (most by "
+                f"{', '.join(f'{name} ({n})' for n, name in biggest) or 'nothing - the sources are empty'}); "
+                f"see the funnel in {self.ws.uri_of(MANIFEST)} and loosen the matching steps or check sources[*].textField"
+            )
         dropped = {f"{row['step']}:{r}": n for row in data["funnel"] for r, n in row["dropped"].items()}
         success = {
             "stage": "data",
@@ -909,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pipeline.run_worker(shard, args.stage, args.wait_timeout)
         return EXIT_OK
-    except (SpecError, SourceError, TokenizerSourceError, WordListError) as exc:
+    except (SpecError, SourceError, TokenizerSourceError, WordListError, NothingLeftError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     except StorageUnavailable as exc:
