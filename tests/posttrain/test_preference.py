@@ -50,6 +50,7 @@ def test_lora_dpo_raises_held_out_preference_accuracy(tiny_model_dir: Path, pair
     assert results["rewardMargin"] > 0 and results["rewardChosen"] > results["rewardRejected"]
     assert results["heldOutLoss"] < results["lossBefore"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at start
     assert results["output"] == "merged model" and results["dpoLoss"] == "sigmoid"
+    assert "perplexity" not in results
     assert (out / "eval" / "prompts.md").exists()
     records = [json.loads(line) for line in (out / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "event" not in r]

@@ -375,8 +375,10 @@ def run(config: PreferenceConfig) -> int:
                 tuned = load_exported_lm(ws.staging, written, ws.base_dir)
                 write_prompts(config, ws.staging, tokenizer, answers_before, tuned,
                               tokenizer.chat_template, "preference optimization")
+            fit = result.results()
+            fit.pop("perplexity", None)  # exp of a preference loss is no perplexity
             results: dict[str, Any] = {
-                **result.results(),
+                **fit,
                 **evaluate.harness_results(config.eval, ws.staging,
                                            str(ws.base_dir) if written == "adapter" else None),
                 "method": config.method,
