@@ -337,8 +337,8 @@ def run(config: PreferenceConfig) -> int:
         log(f"{config.method}: {trainable:,} of {total:,} parameters train")
         mbs = config.training.micro_batch_size
         objective: DpoObjective | RewardModelObjective
+        policy.to(env.device)
         if config.method == "dpo":
-            policy.to(env.device)
             reference = build_reference(config, ws, policy, env.device)
             objective = DpoObjective(data, reference, config.dpo.beta, config.dpo.loss, config.dpo.label_smoothing)
             if config.dpo.precompute_reference:
