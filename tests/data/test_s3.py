@@ -56,3 +56,18 @@ def test_s3_sources_and_output_match_local(
     # (the shard layout differs: the unreadable object took a place in the split of files over workers)
     for key in ("documentsIn", "documentsOut", "tokens", "keptDocumentIdsSha256", "tokenizer", "pii"):
         assert remote.data[key] == here.data[key], key
+
+
+def test_unreachable_store_is_retriable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crucible.trainer.config.common import EXIT_RETRIABLE
+    from crucible.trainer.data.pipeline import main
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({
+        "sources": [{"name": "web", "uri": "s3://corpus/raw/"}],
+        "output": {"uri": str(tmp_path / "out")},
+        "storage": {"s3": {"endpointUrl": "http://127.0.0.1:9", "addressingStyle": "path"}},  # nothing listens
+    }))
+    assert main(["--spec", str(spec)]) == EXIT_RETRIABLE
