@@ -656,6 +656,9 @@ class DataPipeline:
         data = self._manifest(filter_stats, token_stats, splits, info, ids_hash.hexdigest())
         raw = self.ws.write_json(MANIFEST, data)
         manifest_sha = hashlib.sha256(raw).hexdigest()
+        if self.config.shards.validation_fraction and not data["tokens"]["validation"]:
+            log.warning("validation split is empty: %d documents kept and shards.validationFraction %.4g; "
+                        "raise it for an evaluation set", data["documentsOut"], self.config.shards.validation_fraction)
         if not data["tokens"]["train"]:
             biggest = sorted(((n, f"{row['step']}:{r}") for row in data["funnel"] for r, n in row["dropped"].items()),
                              reverse=True)[:3]
