@@ -171,7 +171,12 @@ class Reconciler:
             return
         resource = parsed
         spec = resource.spec
-        deps = await self._dependencies(resource)
+        if status.phase in ("Succeeded", "Failed"):
+            self.metrics.set_phase(key, status.phase)  # finished: nothing to look at
+            return
+        # Inputs matter when an attempt starts (the first, a restart, a resume, a data stage).
+        needs_inputs = status.phase != "Running" or resource.kind == "DataPipeline"
+        deps = await self._dependencies(resource) if needs_inputs else ()
         roles = _roles(resource, self.config.storage_root)
         if status.start_time is None and status.phase in ("Pending", "Waiting"):
             # Nothing was ever started for this run (starting records startTime), and starting
