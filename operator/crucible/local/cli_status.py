@@ -6,17 +6,30 @@ import argparse
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 
 from crucible.local.cli_common import add_workdir_argument, find_workdir
+from crucible.local.metrics import MetricsTail
 from crucible.local.summary import STATUS_HEADER, status_rows, table
-from crucible.local.workdir import LOCK_FILE, WorkDir
+from crucible.local.workdir import LOCK_FILE, RunState, WorkDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_workdir_argument(parser)
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table",
                         help="table (default) or json: the status of every run as the operator would write it")
+
+
+def refresh_progress(workdir: WorkDir, state: RunState) -> None:
+    """Step and loss from the run's metrics.jsonl, which may be ahead of state.json (or its runner gone)."""
+    path = workdir.run_dir(state.namespace, state.kind, state.name) / "checkpoints" / "metrics.jsonl"
+    if not path.exists():
+        return
+    tail = MetricsTail(path, offset=max(0, path.stat().st_size - 65536))
+    tail.poll(time.time())
+    if tail.last:
+        state.status.progress = tail.progress(state.status.progress, state.status.progress.total_steps)
 
 
 def runner_active(root: Path) -> bool:
@@ -56,6 +69,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"no runs recorded in {root} yet")
         return 0
     active = runner_active(workdir.root)
+    for state in states:
+        if state.status.phase != "Succeeded":
+            refresh_progress(workdir, state)
     rows = status_rows(states)
     if not active:
         for row in rows:

@@ -88,6 +88,8 @@ def status_rows(states: Sequence[RunState], now: float | None = None) -> list[li
         end = parse_time(st.completion_time)
         age = duration((end or now) - start) if start else "-"
         note = st.message or ""
+        if st.phase in ("Running", "Restarting", "Pending") and st.last_checkpoint is not None:
+            note += f" (checkpoint at step {st.last_checkpoint.step})"
         if st.phase == "Succeeded":
             note = key_results(st.results, kind=s.kind) or note
         rows.append([s.name, s.kind, st.phase, step, loss, str(st.restarts), age, note.splitlines()[0][:80] if note else ""])
