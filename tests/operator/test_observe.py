@@ -111,3 +111,28 @@ def test_torchrun_exit_1_is_read_through_the_termination_message(message: str, r
     failure = classify([end])
     assert failure is not None and failure.reason == reason
     assert failure.log_tail == tail
+
+
+@pytest.mark.parametrize(
+    ("message", "results"),
+    [
+        ('{"stage": "pretrain", "results": {"finalLoss": 2.1}}', {"finalLoss": 2.1}),
+        ('{"exitCode": 75, "kind": "retriable", "reason": "x"}\n{"stage": "data", "results": {"tokens": 9}}', {"tokens": 9}),
+        ('{"stage": "quantize",\n "results": {"sizeBytesAfter": 10}}', {"sizeBytesAfter": 10}),
+        ("plain log text", None),
+        (None, None),
+    ],
+)
+def test_stage_results_come_from_the_termination_message(message: str | None, results: dict | None) -> None:
+    from crucible.operator.observe import AttemptView
+    from crucible.operator.reconcile import _results
+
+    assert _results(AttemptView("succeeded", termination_message=message), "s3://bucket/out") == results
+
+
+def test_stage_results_from_a_local_success_file(tmp_path) -> None:
+    from crucible.operator.observe import AttemptView
+    from crucible.operator.reconcile import _results
+
+    (tmp_path / "_SUCCESS").write_text('{"stage": "pretrain", "finishedAt": "now", "results": {"perplexity": 12.5}}')
+    assert _results(AttemptView("succeeded"), str(tmp_path)) == {"perplexity": 12.5}

@@ -431,15 +431,16 @@ def _roles(resource: Resource, storage_root: str) -> tuple[str, ...]:
 
 
 def _results(view: AttemptView, output_uri: str | None) -> dict[str, Any] | None:
+    """``results`` of the ``_SUCCESS`` JSON: a line of rank 0's termination message, else the file."""
     for text in (view.termination_message, _read_local_success(output_uri)):
-        if not text:
-            continue
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get("results"), dict):
-            return doc["results"]
+        candidates = [text, *text.splitlines()[::-1]] if text else []
+        for candidate in candidates:
+            try:
+                doc = json.loads(candidate)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("results"), dict):
+                return doc["results"]
     return None
 
 
