@@ -33,7 +33,7 @@ from crucible.operator import kube as k
 from crucible.operator.handlers import build_registry
 from crucible.operator.metrics import OperatorMetrics
 from crucible.operator.reconcile import OperatorConfig
-from crucible.operator.render import JOB_INDEX_LABEL, LABEL_ATTEMPT, LABEL_RUN
+from crucible.operator.render import JOB_INDEX_LABEL, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, LABEL_RUN
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "ml"
@@ -145,6 +145,7 @@ class SimCluster:
         self.interval = interval
         self.tick = tick
         self.trainers: dict[str, Trainer] = {}
+        self.kueue_admits: set[str] = set()  # queues whose workloads the simulated Kueue admits
         self.metrics_servers: dict[int, web.AppRunner] = {}
         self.operator_metrics = OperatorMetrics()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -316,6 +317,9 @@ class SimCluster:
             spec = job["spec"]
             mine = [p for p in pods if p["metadata"]["labels"].get(JOB_NAME_LABEL) == jname]
             conds = job.get("status", {}).get("conditions") or []
+            if spec.get("suspend") and job["metadata"]["labels"].get(KUEUE_QUEUE_LABEL) in self.kueue_admits:
+                await self._patch(k.JOBS, jname, {"spec": {"suspend": False}})  # Kueue admitted the workload
+                continue
             if any(c["type"] in ("Complete", "Failed") for c in conds) or spec.get("suspend"):
                 continue
             if not mine:

@@ -274,3 +274,23 @@ def test_from_run_chain_of_all_five_kinds() -> None:
         assert q["status"]["outputURI"] == "s3://bucket/runs/ml/quantizejob/q/output"
         assert_rbac_covers_the_operator(c)
     run(scenario, nodes=4)
+
+
+def test_gang_scheduling_kueue_admission_and_volcano_pod_group() -> None:
+    async def scenario(c: SimCluster) -> None:
+        c.trainer("queued", total_steps=10, port=19420)
+        c.trainer("gang", total_steps=10, port=19421)
+        await c.apply(pretrain("queued", 19420, steps=10, scheduling={"gang": "kueue", "queue": "team-a"}))
+        await c.apply(pretrain("gang", 19421, steps=10, scheduling={"gang": "volcano", "queue": "q1"}))
+        await c.wait_for(lambda: c.jobs("queued"), what="the Kueue job")
+        await asyncio.sleep(1.0)
+        queued = await c.get("PretrainRun", "queued")
+        (job,) = await c.jobs("queued")
+        assert job["spec"]["suspend"] is True and queued["status"]["phase"] == "Pending"  # waits for Kueue
+        groups = await c.kube.list(k.VOLCANO_PODGROUPS, "ml")
+        assert [g["metadata"]["name"] for g in groups] == ["gang-0"]
+        assert groups[0]["spec"] == {"minMember": 2, "queue": "q1"}
+        c.kueue_admits.add("team-a")
+        await c.wait_phase("PretrainRun", "queued", "Succeeded", timeout=30)
+        await c.wait_phase("PretrainRun", "gang", "Succeeded", timeout=30)
+    run(scenario)
