@@ -361,7 +361,7 @@ def perplexity_section(workdir: WorkDir, states: list[RunState], report: Report)
     except ImportError as exc:
         sec.markdown.append(f"*Not measured: {exc}.*")
         return sec, measured
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(4, os.cpu_count() or 1))))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))  # small models; robust on a busy machine
     seq_len, batches = 256, EVAL_BATCHES
     try:
         tokens = evaluate.load_eval_tokens(uri)
