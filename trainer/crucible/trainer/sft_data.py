@@ -222,7 +222,13 @@ def tokenize_conversation(
     The second value says whether the example was truncated.
     """
     text, spans = assistant_spans(tokenizer, template, conv)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as exc:  # slow (Python) tokenizers have no offsets
+        raise SpecError(
+            "spec.model.uri: prompt masking needs a fast tokenizer (tokenizer.json beside the model); "
+            f"this one is {type(tokenizer).__name__}"
+        ) from exc
     ids: list[int] = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
     for t, (start, _end) in enumerate(enc["offset_mapping"]):
