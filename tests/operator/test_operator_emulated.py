@@ -184,8 +184,11 @@ def test_operator_restart_mid_run_neither_duplicates_nor_loses_the_attempt() -> 
         await c.wait_phase("PretrainRun", "pt", "Running")
         before = await c.get("PretrainRun", "pt")
         await c.stop_operator()
+        # as if the previous operator had died between the creates of the attempt
+        await c.kube.delete(k.CONFIGMAPS, "ml", "pt-0-spec")
         await asyncio.sleep(1.0)
         await c.start_operator()
+        await c.wait_for(lambda: c.kube.get(k.CONFIGMAPS, "ml", "pt-0-spec"), what="the spec ConfigMap back")
         await c.wait_for(lambda: _progress_beyond(c, before["status"]["progress"].get("step") or 0), what="progress")
         jobs = await c.jobs("pt")
         assert [j["metadata"]["name"] for j in jobs] == ["pt-0"]

@@ -73,6 +73,7 @@ class _RunMemory:
     body: Mapping[str, Any] | None = None
     last_pass: float = 0.0
     parsed: tuple[int | None, Resource] | None = None
+    ensured_attempt: int | None = None
 
 
 class Reconciler:
@@ -216,6 +217,8 @@ class Reconciler:
             results = _results(view, status.output_uri)
         elif decision.action == "wait" and view.next_role is not None and view.state == "running":
             await self._start_role(resource, status, deps, body, view.next_role)
+        if decision.action == "wait" and view.state in ("pending", "running"):
+            await self._ensure_children(resource, status, body, deps)
 
         new = st.next_status(status, decision, now=now, generation=meta_generation(body), output_uri=output_uri,
                              results=results, progress=progress, last_checkpoint=checkpoint, goodput=goodput)
@@ -357,11 +360,34 @@ class Reconciler:
     async def _start(self, resource: Resource, status: RunStatus, d: Decision, body: Mapping[str, Any]) -> str:
         p = self._plan(resource, status, d.attempt, d.excluded_nodes, d.inputs, time.time())
         rendered = self._render(resource, p, body)
-        # What the pods mount and resolve first, together; then the Job. Every create is
-        # idempotent (409 = exists), so a pass cut short is completed by the next one.
-        await asyncio.gather(*(self.kube.create(o) for o in rendered.objects() if o["kind"] != "Job"))
-        await self.kube.create(rendered.jobs[0])
+        # A gang scheduler must know the PodGroup before it sees pods; the rest goes in one
+        # round trip. The kubelet waits for a ConfigMap volume that is not there yet, and
+        # _ensure_children completes an attempt whose creation a crash cut short.
+        if rendered.pod_group is not None:
+            await self.kube.create(rendered.pod_group)
+        others = [o for o in (rendered.config_map, rendered.service) if o is not None]
+        await asyncio.gather(*(self.kube.create(o) for o in [rendered.jobs[0], *others]))
+        self._memory(_key(body)).ensured_attempt = d.attempt
         return p.output_uri
+
+    async def _ensure_children(self, resource: Resource, status: RunStatus, body: Mapping[str, Any],
+                               deps: tuple[Dependency, ...]) -> None:
+        """Once per attempt and operator lifetime: the attempt's ConfigMap, Service and PodGroup
+        exist (creates are idempotent), in case an earlier operator died between creates."""
+        memory = self._memory(_key(body))
+        if memory.ensured_attempt == status.attempt:
+            return
+        inputs = {d.path: d.output_uri for d in deps if d.output_uri}
+        try:
+            p = self._plan(resource, status, status.attempt, tuple(status.failed_nodes), inputs, time.time())
+        except PlanError:
+            # inputs are not fetched for a Running run, whose pods mounted the spec already;
+            # the next attempt creates everything anew
+            memory.ensured_attempt = status.attempt
+            return
+        rendered = self._render(resource, p, body)
+        await asyncio.gather(*(self.kube.create(o) for o in rendered.objects() if o["kind"] != "Job"))
+        memory.ensured_attempt = status.attempt
 
     async def _start_role(self, resource: Resource, status: RunStatus, deps: tuple[Dependency, ...],
                           body: Mapping[str, Any], role: str) -> None:
