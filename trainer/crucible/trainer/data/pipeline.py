@@ -685,8 +685,11 @@ class DataPipeline:
             },
         }
         self.ws.write_json(SUCCESS, success)
-        for p in range(self.num_parts):  # the filtered text is large; the receipts stay
-            self.ws.delete(f"{_part('filter', p)}/docs.jsonl.zst")
+        # The bulky intermediates go; stats, markers and the kept ids (an audit trail) stay.
+        for p in range(self.num_parts):
+            for name in ("docs.jsonl.zst", "keys.npy", "bands.npy", "has_signature.npy", "exact.npy"):
+                self.ws.delete(f"{_part('filter', p)}/{name}")
+            self.ws.delete(f"{_part('dedup', p)}/links.npz")
         log.info("data pipeline done: %d -> %d documents, %d train / %d validation tokens, manifest %s",
                  data["documentsIn"], data["documentsOut"], data["tokens"]["train"], data["tokens"]["validation"],
                  self.ws.uri_of(MANIFEST))
