@@ -129,14 +129,18 @@ class RealisticEmulator(KubernetesEmulator):
     def _record(self, request: Any) -> None:
         if not hasattr(self, "verbs_used"):
             self.verbs_used = set()
+            self.writers: set[tuple[str, str, str]] = set()  # (user agent, verb, resource)
         method = str(request.method).rsplit(".", 1)[-1].upper()
         if method == "GET":
             verb = "watch" if request.params.get("watch") == "true" else "get" if request.name else "list"
         else:
             verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(method, method)
         resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-        agent = request.headers.get("User-Agent", "").split("/")[0].split(" ")[0]
+        user_agent = request.headers.get("User-Agent", "")
+        agent = user_agent.split("/")[0].split(" ")[0]
         self.verbs_used.add((agent, verb, request.resource.group or "", resource))
+        if verb in ("create", "patch", "delete"):
+            self.writers.add((user_agent, verb, resource))
 
 
 class SimCluster:
@@ -185,6 +189,8 @@ class SimCluster:
             self.emulator.resources[f"{GROUP}/{VERSION}/{model.PLURAL}"] = ResourceInfo(
                 kind=model.KIND, namespaced=True, verbs=verbs, subresources={"status"},
                 singular=model.KIND.lower(), categories={"crucible"})
+        self.emulator.resources["kopf.dev/v1/clusterkopfpeerings"] = ResourceInfo(
+            kind="ClusterKopfPeering", namespaced=False, verbs=verbs)
         for group_version in ("scheduling.volcano.sh/v1beta1", "scheduling.x-k8s.io/v1alpha1"):
             self.emulator.resources[f"{group_version}/podgroups"] = ResourceInfo(
                 kind="PodGroup", namespaced=True, verbs=verbs)
@@ -200,21 +206,28 @@ class SimCluster:
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
         for name in self.node_names:
             self.emulator.objects["v1/nodes", None, name] = _node(name)
+        self.emulator.objects["kopf.dev/v1/clusterkopfpeerings", None, "crucible"] = {
+            "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "crucible"},
+            "status": {}}
 
-    async def start_operator(self) -> None:
+    async def start_operator(self, *, replica: str = "", peering: str | None = None, priority: int = 0
+                             ) -> tuple[threading.Thread, threading.Event]:
         """The real operator, in its own thread and event loop (as in a pod of its own): Kopf
         cancels every task created in its loop after it started when it stops."""
         config = OperatorConfig(storage_root="s3://bucket/runs", interval=self.interval, resync=2.0,
-                                scrape_timeout=1.0)
+                                scrape_timeout=1.0, user_agent=f"crucible-operator/{replica}")
         registry = build_registry(config, server=self.url, metrics=self.operator_metrics)
         stop = threading.Event()
 
         def main() -> None:
-            asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True, stop_flag=stop))
+            asyncio.run(kopf.operator(registry=registry, standalone=peering is None, peering_name=peering,
+                                      priority=priority, clusterwide=True, stop_flag=stop))
 
-        self._stop = stop
-        self._operator = threading.Thread(target=main, name="operator", daemon=True)
-        self._operator.start()
+        thread = threading.Thread(target=main, name=f"operator{replica}", daemon=True)
+        thread.start()
+        if not replica:
+            self._stop, self._operator = stop, thread
+        return thread, stop
 
     async def stop_operator(self) -> None:
         if self._operator is None or self._stop is None:

@@ -297,3 +297,30 @@ def test_gang_scheduling_kueue_admission_and_volcano_pod_group() -> None:
         await c.wait_phase("PretrainRun", "queued", "Succeeded", timeout=30)
         await c.wait_phase("PretrainRun", "gang", "Succeeded", timeout=30)
     run(scenario)
+
+
+def test_peering_keeps_one_replica_active_and_the_other_takes_over() -> None:
+    async def scenario(c: SimCluster) -> None:
+        await c.stop_operator()  # the default standalone one
+        active, stop_active = await c.start_operator(replica="a", peering="crucible", priority=100)
+        standby, stop_standby = await c.start_operator(replica="b", peering="crucible", priority=10)
+        try:
+            await asyncio.sleep(2.0)  # peers see each other; b pauses
+            c.trainer("first", total_steps=6, port=19430)
+            await c.apply(pretrain("first", 19430, steps=6, nodes=1))
+            await c.wait_phase("PretrainRun", "first", "Succeeded")
+            jobs_by = {agent for agent, verb, res in c.emulator.writers if (verb, res) == ("create", "jobs")}
+            assert jobs_by == {"crucible-operator/a"}
+            stop_active.set()
+            await asyncio.to_thread(active.join, 15)
+            await asyncio.sleep(2.0)  # a left the peering; b resumes
+            c.trainer("second", total_steps=6, port=19431)
+            await c.apply(pretrain("second", 19431, steps=6, nodes=1))
+            await c.wait_phase("PretrainRun", "second", "Succeeded", timeout=30)
+            jobs_by = {agent for agent, verb, res in c.emulator.writers if (verb, res) == ("create", "jobs")}
+            assert jobs_by == {"crucible-operator/a", "crucible-operator/b"}
+        finally:
+            stop_active.set()
+            stop_standby.set()
+            await asyncio.to_thread(standby.join, 15)
+    run(scenario)

@@ -59,7 +59,7 @@ def build_registry(config: OperatorConfig, *, server: str | None = None,
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
-        reconciler = Reconciler(Kube(conn), config, op_metrics)
+        reconciler = Reconciler(Kube(conn, user_agent=config.user_agent), config, op_metrics)
         memo.reconciler = reconciler
         memo.ticker = asyncio.create_task(_tick(reconciler, config.interval))
         op_metrics.serve(metrics_port)

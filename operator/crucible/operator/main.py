@@ -48,6 +48,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         render=RenderSettings(image=args.image, service_account=args.service_account),
         interval=args.interval,
         default_credentials_secret=args.storage_secret,
+        user_agent=f"crucible-operator/{os.environ.get('HOSTNAME', 'local')}",
     )
 
 

@@ -57,6 +57,8 @@ class OperatorConfig:
     resync: float = 60.0
     scrape_timeout: float = 2.0
     default_credentials_secret: str | None = None
+    user_agent: str = "crucible-operator"
+    """Sent with every API request; add the replica (``crucible-operator/<pod>``) to tell replicas apart."""
 
 
 def cr_res(kind: str) -> k.Res:
