@@ -214,7 +214,7 @@ class SimCluster:
                              ) -> tuple[threading.Thread, threading.Event]:
         """The real operator, in its own thread and event loop (as in a pod of its own): Kopf
         cancels every task created in its loop after it started when it stops."""
-        config = OperatorConfig(storage_root="s3://bucket/runs", interval=self.interval, resync=2.0,
+        config = OperatorConfig(storage_root="s3://bucket/runs", interval=self.interval, resync=30.0,
                                 scrape_timeout=1.0, user_agent=f"crucible-operator/{replica}")
         registry = build_registry(config, server=self.url, metrics=self.operator_metrics)
         stop = threading.Event()

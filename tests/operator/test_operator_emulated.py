@@ -319,6 +319,7 @@ def test_peering_keeps_one_replica_active_and_the_other_takes_over() -> None:
             await c.wait_phase("PretrainRun", "second", "Succeeded", timeout=30)
             jobs_by = {agent for agent, verb, res in c.emulator.writers if (verb, res) == ("create", "jobs")}
             assert jobs_by == {"crucible-operator/a", "crucible-operator/b"}
+            assert_rbac_covers_the_operator(c)  # peering included
         finally:
             stop_active.set()
             stop_standby.set()

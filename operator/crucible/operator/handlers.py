@@ -8,8 +8,9 @@ lists what exists) or whose spec changed (``metadata.generation`` ahead of
 ``status.observedGeneration``) is reconciled at once; a deleted run has its current attempt
 removed (owner references remove the rest). Every watch event also refreshes the operator's
 view of the run. A change to one of a run's Jobs reconciles that run at once. One ticker
-reconciles Running, Restarting and Waiting runs each ``config.interval`` seconds (pods, nodes,
-metrics, hang, backoff, inputs) and every other run once per ``config.resync`` seconds.
+reconciles Running and Restarting runs each ``config.interval`` seconds (pods, nodes, metrics,
+hang, backoff) and every other run once per ``config.resync`` seconds; a run that finishes
+wakes the runs waiting on it (``fromRun``).
 
 Why not a Kopf timer per run: timers need a finalizer on every run (two more writes per run
 and a run that cannot be deleted while the operator is down) and a task per run. Level-
@@ -93,6 +94,9 @@ def _register_kind(registry: kopf.OperatorRegistry, plural: str) -> None:
         reconciler.remember(raw)
         if event.get("type") in (None, "ADDED") or _spec_changed(raw):
             await reconciler.reconcile(raw)
+        if (raw.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            for waiting in reconciler.dependents(raw):
+                await reconciler.reconcile(waiting)
 
 
 def _register_children(registry: kopf.OperatorRegistry) -> None:

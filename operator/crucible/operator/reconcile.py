@@ -101,16 +101,29 @@ class Reconciler:
     def due(self, now: float) -> list[Mapping[str, Any]]:
         """Runs the ticker should look at now (monotonic ``now``).
 
-        Running and Restarting runs every tick (pods, nodes, metrics, hang, backoff), Waiting
-        runs too (their inputs); every other run only once per ``config.resync`` seconds: their
-        Jobs' watch events wake them (:meth:`poke`), this is the safety net.
+        Running and Restarting runs every tick (pods, nodes, metrics, hang, backoff); every other
+        run only once per ``config.resync`` seconds: their Jobs' watch events (:meth:`poke`)
+        and their inputs finishing (:meth:`dependents`) wake them, this is the safety net.
         """
         out = []
         for m in list(self._runs.values()):
             if m.body is None or m.lock.locked():
                 continue
             phase = (m.body.get("status") or {}).get("phase")
-            if phase in ("Running", "Restarting", "Waiting") or now - m.last_pass >= self.config.resync:
+            if phase in ("Running", "Restarting") or now - m.last_pass >= self.config.resync:
+                out.append(m.body)
+        return out
+
+    def dependents(self, body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """Known runs waiting on this one (``fromRun``), to reconcile when it finishes."""
+        kind, namespace, name = _key(body)
+        out = []
+        for (_, ns, _), m in list(self._runs.items()):
+            if ns != namespace or m.body is None or m.parsed is None:
+                continue
+            if (m.body.get("status") or {}).get("phase") not in (None, "Pending", "Waiting"):
+                continue
+            if any((ref.kind, ref.name) == (kind, name) for ref in m.parsed[1].input_refs().values()):
                 out.append(m.body)
         return out
 
