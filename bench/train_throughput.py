@@ -173,9 +173,9 @@ def run_trainer(p: dict[str, Any], data: Path, init_state: dict[str, Any], steps
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-5m")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of every run")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations (ours, Trainer) — ≥ 30 timed steps in all")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations (ours, Trainer) — ≥ 30 timed steps in all")
     parser.add_argument("--compile", action="store_true", help="torch.compile on both sides")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)

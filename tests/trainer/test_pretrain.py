@@ -47,6 +47,12 @@ def test_pretrain_writes_a_loadable_model_and_a_lineage_receipt(shards: Path, tm
     started = time.monotonic()
     rc, log = run_stage(spec, tmp_path / "job")
     assert rc == 0 and "nothing to do" in log and time.monotonic() - started < 30
+    # killed after the last checkpoint but before _SUCCESS: the retry only exports again
+    (out / "_SUCCESS").unlink()
+    rc, log = run_stage(spec, tmp_path / "job")
+    assert rc == 0, log[-2000:]
+    again = json.loads((out / "_SUCCESS").read_text())["results"]
+    assert again["finalLoss"] == results["finalLoss"] and again["resumedFromStep"] == 12
 
 
 @pytest.mark.parametrize(

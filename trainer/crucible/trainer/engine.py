@@ -188,6 +188,7 @@ class Engine:
         self.train_iter: ResumableIterator = objective.train_batches(self.ctx)
         self.step = 0
         self.tokens = 0
+        self.last_loss = math.nan
         self.interval: int = self._initial_interval()
         self._stop_signal = False
 
@@ -231,6 +232,7 @@ class Engine:
             "data": self.train_iter.state_dict(),
             "lossSpike": self.detector.state_dict(),
             "interval": self.interval,
+            "loss": self.last_loss,
         }
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -280,6 +282,7 @@ class Engine:
             if [start, end] not in state["data"].get("skips", []):
                 self.train_iter.skip(start, end)
         self.detector.load_state_dict(state.get("lossSpike", {}))
+        self.last_loss = float(state.get("loss", math.nan))
         if self.config.checkpoint.interval == "auto":
             self.interval = int(state.get("interval", self.interval))
 
@@ -399,7 +402,6 @@ class Engine:
             f"× {self.grad_accum} accumulation, strategy {self.strategy.name}, device {self.env.device}"
         )
         step_times: list[float] = []
-        loss = math.nan
         last_eval: dict[str, float] = {}
         tps = 0.0
         self._stop_all = False
@@ -419,6 +421,7 @@ class Engine:
                 self.step_log.event("loss_spike", step=spike.step, loss=spike.loss, z=spike.z)
             self.step += 1
             self.tokens += step_tokens
+            self.last_loss = loss
             step_times.append(elapsed)
             self._median_step_s = sorted(step_times[-50:])[len(step_times[-50:]) // 2]
             tps = step_tokens / elapsed if elapsed > 0 else 0.0
@@ -453,7 +456,7 @@ class Engine:
         return FitResult(
             steps=self.step,
             tokens=self.tokens,
-            final_loss=loss,
+            final_loss=self.last_loss,
             eval=final_eval,
             loss_spikes=self.detector.spikes,
             rollbacks=self.detector.rollbacks,
