@@ -10,7 +10,13 @@ import torch
 from trainlib import LOG, make_engine
 
 from crucible.trainer import storage as st
-from crucible.trainer.checkpoint import MANIFEST, Checkpointer, CheckpointInvalid, step_dir_name
+from crucible.trainer.checkpoint import (
+    MANIFEST,
+    Checkpointer,
+    CheckpointInvalid,
+    step_dir_name,
+    young_daly_interval,
+)
 from crucible.trainer.config.common import S3Config
 
 
@@ -156,3 +162,16 @@ def test_s3_checkpoint_manifest_is_the_last_object(
     assert checkpointer.latest_valid() is None
     engine.close()
     fresh.close()
+
+
+def test_interval_auto_follows_young_daly(shards: Path, tmp_path: Path) -> None:
+    engine = make_engine(shards, tmp_path, training={"maxSteps": 30},
+                         checkpoint={"interval": "auto", "asyncSave": False},
+                         failurePolicy={"failureRatePerHour": 3600.0})  # one fault a second: save often
+    assert engine.interval == 3  # before any save is measured: a tenth of the run
+    LOG.clear()
+    engine.fit()
+    engine.close()
+    assert any("checkpoint interval auto" in line and "Young/Daly" in line for line in LOG), LOG
+    cost = max(engine.checkpointer.last_blocking_s, engine.checkpointer.last_total_s)
+    assert engine.interval == young_daly_interval(cost, 3600.0, engine._median_step_s)
