@@ -103,6 +103,9 @@ APP = '{"exitCode": 1, "kind": "application-error", "reason": "KeyError: step"}'
         ('{"exitCode": 2, "kind": "bad-input", "reason": "spec.data.uri: no shards"}', f.BAD_INPUT,
          "spec.data.uri: no shards"),
         ("Traceback (most recent call last):\nboom", f.APPLICATION_ERROR, "Traceback (most recent call last):\nboom"),
+        ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n  rank      : 3\n  exitcode  : -9 (pid: 77)",
+         f.KILLED_BY_SIGNAL, "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n  rank      : 3\n"
+                             "  exitcode  : -9 (pid: 77)"),
     ],
 )
 def test_torchrun_exit_1_is_read_through_the_termination_message(message: str, reason: str, tail: str) -> None:

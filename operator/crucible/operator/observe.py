@@ -11,6 +11,7 @@ be created next, once every earlier one has completed.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,7 @@ def _container_state(pod: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
+_TORCHRUN_SIGNAL = re.compile(r"exitcode\s*:\s*-(\d+)")
 _KIND_CODES = {"bad-input": EXIT_BAD_INPUT, "application-error": EXIT_APPLICATION_ERROR, "retriable": EXIT_RETRIABLE}
 
 
@@ -70,7 +72,8 @@ def trainer_exit(message: str | None) -> tuple[int | None, str]:
     failing rank appends ``{"exitCode", "kind", "reason"}`` to ``$CRUCIBLE_TERMINATION_LOG``
     (crucible.trainer.faults). When ranks disagree, a bad input or an application error wins
     over a retriable fault: the peers of a crashed rank fail on communication, and that must
-    not turn a bug into restarts. Not JSON (Kubernetes' fallback to the log tail): (None, text).
+    not turn a bug into restarts. Not JSON (Kubernetes' fallback to the log tail): the exit of a
+    worker torchrun reports as killed by a signal (``exitcode : -9``) as 128+N, else (None, text).
     """
     if not message:
         return None, ""
@@ -85,6 +88,10 @@ def trainer_exit(message: str | None) -> tuple[int | None, str]:
             codes.append(_KIND_CODES.get(doc.get("kind", ""), int(doc["exitCode"])))
             reasons.append(str(doc.get("reason", "")))
     if not codes:
+        # torchrun's own report of a worker that died of a signal (its exit status is then 1)
+        killed = _TORCHRUN_SIGNAL.search(message)
+        if killed:
+            return 128 + int(killed.group(1)), message
         return None, message
     for code in (EXIT_BAD_INPUT, EXIT_APPLICATION_ERROR, EXIT_RETRIABLE):
         if code in codes:
