@@ -212,10 +212,10 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path: Path, corpus: Pa
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "crucible.trainer", "data", "--spec", str(spec)]
     # Kill once inside the filter stage (part of the docs written), once inside dedup (tokenizer training).
-    for marker in (out / "_work" / "filter" / "part-00000" / ".docs.jsonl.zst.tmp", out / "_work" / "dedup"):
+    for folder, pattern in ((out / "_work" / "filter" / "part-00000", ".docs.jsonl.zst.*.tmp"), (out / "_work", "dedup")):
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not list(folder.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, "the run finished before it could be killed"
         proc.send_signal(signal.SIGKILL)

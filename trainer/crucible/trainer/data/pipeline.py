@@ -214,8 +214,14 @@ class Workspace:
             self.storage.delete(join(self.uri, rel))
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary sibling private to this process: a duplicate worker (a pod restarted while
+    the old one still runs) never writes into the same temporary file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -228,7 +234,7 @@ class _AtomicZstdWriter:
         import zstandard
 
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.tmp = _tmp_name(path)
         self._raw = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
         self._stream = zstandard.ZstdCompressor(level=3, threads=0).stream_writer(self._raw, closefd=False)
 
@@ -477,9 +483,10 @@ class DataPipeline:
         links["near_a"] = np.concatenate(near_a) if near_a else empty
         links["near_b"] = np.concatenate(near_b) if near_b else empty
         rel = f"{_part('dedup', part)}/links.npz"
-        with open(self.ws.path(rel).with_name(".links.npz.tmp"), "wb") as f:
+        tmp = _tmp_name(self.ws.path(rel))
+        with open(tmp, "wb") as f:
             np.savez(f, **links)  # type: ignore[arg-type]
-        os.replace(self.ws.path(rel).with_name(".links.npz.tmp"), self.ws.path(rel))
+        os.replace(tmp, self.ws.path(rel))
         self.ws.publish(rel)
         if part == 0:
             self._make_tokenizer()
@@ -553,7 +560,7 @@ class DataPipeline:
         counts: Counter[str] = Counter()
         per_source: dict[str, Counter[str]] = {}
         ids_path = self.ws.path(f"{_part('tokenize', part)}/kept_ids.jsonl")
-        ids_tmp = ids_path.with_name(".kept_ids.jsonl.tmp")
+        ids_tmp = _tmp_name(ids_path)
         pending: list[tuple[str, str, str, str, int]] = []  # (split, source, id, text, copies)
 
         def flush() -> None:
@@ -690,6 +697,9 @@ class DataPipeline:
             for name in ("docs.jsonl.zst", "keys.npy", "bands.npy", "has_signature.npy", "exact.npy"):
                 self.ws.delete(f"{_part('filter', p)}/{name}")
             self.ws.delete(f"{_part('dedup', p)}/links.npz")
+        if not self.ws.remote:  # temporary files of killed attempts (never uploaded to S3)
+            for stray in self.ws.local.rglob(".*.tmp"):
+                stray.unlink(missing_ok=True)
         log.info("data pipeline done: %d -> %d documents, %d train / %d validation tokens, manifest %s",
                  data["documentsIn"], data["documentsOut"], data["tokens"]["train"], data["tokens"]["validation"],
                  self.ws.uri_of(MANIFEST))
