@@ -85,7 +85,9 @@ def test_node_dies_mid_run_restarts_on_other_nodes_and_resumes() -> None:
         restarting = await c.wait_phase("PretrainRun", "pt", "Restarting")
         assert restarting["status"]["failedNodes"] == [used[1]]
         assert restarting["status"]["restarts"] == 1
-        assert "NodeLost" in restarting["status"]["message"]
+        cond = next(x for x in restarting["status"]["conditions"] if x["type"] == "Restarting")
+        assert (cond["status"], cond["reason"]) == ("True", "NodeLost")
+        assert used[1] in cond["message"]
         running = await c.wait_phase("PretrainRun", "pt", "Running")
         assert running["status"]["attempt"] == 1
         (job,) = await c.jobs("pt")
@@ -169,7 +171,8 @@ def test_hang_is_detected_and_restarted() -> None:
         await c.wait_for(lambda: _true(t.step >= 4), what="some steps")
         t.hung = True
         restarting = await c.wait_phase("PretrainRun", "stuck", "Restarting", timeout=25)
-        assert restarting["status"]["message"].startswith("Hang: no step progress for 10s")
+        cond = next(x for x in restarting["status"]["conditions"] if x["type"] == "Restarting")
+        assert (cond["reason"], cond["message"]) == ("Hang", "no step progress for 10s (failurePolicy.hangTimeout)")
         assert restarting["status"]["failedNodes"] == []  # a hang blames no node
         t.hung = False
         done = await c.wait_phase("PretrainRun", "stuck", "Succeeded", timeout=30)

@@ -65,6 +65,16 @@ def cr_res(kind: str) -> k.Res:
     return k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL)
 
 
+@dataclass(frozen=True)
+class Scraped:
+    """What rank 0's /metrics said, as status fields (all None when not read)."""
+
+    progress: Progress | None = None
+    checkpoint: CheckpointRef | None = None
+    goodput: float | None = None
+    spikes: int | None = None
+
+
 @dataclass
 class _RunMemory:
     """Per-run soft state: only caches; the truth is in the resources."""
@@ -164,61 +174,78 @@ class Reconciler:
     # -- the pass -------------------------------------------------------------------------
 
     async def _pass(self, body: Mapping[str, Any], key: tuple[str, str, str]) -> None:
+        """fetch -> classify -> decide -> act -> one status write -> events."""
         now = time.time()
-        kind = key[0]
         status = _status_of(body)
-        memory = self._memory(key)
-        generation = body["metadata"].get("generation")
-        parsed: Resource | None
-        problems: list[Problem] = []
-        if memory.parsed is not None and generation is not None and memory.parsed[0] == generation:
-            parsed = memory.parsed[1]  # the spec only changes with the generation
-        else:
-            doc = {k_: body[k_] for k_ in ("apiVersion", "kind", "metadata", "spec")}
-            parsed, problems = validate_document(doc, f"{kind}/{key[1]}/{key[2]}", 0, 0)
-            if parsed is not None:
-                memory.parsed = (generation, parsed)
-        if parsed is None:
+        resource, problems = self._parse(body, key)
+        if resource is None:
             # the CRD schema and its CEL rules catch most of this at the API server already
             message = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in problems)
             decision = Decision("fail", INVALID_SPEC, message or "the resource does not validate")
             if status.phase != "Failed":
                 await self._write(body, status, st.next_status(status, decision, now=now), decision, key)
             return
-        resource = parsed
-        spec = resource.spec
         if status.phase in ("Succeeded", "Failed"):
             self.metrics.set_phase(key, status.phase)  # finished: nothing to look at
             return
         # Inputs matter when an attempt starts (the first, a restart, a resume, a data stage).
         needs_inputs = status.phase != "Running" or resource.kind == "DataPipeline"
         deps = await self._dependencies(resource) if needs_inputs else ()
-        roles = _roles(resource, self.config.storage_root)
+        roles = role_names(resource)
         if status.start_time is None and status.phase in ("Pending", "Waiting"):
             # Nothing was ever started for this run (starting records startTime), and starting
             # is idempotent: no need to look for an attempt.
             view = AttemptView("absent", next_role=roles[0])
         else:
             view = await self._observe(resource, status.attempt, roles)
+        scraped = await self._scrape(resource, status, view, now)
+        decision = decide(self._situation(resource, status, view, deps, scraped.progress, key, now))
+        output_uri, results, decision = await self._act(resource, status, view, deps, decision, body)
+        new = st.next_status(status, decision, now=now, generation=meta_generation(body), output_uri=output_uri,
+                             results=results, progress=scraped.progress, last_checkpoint=scraped.checkpoint,
+                             goodput=scraped.goodput)
+        if scraped.spikes is not None:
+            new.loss_spikes = scraped.spikes
+        await self._write(body, status, new, decision, key)
+        if scraped.spikes is not None and scraped.spikes > status.loss_spikes:
+            await self._event(body, "Warning", "LossSpike",
+                              f"{scraped.spikes - status.loss_spikes} loss spike(s) detected; rolled back to the "
+                              f"last checkpoint (total {scraped.spikes})")
 
-        progress, checkpoint, goodput, spikes = await self._scrape(resource, status, view, now)
+    def _parse(self, body: Mapping[str, Any], key: tuple[str, str, str]) -> tuple[Resource | None, list[Problem]]:
+        """The typed resource, validated once per generation (the spec changes only with it)."""
+        memory = self._memory(key)
+        generation = body["metadata"].get("generation")
+        if memory.parsed is not None and generation is not None and memory.parsed[0] == generation:
+            return memory.parsed[1], []
+        doc = {k_: body[k_] for k_ in ("apiVersion", "kind", "metadata", "spec")}
+        parsed, problems = validate_document(doc, "/".join(key), 0, 0)
+        if parsed is not None:
+            memory.parsed = (generation, parsed)
+        return parsed, problems
+
+    def _situation(self, resource: Resource, status: RunStatus, view: AttemptView, deps: tuple[Dependency, ...],
+                   progress: Progress | None, key: tuple[str, str, str], now: float) -> Situation:
+        spec = resource.spec
+        memory = self._memory(key)
         if progress is not None:
             memory.scraped_attempt = status.attempt
-        policy = getattr(spec, "failure_policy", None)
-        hang_timeout = policy.hang_timeout_seconds if policy is not None and spec.metrics.port else None
+        policy = getattr(spec, "failure_policy", None) or FailurePolicy()
+        hang_timeout = policy.hang_timeout_seconds if getattr(spec, "failure_policy", None) and spec.metrics.port else None
         # Only a run whose metrics this operator has read in this attempt can be called hung:
         # an unreachable endpoint (a NetworkPolicy, a slow start) must not restart every run.
-        hung = view.state == "running" and status.phase == "Running" and memory.scraped_attempt == status.attempt \
-            and is_hung(
-            last_progress=st.parse_time((progress or status.progress).updated_at), now=now,
-            hang_timeout_seconds=hang_timeout)
+        hung = (view.state == "running" and status.phase == "Running" and memory.scraped_attempt == status.attempt
+                and is_hung(last_progress=st.parse_time((progress or status.progress).updated_at), now=now,
+                            hang_timeout_seconds=hang_timeout))
         failure = classify(view.ends, hung=hung,
-                           hang_message=f"no step progress for {policy.hang_timeout if policy else '?'} (failurePolicy.hangTimeout)")
-        situation = Situation(status=status, now=now, attempt_state=view.state,
-                              policy=policy or FailurePolicy(),
-                              suspend=spec.suspend, dependencies=deps, failure=failure)
-        decision = decide(situation)
+                           hang_message=f"no step progress for {policy.hang_timeout} (failurePolicy.hangTimeout)")
+        return Situation(status=status, now=now, attempt_state=view.state, policy=policy,
+                         suspend=spec.suspend, dependencies=deps, failure=failure)
 
+    async def _act(self, resource: Resource, status: RunStatus, view: AttemptView, deps: tuple[Dependency, ...],
+                   decision: Decision, body: Mapping[str, Any]
+                   ) -> tuple[str | None, dict[str, Any] | None, Decision]:
+        """Apply a decision; (output URI of a started attempt, stage results, the decision as applied)."""
         output_uri = None
         results = None
         if decision.action == "start":
@@ -234,16 +261,7 @@ class Reconciler:
             await self._start_role(resource, status, deps, body, view.next_role)
         if decision.action == "wait" and view.state in ("pending", "running"):
             await self._ensure_children(resource, status, body, deps)
-
-        new = st.next_status(status, decision, now=now, generation=meta_generation(body), output_uri=output_uri,
-                             results=results, progress=progress, last_checkpoint=checkpoint, goodput=goodput)
-        if spikes is not None:
-            new.loss_spikes = spikes
-        await self._write(body, status, new, decision, key)
-        if spikes is not None and spikes > status.loss_spikes:
-            await self._event(body, "Warning", "LossSpike",
-                              f"{spikes - status.loss_spikes} loss spike(s) detected; rolled back to the last checkpoint"
-                              f" (total {spikes})")
+        return output_uri, results, decision
 
     async def _write(self, body: Mapping[str, Any], old: RunStatus, new: RunStatus, decision: Decision,
                      key: tuple[str, str, str]) -> None:
@@ -320,20 +338,19 @@ class Reconciler:
                 nodes[name] = await self.kube.get(k.NODES, None, name)
         return observe_attempt(jobs, pods, nodes, roles=roles)
 
-    async def _scrape(self, resource: Resource, status: RunStatus, view: AttemptView, now: float
-                      ) -> tuple[Progress | None, CheckpointRef | None, float | None, int | None]:
+    async def _scrape(self, resource: Resource, status: RunStatus, view: AttemptView, now: float) -> Scraped:
         metrics_cfg = getattr(resource.spec, "metrics", None)
         if view.state != "running" or not view.rank0_ip or metrics_cfg is None or not metrics_cfg.port:
-            return None, None, None, None
+            return Scraped()
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.scrape_timeout))
         try:
             async with self._http.get(f"http://{view.rank0_ip}:{metrics_cfg.port}/metrics") as resp:
                 if resp.status != 200:
-                    return None, None, None, None
+                    return Scraped()
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError):
-            return None, None, None, None
+            return Scraped()
         samples = st.parse_prometheus(text)
         training = getattr(resource.spec, "training", None)
         progress = st.progress_from_metrics(samples, previous=status.progress,
@@ -353,7 +370,7 @@ class Reconciler:
             goodput = st.goodput(progress.tokens / progress.tokens_per_second, now - started)
         spikes_f = samples.get(st.M_SPIKES)
         spikes = max(int(spikes_f), status.loss_spikes) if spikes_f is not None else None
-        return progress, checkpoint, goodput, spikes
+        return Scraped(progress, checkpoint, goodput, spikes)
 
     # -- act ------------------------------------------------------------------------------
 
@@ -414,7 +431,7 @@ class Reconciler:
 
     async def _delete_attempt(self, resource: Resource, attempt: int) -> None:
         ns, name = resource.metadata.namespace, resource.name
-        for role in _roles(resource, self.config.storage_root):
+        for role in role_names(resource):
             await self.kube.delete(k.JOBS, ns, job_name(name, attempt, role))
         await self.kube.delete(k.SERVICES, ns, child_name(name, attempt))
         await self.kube.delete(k.CONFIGMAPS, ns, child_name(name, attempt, "spec"))
@@ -465,10 +482,6 @@ def _parse(body: Mapping[str, Any]) -> Resource | None:
         return KIND_MODELS[body["kind"]].model_validate({k_: body[k_] for k_ in ("apiVersion", "kind", "metadata", "spec")})
     except ValidationError:
         return None
-
-
-def _roles(resource: Resource, storage_root: str) -> tuple[str, ...]:
-    return role_names(resource)
 
 
 def _results(view: AttemptView, output_uri: str | None) -> dict[str, Any] | None:
