@@ -108,8 +108,11 @@ def chunk(text: str, limit: int = MAX_WORDS) -> list[str]:
 
 
 def topic_documents() -> list[tuple[str, str]]:
-    import pydoc_data.topics
-
+    try:
+        import pydoc_data.topics
+    except ImportError:  # some distributions package help() topics separately
+        print("note: pydoc_data is not installed; the corpus uses docstrings only", file=sys.stderr)
+        return []
     docs = []
     for name in sorted(pydoc_data.topics.topics):
         for i, piece in enumerate(chunk(clean(pydoc_data.topics.topics[name]))):
