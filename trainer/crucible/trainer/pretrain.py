@@ -125,7 +125,6 @@ def run(config: PretrainConfig) -> int:
     if success_exists(out_uri, store):
         log(f"{out_uri}/_SUCCESS exists: nothing to do")
         return 0
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     # collectives time out after the hang watchdog, so a stuck peer is reported as a hang with its step
     env = init_distributed(timeout_s=float(config.failure_policy.hang_timeout_seconds) + 60.0)
     cache = Path(tempfile.mkdtemp(prefix="crucible-pretrain-"))
