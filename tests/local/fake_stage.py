@@ -87,7 +87,8 @@ def train(spec: dict, behaviour: dict, attempt: int) -> dict[str, object]:
         if rank0:
             with open(ckpt / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": step, "loss": loss, "lr": 1e-3, "tokens": step * 64,
-                                     "tokensPerSecond": 1000.0, "time": time.time()}) + "\n")
+                                     "tokensPerSecond": 1000.0,
+                                     "stepSeconds": float(behaviour.get("step_seconds", 0.02)), "time": time.time()}) + "\n")
             if step % interval == 0:
                 d = ckpt / f"step-{step:09d}"
                 d.mkdir(exist_ok=True)

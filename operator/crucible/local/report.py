@@ -132,8 +132,10 @@ def overview_section(workdir: WorkDir, states: list[RunState]) -> Section:
         if end:
             ends.append(end)
         took = duration(end - start) if start and end else "-"
-        rows.append([f"{s.kind}/{s.name}", st.phase, took, st.restarts, key_results(st.results, 3, kind=s.kind) or (st.message or "")])
-    sec.markdown += _md_table(["run", "phase", "time", "restarts", "results"], rows)
+        good = f"{st.goodput:.0%}" if st.goodput is not None else ""
+        rows.append([f"{s.kind}/{s.name}", st.phase, took, st.restarts, good,
+                     key_results(st.results, 3, kind=s.kind) or (st.message or "")])
+    sec.markdown += _md_table(["run", "phase", "time", "restarts", "goodput", "results"], rows)
     if starts and ends:
         sec.markdown += ["", f"Wall time from the first start to the last finish: {duration(max(ends) - min(starts))}."]
     return sec

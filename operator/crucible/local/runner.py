@@ -43,10 +43,11 @@ from crucible.api.common import CheckpointRef, Resource, RunStatus
 from crucible.core import decide as dc
 from crucible.core.failure import ProcessEnd, classify
 from crucible.core.plan import LaunchPlan, PlanError, Role, plan
+from crucible.core.status import goodput as status_goodput
 from crucible.core.status import next_status, rfc3339
 from crucible.local.dag import Dag, Key, build_dag
 from crucible.local.load import LoadedResource
-from crucible.local.metrics import MetricsTail, latest_checkpoint, read_success
+from crucible.local.metrics import MetricsTail, latest_checkpoint, read_jsonl, read_success
 from crucible.local.processes import GroupOutcome, ProcessGroup, ProcessSpec, free_port, torchrun_env
 from crucible.local.ui import PlainUi, Ui
 from crucible.local.workdir import SPEC_FILE, RunState, WorkDir, write_json_atomic
@@ -309,7 +310,8 @@ class Runner:
             if outcome == "succeeded":
                 success = read_success(Path(launch.output_uri)) or {}
                 state.status = next_status(state.status, dc.Decision("succeed", dc.SUCCEEDED, "all processes exited 0"),
-                                           now=now, output_uri=launch.output_uri, results=success.get("results") or {})
+                                           now=now, output_uri=launch.output_uri, results=success.get("results") or {},
+                                           goodput=_goodput(launch, state, now))
                 state.pids = []
                 self.workdir.save_state(state)
                 seconds = time.monotonic() - started
@@ -570,6 +572,25 @@ def _file_digest(path: str) -> bytes:
         return f"{st.st_size}:{st.st_mtime_ns}".encode()
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).digest()
+
+
+def _goodput(launch: LaunchPlan, state: RunState, now: float) -> float | None:
+    """Time spent on the steps the final model kept ÷ wall time since the first attempt started.
+
+    A step redone after a restart counts once (its last record wins), so time lost to faults,
+    restarts and backoff lowers goodput — the same definition the operator reports.
+    """
+    if not launch.checkpoint_uri or state.run_started is None:
+        return None
+    kept: dict[int, float] = {}
+    for record in read_jsonl(Path(launch.checkpoint_uri) / "metrics.jsonl"):
+        if "event" not in record and isinstance(record.get("step"), int):
+            seconds = record.get("stepSeconds")
+            if isinstance(seconds, int | float):
+                kept[record["step"]] = float(seconds)
+    if not kept:
+        return None
+    return status_goodput(sum(kept.values()), now - state.run_started)
 
 
 def _children_cpu() -> float:
