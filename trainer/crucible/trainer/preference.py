@@ -375,8 +375,9 @@ def run(config: PreferenceConfig) -> int:
                 tuned = load_exported_lm(ws.staging, written, ws.base_dir)
                 write_prompts(config, ws.staging, tokenizer, answers_before, tuned,
                               tokenizer.chat_template, "preference optimization")
-            fit = result.results()
-            fit.pop("perplexity", None)  # exp of a preference loss is no perplexity
+            # The engine's eval* numbers cover training.evalBatches batches (they stay in metrics.jsonl);
+            # the results report every held-out pair instead, and exp of a preference loss is no perplexity.
+            fit = {k: v for k, v in result.results().items() if not k.startswith("eval") and k != "perplexity"}
             results: dict[str, Any] = {
                 **fit,
                 **evaluate.harness_results(config.eval, ws.staging,
