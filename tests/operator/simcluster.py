@@ -77,6 +77,8 @@ class RealisticEmulator(KubernetesEmulator):
                 version = str(next(self._versions))
                 if isinstance(request.data, dict):
                     meta = request.data.setdefault("metadata", {})
+                    if request.action == action.UPDATE and meta.get("resourceVersion"):
+                        self._check_precondition(request, meta["resourceVersion"])
                     meta["resourceVersion"] = version
                     if request.action == action.CREATE:
                         meta.setdefault("uid", str(uuid.uuid4()))
@@ -114,6 +116,15 @@ class RealisticEmulator(KubernetesEmulator):
             return [obj for ns, obj in self._kinds.get((res.group, res.version, res.plural), [])
                     if (ns == request.namespace if strict else request.namespace is None or ns == request.namespace)]
         return KubernetesEmulator._KubernetesEmulator__get_objs(self, request, strict)  # type: ignore[attr-defined]
+
+    def _check_precondition(self, request: Any, expected: str) -> None:
+        """A write that names a resourceVersion applies only to that version (409 otherwise)."""
+        key = (request.resource, request.namespace, request.name)
+        if key in self._objects and not self._objects[key].deleted:
+            current = self._objects[key].get("metadata", {}).get("resourceVersion")
+            if current != expected:
+                raise KubernetesError(status=409, reason="Conflict",
+                                      message=f"the object has been modified (resourceVersion {expected} != {current})")
 
     def _check_json_patch_tests(self, request: Any) -> None:
         """A failed JSON-patch ``test`` is 422 on a real API server (Kopf retries it next cycle)."""

@@ -101,7 +101,8 @@ def test_node_dies_mid_run_restarts_on_other_nodes_and_resumes() -> None:
         assert t.attempts_seen == [0, 1]
         assert t.resumed_from[1] >= 8  # attempt 1 resumed from a checkpoint, not from scratch
         reasons = [e["reason"] for e in await c.events("pt")]
-        assert "NodeLost" in reasons
+        assert reasons.count("NodeLost") == 1 and "AttemptLost" not in reasons
+        assert reasons.count("AttemptStarted") == 2  # attempt 0, then 1: no pass acted on a stale status
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for m in c.operator_metrics.registry.collect() for s in m.samples}
         assert samples[("crucible_operator_restarts_total", (("kind", "PretrainRun"), ("reason", "NodeLost")))] == 1

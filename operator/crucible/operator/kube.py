@@ -243,8 +243,14 @@ class Kube:
                 return False
             raise
 
-    async def patch_status(self, res: Res, namespace: str | None, name: str, status: Mapping[str, Any]) -> Any:
-        return await self.request("PATCH", res.path(namespace, name, "status"), body={"status": status},
+    async def patch_status(self, res: Res, namespace: str | None, name: str, status: Mapping[str, Any],
+                           *, resource_version: str | None = None) -> Any:
+        """Merge-patch the status subresource; with ``resource_version`` the API server refuses
+        (409) to apply it over a newer object, so a stale pass never overwrites a fresh status."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self.request("PATCH", res.path(namespace, name, "status"), body=body,
                                   content_type="application/merge-patch+json")
 
     async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str, now: str) -> None:

@@ -271,7 +271,21 @@ class Reconciler:
             old_wire = old.model_dump(mode="json", by_alias=True, exclude_none=True)
             for removed in set(old_wire) - set(patch):
                 patch[removed] = None
-            await self.kube.patch_status(cr_res(kind), ns, name, patch)
+            version = body["metadata"].get("resourceVersion")
+            try:
+                fresh = await self.kube.patch_status(cr_res(kind), ns, name, patch, resource_version=version)
+            except k.ApiError as exc:
+                if exc.status != 409:
+                    raise
+                # Someone (a newer watch event, a user) changed the run since this pass read it:
+                # drop this pass's status, take the current object, and let the next pass decide.
+                current = await self.kube.get(cr_res(kind), ns, name)
+                if current is not None:
+                    self._memory(key).body = current
+                log.info("%s %s/%s changed during the pass; status write skipped", kind, ns, name)
+                return
+            if isinstance(fresh, dict) and fresh.get("metadata"):
+                self._memory(key).body = fresh  # later passes start from what was just written
         # metrics and events only after the status write succeeded
         self.metrics.set_phase(key, new.phase)
         if new.goodput is not None:
