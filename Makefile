@@ -41,6 +41,8 @@ crds: install
 bench: install
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/posttrain_sft.py
+	$(BIN)/python bench/posttrain_dpo.py
 	$(BIN)/python bench/operator_scale.py
 
 clean:

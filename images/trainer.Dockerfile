@@ -21,7 +21,7 @@ COPY operator ./operator
 COPY trainer ./trainer
 # Keep the base image's CUDA build of torch: pin it so no dependency drags in another wheel.
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-constraint.txt \
- && pip install --constraint /tmp/torch-constraint.txt ".[trainer,deepspeed]" \
+ && pip install --constraint /tmp/torch-constraint.txt ".[trainer,deepspeed,eval]" \
  && python -c "import crucible.trainer.config, deepspeed, transformers" \
  && rm -rf /src /tmp/torch-constraint.txt
 

@@ -131,7 +131,8 @@ def test_operator_image_installs_the_operator_extra_only_and_no_torch() -> None:
 
 
 def test_trainer_image_is_cuda_pytorch_with_trainer_and_deepspeed_keeping_the_base_torch() -> None:
-    assert _pip_extras(TRAINER) == [{"trainer", "deepspeed"}]
+    # eval: lm-evaluation-harness for spec.eval.harnessTasks (docs/posttrain.md)
+    assert _pip_extras(TRAINER) == [{"trainer", "deepspeed", "eval"}]
     base = _args(TRAINER)["BASE_IMAGE"]
     assert re.match(r"^pytorch/pytorch:[0-9.]+-cuda[0-9.]+-cudnn[0-9]+-devel$", base), base
     run = " ".join(" ".join(c.value) for c in _commands(TRAINER) if c.cmd == "RUN")
