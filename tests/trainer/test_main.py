@@ -40,3 +40,19 @@ def test_dispatches_to_pretrain_main(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_module_entry_point() -> None:
     proc = subprocess.run([sys.executable, "-m", "crucible.trainer", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown stage" in proc.stderr
+
+
+def test_success_results_reach_the_termination_message(tmp_path, monkeypatch) -> None:
+    """The operator reads status.results from rank 0's termination message (outputs may be on S3)."""
+    import json as _json
+
+    from crucible.trainer.faults import write_success_message
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("CRUCIBLE_TERMINATION_LOG", str(log))
+    write_success_message({"stage": "pretrain", "finishedAt": "now", "inputs": {"data": {"uri": "s3://b/d"}},
+                           "results": {"finalLoss": 2.5, "perplexity": 12.1}})
+    write_success_message({"stage": "pretrain", "results": {"blob": "x" * 5000}})
+    first, second = (_json.loads(line) for line in log.read_text().splitlines())
+    assert first == {"stage": "pretrain", "results": {"finalLoss": 2.5, "perplexity": 12.1}}
+    assert second["results"] == {"note": "results too large; see _SUCCESS"}

@@ -27,6 +27,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 from crucible.trainer.config.common import EXIT_APPLICATION_ERROR, EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRIABLE
 
@@ -90,6 +91,27 @@ def write_termination_message(code: int, reason: str) -> None:
     try:
         with open(path, "a") as f:
             f.write(json.dumps({"exitCode": code, "kind": kind, "reason": reason[:2000]}) + "\n")
+    except OSError:
+        pass
+
+
+def write_success_message(receipt: dict[str, Any]) -> None:
+    """Leave a finished stage's results where Kubernetes reads them (rank 0's termination message).
+
+    The operator copies ``results`` into ``status.results`` from this line, so a run whose
+    output is on S3 still reports its numbers without the operator reading storage. Kubernetes
+    keeps 4 KiB of the message: results are numbers and short strings, and a receipt too large
+    is cut to its stage and a note rather than written torn.
+    """
+    path = os.environ.get("CRUCIBLE_TERMINATION_LOG") or "/dev/termination-log"
+    if not os.environ.get("CRUCIBLE_TERMINATION_LOG") and not os.path.exists(path):
+        return
+    line = json.dumps({"stage": receipt.get("stage"), "results": receipt.get("results", {})}, default=str)
+    if len(line) > 3500:
+        line = json.dumps({"stage": receipt.get("stage"), "results": {"note": "results too large; see _SUCCESS"}})
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
     except OSError:
         pass
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from crucible.trainer import storage as st
+from crucible.trainer.faults import write_success_message
 
 SUCCESS = "_SUCCESS"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -84,4 +85,5 @@ def write_success(
         "results": results,
     }
     store.write_bytes(st.join(out_uri, SUCCESS), json.dumps(receipt, indent=2, allow_nan=False, default=str).encode())
+    write_success_message(receipt)
     return receipt

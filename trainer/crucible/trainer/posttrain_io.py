@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from crucible.trainer.config import parse_stage_spec
 from crucible.trainer.config.common import StrictModel
-from crucible.trainer.faults import SpecError
+from crucible.trainer.faults import SpecError, write_success_message
 from crucible.trainer.storage import Storage, StorageNotFound, is_s3, join
 
 SUCCESS = "_SUCCESS"
@@ -121,6 +121,7 @@ def write_success(directory: Path, record: dict[str, Any]) -> None:
     tmp = directory / f".{SUCCESS}.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
     os.replace(tmp, directory / SUCCESS)
+    write_success_message(record)
 
 
 def model_size_bytes(directory: str | os.PathLike[str]) -> int:

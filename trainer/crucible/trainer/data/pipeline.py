@@ -103,6 +103,7 @@ from crucible.trainer.data.step import Step
 from crucible.trainer.data.text import word_splitter
 from crucible.trainer.data.tokenizer import TokenizerSourceError
 from crucible.trainer.data.toxicity import ToxicityFilter, WordListError
+from crucible.trainer.faults import write_success_message
 from crucible.trainer.storage import Storage, StorageError, StorageUnavailable, is_s3, join
 
 log = logging.getLogger("crucible.data")
@@ -692,6 +693,7 @@ class DataPipeline:
             },
         }
         self.ws.write_json(SUCCESS, success)
+        write_success_message(success)
         # The bulky intermediates go; stats, markers and the kept ids (an audit trail) stay.
         for p in range(self.num_parts):
             for name in ("docs.jsonl.zst", "keys.npy", "bands.npy", "has_signature.npy", "exact.npy"):
