@@ -73,6 +73,18 @@ def test_rank0_ip_and_termination_message() -> None:
     assert view.termination_message == '{"results": {"finalLoss": 2.0}}'
 
 
+def test_results_of_a_sharded_stage_come_from_the_worker_that_wrote_them() -> None:
+    roles = ("filter", "dedup", "tokenize")
+    jobs = [job(r, done=True) for r in roles]
+    pods = [pod(0, "Succeeded", role="tokenize", terminated={"exitCode": 0, "message": ""}),
+            pod(1, "Succeeded", node="n2", role="tokenize",
+                terminated={"exitCode": 0, "message": '{"stage": "data", "results": {"documentsOut": 7}}'}),
+            pod(0, "Succeeded", role="filter", terminated={"exitCode": 0, "message": ""})]
+    view = observe_attempt(jobs, pods, {"n1": READY, "n2": READY}, roles=roles)
+    assert view.state == "succeeded"
+    assert view.termination_message == '{"stage": "data", "results": {"documentsOut": 7}}'
+
+
 def test_sequential_roles_name_the_next_one() -> None:
     roles = ("filter", "dedup", "tokenize")
     done_filter = [job("filter", done=True)]

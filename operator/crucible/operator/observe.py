@@ -155,6 +155,11 @@ def observe_attempt(
     if failed or any(_job_failed(j) for j in jobs):
         return AttemptView("failed", ends, None, rank0_ip, message, pods_by_node)
     if current is None:
+        # With several workers (a DataPipeline stage), the worker that finished last wrote the
+        # _SUCCESS results, not necessarily index 0: take the first message that carries them.
+        last_role = [p for p in pods if p.get("metadata", {}).get("labels", {}).get(LABEL_ROLE) == roles[-1]]
+        messages = [_container_state(p).get("terminated", {}).get("message") for p in [rank0, *last_role] if p]
+        message = next((m for m in messages if m and '"results"' in m), message)
         return AttemptView("succeeded", ends, None, rank0_ip, message, pods_by_node)
     if current not in by_role:
         # the previous role completed: the next one is due; the attempt as a whole runs on
