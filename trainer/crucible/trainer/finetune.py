@@ -25,7 +25,7 @@ import torch
 from crucible.trainer import storage as st
 from crucible.trainer.config.stages import FinetuneConfig, LoraConfig
 from crucible.trainer.engine import Batch, Engine, TrainContext
-from crucible.trainer.faults import SpecError, run_guarded
+from crucible.trainer.faults import SpecError
 from crucible.trainer.sampler import BatchIterator, GlobalSampler
 from crucible.trainer.sft_data import IGNORE_INDEX, SftBatches, SftData, build_sft_data
 
@@ -300,13 +300,9 @@ def run(config: FinetuneConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        from crucible.trainer.posttrain_io import read_spec
+    from crucible.trainer.posttrain_io import stage_main
 
-        config, _ = read_spec(STAGE, list(sys.argv[1:] if argv is None else argv), FinetuneConfig)
-        return run(config)
-
-    return run_guarded(body)
+    return stage_main(STAGE, FinetuneConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from crucible.trainer.config import parse_stage_spec
 from crucible.trainer.config.common import StrictModel
-from crucible.trainer.faults import SpecError, write_success_message
+from crucible.trainer.faults import SpecError, run_guarded, write_success_message
 from crucible.trainer.storage import Storage, StorageNotFound, is_s3, join
 
 SUCCESS = "_SUCCESS"
@@ -56,6 +57,11 @@ def read_spec(stage: str, argv: list[str], expected: type[Config]) -> tuple[Conf
         raise SpecError(f"{args.spec}: {problems}") from exc
     assert isinstance(config, expected)
     return config, args
+
+
+def stage_main(stage: str, expected: type[Config], run: Callable[[Config], int], argv: list[str] | None) -> int:
+    """The ``main`` of every model stage: parse ``--spec``, run, map any failure to the contract's exit code."""
+    return run_guarded(lambda: run(read_spec(stage, list(sys.argv[1:] if argv is None else argv), expected)[0]))
 
 
 def require_uri(value: str | None, field: str, what: str) -> str:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from crucible.trainer.config.stages import PreferenceConfig
 from crucible.trainer.engine import Batch, Engine, TrainContext
-from crucible.trainer.faults import SpecError, run_guarded
+from crucible.trainer.faults import SpecError
 from crucible.trainer.finetune import (
     Workspace,
     check_seq_len,
@@ -408,13 +408,9 @@ def run(config: PreferenceConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        from crucible.trainer.posttrain_io import read_spec
+    from crucible.trainer.posttrain_io import stage_main
 
-        config, _ = read_spec(STAGE, list(sys.argv[1:] if argv is None else argv), PreferenceConfig)
-        return run(config)
-
-    return run_guarded(body)
+    return stage_main(STAGE, PreferenceConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from crucible.trainer import storage as st
 from crucible.trainer.config.stages import PretrainConfig
 from crucible.trainer.data.shards import INDEX_FILE, ShardFormatError, ShardSet
 from crucible.trainer.engine import Batch, Engine, TrainContext
-from crucible.trainer.faults import SpecError, run_guarded
+from crucible.trainer.faults import SpecError
 from crucible.trainer.sampler import BatchIterator, GlobalSampler, PackedSequences
 
 STAGE = "pretrain"
@@ -185,11 +185,7 @@ def run(config: PretrainConfig) -> int:
         shutdown()
 
 
-def main(argv: list[str]) -> int:
-    def body() -> int:
-        from crucible.trainer.posttrain_io import read_spec
+def main(argv: list[str] | None = None) -> int:
+    from crucible.trainer.posttrain_io import stage_main
 
-        config, _ = read_spec(STAGE, argv, PretrainConfig)
-        return run(config)
-
-    return run_guarded(body)
+    return stage_main(STAGE, PretrainConfig, run, argv)

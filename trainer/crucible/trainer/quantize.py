@@ -50,14 +50,14 @@ from crucible.trainer.evaluate import (
     perplexity,
     write_side_by_side,
 )
-from crucible.trainer.faults import SpecError, run_guarded
+from crucible.trainer.faults import SpecError
 from crucible.trainer.posttrain_io import (
     already_done,
     local_model,
     model_size_bytes,
-    read_spec,
     receipt_sha256,
     require_uri,
+    stage_main,
     staged_output,
     success_record,
     write_success,
@@ -334,12 +334,7 @@ def run(config: QuantizeConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    def body() -> int:
-        config, _ = read_spec(STAGE, list(sys.argv[1:] if argv is None else argv), QuantizeConfig)
-        return run(config)
-
-    return run_guarded(body)
+    return stage_main(STAGE, QuantizeConfig, run, argv)
 
 
 if __name__ == "__main__":
