@@ -59,7 +59,7 @@ def load_pretrained(uri: str, store: st.Storage, cache_dir: str | None = None) -
     """A Hugging Face causal LM from a local directory or an ``s3://`` prefix (fp32 for training)."""
     from transformers import AutoModelForCausalLM
 
-    local = store.local_path(uri, cache_dir or tempfile.mkdtemp(prefix="crucible-model-"))
+    local = store.local_path(uri, cache_dir or tempfile.mkdtemp(prefix="crucible-model-"), field="model.source.uri")
     if not (Path(local) / "config.json").is_file():
         raise SpecError(f"model.source.uri {uri}: no config.json there; point it at a Hugging Face model folder")
     model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)

@@ -139,7 +139,7 @@ def model_size_bytes(directory: str | os.PathLike[str]) -> int:
 def local_model(store: Storage, uri: str, field: str, cache: Path) -> Path:
     """A local Hugging Face model directory for ``uri`` (downloaded from S3 when needed)."""
     try:
-        path = store.local_path(uri, cache / "model")
+        path = store.local_path(uri, cache / "model", field=field)
     except StorageNotFound as exc:
         raise SpecError(f"{field}: {exc}; point it at a Hugging Face model directory") from exc
     if not (path / "config.json").exists():

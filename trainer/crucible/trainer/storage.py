@@ -309,8 +309,17 @@ class Storage:
         for path in files:
             self.upload_file(path, join(uri, path.relative_to(root).as_posix()))
 
-    def local_path(self, uri: str, cache_dir: str | os.PathLike[str]) -> Path:
-        """A local directory holding ``uri``: the path itself, or an S3 prefix downloaded to cache_dir."""
+    def local_path(self, uri: str, cache_dir: str | os.PathLike[str], field: str = "model source") -> Path:
+        """A local directory holding ``uri``: the path itself, or an S3 prefix downloaded to cache_dir.
+
+        A ``.gguf`` file is a model too: it is converted once into a Hugging Face directory
+        (``crucible.trainer.gguf_import``) and that directory is returned.
+        """
+        from crucible.trainer import gguf_import
+
+        if gguf_import.is_gguf(uri):
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            return gguf_import.materialize(uri, self, cache_dir, field=field)
         if not is_s3(uri):
             if not Path(uri).exists():
                 raise StorageNotFound(f"{uri}: no such file or directory")

@@ -503,7 +503,8 @@ class DataPipeline:
             if uri is None:
                 raise TokenizerSourceError("tokenizer.source.fromRun was not resolved to a uri by the backend")
             try:
-                local = self.storage.local_path(uri, tempfile.mkdtemp(prefix="crucible-tokenizer-"))
+                local = self.storage.local_path(uri, tempfile.mkdtemp(prefix="crucible-tokenizer-"),
+                                                field="tokenizer.source.uri")
             except StorageUnavailable:
                 raise
             except StorageError as exc:
