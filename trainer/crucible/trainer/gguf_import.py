@@ -120,11 +120,9 @@ def _convert(gguf_path: Path, out: Path, uri: str, field: str) -> None:
         raise SpecError(f"{field}: transformers cannot load {uri}: {exc}") from exc
     # A GGUF-loaded model carries a GGUF quantization_config; the weights are already dequantised
     # fp32 here and save_pretrained must not advertise a quantization it does not have.
-    model.config.quantization_config = None
+    model.config.__dict__.pop("quantization_config", None)
     if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    if hasattr(model.config, "__dict__"):
-        model.config.__dict__.pop("quantization_config", None)
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - transformers types it as a Module attribute
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     config_path = out / "config.json"
