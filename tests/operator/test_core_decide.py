@@ -9,7 +9,8 @@ from crucible.core import decide as d
 from crucible.core import failure as f
 from crucible.core.decide import Decision, Dependency, Situation, backoff_seconds, decide
 from crucible.core.failure import Failure
-from crucible.core.status import RESTARTING, find_condition, next_status, rfc3339, status_patch
+from crucible.core.status import RESTARTING, find_condition, rfc3339, status_patch
+from crucible.core.transitions import TRANSITIONS, Transition, next_status
 from crucible.trainer.config.common import FailurePolicy
 
 NOW = 1_800_000_000.0
@@ -96,20 +97,29 @@ def test_restart_waits_for_backoff_then_starts_next_attempt_from_status() -> Non
 
 def test_status_lifecycle_and_single_write_on_change() -> None:
     s0 = make_status()
-    waiting = next_status(s0, Decision("wait", d.WAITING_FOR_INPUT, "waiting for DataPipeline dp"), now=NOW)
+    waiting = next_status(s0, Decision(Transition.WAIT_FOR_INPUT, message="waiting for DataPipeline dp"), now=NOW)
     assert waiting.phase == "Waiting"
     assert status_patch(s0, waiting) is not None
-    assert status_patch(waiting, next_status(waiting, Decision("wait", d.WAITING_FOR_INPUT,
-                                                                "waiting for DataPipeline dp"), now=NOW + 60)) is None
-    started = next_status(waiting, Decision("start", d.STARTING, "go", attempt=0), now=NOW + 1, output_uri="/o")
+    assert status_patch(waiting, next_status(waiting, Decision(Transition.WAIT_FOR_INPUT,
+                                                                message="waiting for DataPipeline dp"), now=NOW + 60)) is None
+    started = next_status(waiting, Decision(Transition.START, message="go", attempt=0), now=NOW + 1, output_uri="/o")
     assert (started.phase, started.output_uri, started.start_time) == ("Pending", "/o", rfc3339(NOW + 1))
-    running = next_status(started, Decision("wait", d.ATTEMPT_RUNNING, "attempt 0 is running"), now=NOW + 2)
+    running = next_status(started, Decision(Transition.ATTEMPT_RUNNING, message="attempt 0 is running"), now=NOW + 2)
     assert running.phase == "Running"
-    done = next_status(running, Decision("succeed", d.SUCCEEDED), now=NOW + 3, results={"finalLoss": 2.5})
+    done = next_status(running, Decision(Transition.SUCCEED), now=NOW + 3, results={"finalLoss": 2.5})
     assert (done.phase, done.results, done.completion_time) == ("Succeeded", {"finalLoss": 2.5}, rfc3339(NOW + 3))
-    failed = next_status(running, Decision("fail", f.APPLICATION_ERROR, "p-0 exited 1\n--- last log lines ---\nboom"), now=NOW)
+    failed = next_status(running, Decision(Transition.FAIL, f.APPLICATION_ERROR, "p-0 exited 1\n--- last log lines ---\nboom"), now=NOW)
     assert failed.phase == "Failed" and failed.message == "ApplicationError: p-0 exited 1"
     cond = find_condition(failed.conditions, "Failed")
     assert cond is not None and "boom" in cond.message
     # the input status is never mutated
     assert s0.phase == "Pending" and s0.conditions == []
+
+
+def test_every_transition_has_an_action_a_status_change_and_an_event_rule() -> None:
+    assert set(TRANSITIONS) == set(Transition)
+    for transition in Transition:
+        spec = TRANSITIONS[transition]
+        assert spec.action in ("wait", "start", "restart", "suspend", "succeed", "fail", "none")
+        new = next_status(make_status(), Decision(transition, message="m", attempt=1), now=NOW)
+        assert new is not None

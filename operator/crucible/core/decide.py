@@ -6,22 +6,26 @@ A backend observes the run (its status, ``spec.suspend``, the referenced runs, t
 attempt's pods/processes) into a :class:`Situation`, with ``failure`` from
 :func:`crucible.core.failure.classify` (hang included), and acts on the :class:`Decision`:
 
-=========  ===================================================================================
-action     the backend...
-=========  ===================================================================================
-wait       does nothing; looks again after ``delay_seconds`` (if set). ``reason`` says on what
-           (:data:`WAITING_FOR_INPUT`, :data:`BACKOFF`, :data:`ATTEMPT_RUNNING`, ...).
-start      creates attempt ``attempt`` (plan + launch) with ``excluded_nodes`` and ``inputs``.
-restart    deletes the current attempt; ``attempt`` is the next one, started by a later pass
-           once the exponential backoff (``delay_seconds``) has passed.
-suspend    deletes the current attempt (checkpoints stay); resumes from them on unsuspend.
-succeed    records success (reads the stage results).
-fail       records failure: ``reason`` is :data:`RESTART_BUDGET_EXHAUSTED`,
-           :data:`DEPENDENCY_FAILED` or the application failure's reason, ``message`` says why.
-none       the run is finished; nothing to do.
-=========  ===================================================================================
+==================  =========  ===============================================================
+transition          action     the backend...
+==================  =========  ===============================================================
+WAIT_FOR_INPUT,     wait       does nothing; looks again after ``delay_seconds`` (if set).
+ATTEMPT_PENDING,
+ATTEMPT_RUNNING,
+BACKOFF,
+STAY_SUSPENDED
+START, RESUME       start      creates attempt ``attempt`` with ``excluded_nodes`` and ``inputs``.
+RESTART             restart    deletes the current attempt; ``attempt`` is the next one, started
+                               by a later pass once the backoff (``delay_seconds``) has passed.
+SUSPEND             suspend    deletes the current attempt (checkpoints stay).
+SUCCEED             succeed    records success (the stage results).
+FAIL                fail       records failure: ``reason`` is :data:`RESTART_BUDGET_EXHAUSTED`,
+                               :data:`DEPENDENCY_FAILED` or the application failure's reason.
+FINISHED            none       the run is finished; nothing to do.
+==================  =========  ===============================================================
 
-The next status is derived from the decision by :func:`crucible.core.status.next_status`.
+What each transition does to the status, and its event, is the table
+:data:`crucible.core.transitions.TRANSITIONS`.
 Restart timing is kept in the status itself (the ``Restarting`` condition's
 lastTransitionTime plus :func:`backoff_seconds` of the restart count), so a restarted
 operator or runner carries on where it stopped.
@@ -29,16 +33,17 @@ operator or runner carries on where it stopped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from crucible.api.common import RunStatus
 from crucible.core import status as st
 from crucible.core.failure import APPLICATION, INFRASTRUCTURE, Failure
+from crucible.core.transitions import Action, Decision, Transition
 from crucible.trainer.config.common import FailurePolicy
 
-Action = Literal["wait", "start", "restart", "suspend", "succeed", "fail", "none"]
+__all__ = ["Action", "AttemptState", "Decision", "Dependency", "Situation", "Transition", "backoff_seconds", "decide"]
+
 AttemptState = Literal["absent", "pending", "running", "succeeded", "failed"]
 
 # Reasons of decisions (also condition reasons).
@@ -79,16 +84,7 @@ class Situation:
     failure: Failure | None = None
 
 
-@dataclass(frozen=True)
-class Decision:
-    action: Action
-    reason: str
-    message: str = ""
-    attempt: int = 0
-    delay_seconds: float | None = None
-    excluded_nodes: tuple[str, ...] = ()
-    failure: Failure | None = None
-    inputs: Mapping[str, str] = field(default_factory=dict)
+T = Transition
 
 
 def backoff_seconds(policy: FailurePolicy, restarts_before: int) -> float:
@@ -99,23 +95,23 @@ def backoff_seconds(policy: FailurePolicy, restarts_before: int) -> float:
 def decide(s: Situation) -> Decision:
     status = s.status
     if status.phase in ("Succeeded", "Failed"):
-        return Decision("none", FINISHED, attempt=status.attempt)
+        return Decision(T.FINISHED, attempt=status.attempt)
 
     if s.attempt_state == "succeeded":
-        return Decision("succeed", SUCCEEDED, "all processes of the attempt exited 0", attempt=status.attempt)
+        return Decision(T.SUCCEED, message="all processes of the attempt exited 0", attempt=status.attempt)
     if s.failure is not None and s.attempt_state != "absent":
         return _after_failure(s, s.failure)
 
     if s.suspend:
         if s.attempt_state != "absent":
-            return Decision("suspend", SUSPENDED, "spec.suspend is true: stopping the attempt; "
+            return Decision(T.SUSPEND, SUSPENDED, "spec.suspend is true: stopping the attempt; "
                             "checkpoints are kept", attempt=status.attempt)
-        return Decision("wait", SUSPENDED, "spec.suspend is true", attempt=status.attempt)
+        return Decision(T.STAY_SUSPENDED, SUSPENDED, "spec.suspend is true", attempt=status.attempt)
 
     if s.attempt_state == "pending":
-        return Decision("wait", ATTEMPT_PENDING, f"attempt {status.attempt} is being scheduled", attempt=status.attempt)
+        return Decision(T.ATTEMPT_PENDING, message=f"attempt {status.attempt} is being scheduled", attempt=status.attempt)
     if s.attempt_state == "running":
-        return Decision("wait", ATTEMPT_RUNNING, f"attempt {status.attempt} is running", attempt=status.attempt)
+        return Decision(T.ATTEMPT_RUNNING, message=f"attempt {status.attempt} is running", attempt=status.attempt)
     if s.attempt_state == "failed":  # failed without a classified cause: treat as lost
         return _after_failure(s, Failure(INFRASTRUCTURE, ATTEMPT_LOST, "the attempt failed without a known cause"))
 
@@ -127,9 +123,9 @@ def decide(s: Situation) -> Decision:
         since = st.restarting_since(status)
         due = (since or s.now) + backoff_seconds(s.policy, max(status.restarts - 1, 0))
         if s.now < due:
-            return Decision("wait", BACKOFF, f"restart {status.restarts} in {due - s.now:.0f}s",
+            return Decision(T.BACKOFF, message=f"restart {status.restarts} in {due - s.now:.0f}s",
                             attempt=status.attempt, delay_seconds=due - s.now)
-        return Decision("start", RESUMING, f"starting attempt {status.attempt} from the latest checkpoint",
+        return Decision(T.RESUME, message=f"starting attempt {status.attempt} from the latest checkpoint",
                         attempt=status.attempt, excluded_nodes=tuple(status.failed_nodes),
                         inputs=_inputs(s.dependencies))
 
@@ -137,17 +133,17 @@ def decide(s: Situation) -> Decision:
     if waiting is not None:
         return waiting
     if status.phase == "Suspended":
-        return Decision("start", RESUMING, "spec.suspend is false: resuming from the latest checkpoint",
+        return Decision(T.RESUME, message="spec.suspend is false: resuming from the latest checkpoint",
                         attempt=status.attempt + 1, excluded_nodes=tuple(status.failed_nodes),
                         inputs=_inputs(s.dependencies))
-    return Decision("start", STARTING, f"starting attempt {status.attempt}", attempt=status.attempt,
+    return Decision(T.START, message=f"starting attempt {status.attempt}", attempt=status.attempt,
                     excluded_nodes=tuple(status.failed_nodes), inputs=_inputs(s.dependencies))
 
 
 def _check_dependencies(s: Situation) -> Decision | None:
     for dep in s.dependencies:
         if dep.phase == "Failed":
-            return Decision("fail", DEPENDENCY_FAILED,
+            return Decision(T.FAIL, DEPENDENCY_FAILED,
                             f"spec.{dep.path}.fromRun: {dep.kind} {dep.name} failed"
                             + (f": {dep.message}" if dep.message else ""), attempt=s.status.attempt)
     pending = [d for d in s.dependencies if d.phase != "Succeeded" or not d.output_uri]
@@ -156,7 +152,7 @@ def _check_dependencies(s: Situation) -> Decision | None:
             f"{d.kind} {d.name} ({'not found' if d.phase is None else d.phase})" for d in pending
         ]
         paths = ", ".join(f"spec.{d.path}" for d in pending)
-        return Decision("wait", WAITING_FOR_INPUT, f"waiting for {', '.join(parts)} to succeed ({paths})",
+        return Decision(T.WAIT_FOR_INPUT, message=f"waiting for {', '.join(parts)} to succeed ({paths})",
                         attempt=s.status.attempt)
     return None
 
@@ -169,10 +165,10 @@ def _after_failure(s: Situation, failure: Failure) -> Decision:
     status = s.status
     if failure.failure_class == APPLICATION:
         message = failure.message + (f"\n--- last log lines ---\n{failure.log_tail}" if failure.log_tail else "")
-        return Decision("fail", failure.reason, message, attempt=status.attempt, failure=failure)
+        return Decision(T.FAIL, failure.reason, message, attempt=status.attempt, failure=failure)
     if status.restarts >= s.policy.max_restarts:
         return Decision(
-            "fail",
+            T.FAIL,
             RESTART_BUDGET_EXHAUSTED,
             f"{failure.message}; no restarts left (failurePolicy.maxRestarts = {s.policy.max_restarts}, "
             f"used {status.restarts}); raise failurePolicy.maxRestarts to allow more",
@@ -183,7 +179,7 @@ def _after_failure(s: Situation, failure: Failure) -> Decision:
     if s.policy.exclude_failed_nodes:
         excluded |= set(failure.nodes)
     return Decision(
-        "restart",
+        T.RESTART,
         failure.reason,
         failure.message,
         attempt=status.attempt + 1,

@@ -1,8 +1,8 @@
-"""Status: derive a run's next status from a decision and observations (pure, both backends).
+"""Status: conditions, progress and goodput of a run (pure, both backends).
 
-    next_status(current, decision, *, now, generation=None, output_uri=None,
-                results=None, progress=None, last_checkpoint=None, goodput=None) -> RunStatus
     status_patch(old, new) -> dict | None      # the camelCase status, None when unchanged
+    MetricsSample.from_prometheus(samples) / MetricsSample(...)   # what rank 0 reported
+    progress_from_sample(sample, *, previous, total_steps, now) -> Progress
     progress_from_metrics(metrics, *, previous, total_steps, now) -> Progress
     parse_prometheus(text) -> dict[str, float]  # unlabelled samples of a /metrics page
     goodput(kept_seconds, wall_seconds) -> float | None
@@ -12,7 +12,8 @@
 Conditions (types are constants here): ``InputsReady``, ``Running``, ``Restarting``,
 ``Suspended``, ``Complete``, ``Failed``. A condition's lastTransitionTime changes only when its
 status changes, except ``Restarting``, which is re-stamped at every restart because the
-restart backoff is measured from it.
+restart backoff is measured from it. The status change of each transition is in
+:mod:`crucible.core.transitions`.
 
 ``progress.updatedAt`` is the time the step last *advanced* (not the time of the last
 scrape), reset when an attempt starts and when its pods first run: it is the hang clock, and
@@ -23,13 +24,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from crucible.api.common import CheckpointRef, Condition, Progress, RunStatus
-
-if TYPE_CHECKING:
-    from crucible.core.decide import Decision
+from crucible.api.common import Condition, Progress, RunStatus
 
 INPUTS_READY = "InputsReady"
 RUNNING = "Running"
@@ -94,100 +93,6 @@ def restarting_since(status: RunStatus) -> float | None:
     return parse_time(cond.last_transition_time)
 
 
-def next_status(
-    current: RunStatus,
-    decision: Decision,
-    *,
-    now: float,
-    generation: int | None = None,
-    output_uri: str | None = None,
-    results: Mapping[str, Any] | None = None,
-    progress: Progress | None = None,
-    last_checkpoint: CheckpointRef | None = None,
-    goodput: float | None = None,
-) -> RunStatus:
-    """The status after acting on ``decision``. ``current`` is not modified."""
-    s = current.model_copy(deep=True)
-    if generation is not None:
-        s.observed_generation = generation
-    if progress is not None:
-        s.progress = progress
-    if last_checkpoint is not None:
-        s.last_checkpoint = last_checkpoint
-    if goodput is not None:
-        s.goodput = goodput
-    if output_uri and not s.output_uri:
-        s.output_uri = output_uri
-    conds = s.conditions
-    a, reason, msg = decision.action, decision.reason, decision.message
-
-    def cond(type_: str, status_: str, force: bool = False) -> None:
-        nonlocal conds
-        conds = set_condition(conds, type_, status_, reason, msg, now, generation=generation, force=force)
-
-    if a == "wait" and reason == "WaitingForInput":
-        s.phase = "Waiting"
-        s.message = msg
-        cond(INPUTS_READY, "False")
-    elif a == "wait" and reason == "Suspended":
-        s.phase = "Suspended"
-        cond(SUSPENDED, "True")
-        cond(RUNNING, "False")
-    elif a == "wait" and reason == "AttemptRunning":
-        if s.phase != "Running":
-            s.phase = "Running"
-            s.message = msg
-            s.progress.updated_at = rfc3339(now)  # the hang clock starts when the pods run
-        cond(RUNNING, "True")
-        if find_condition(conds, RESTARTING) is not None:
-            cond(RESTARTING, "False")
-        if s.start_time is None:
-            s.start_time = rfc3339(now)
-    elif a == "start":
-        if s.phase in ("Pending", "Waiting", "Suspended"):
-            s.phase = "Pending"
-        s.attempt = decision.attempt
-        s.message = msg
-        s.progress.updated_at = rfc3339(now)  # a new attempt restarts the hang clock
-        cond(INPUTS_READY, "True")
-        if find_condition(conds, SUSPENDED) is not None:
-            cond(SUSPENDED, "False")
-        if s.start_time is None:
-            s.start_time = rfc3339(now)
-    elif a == "restart":
-        s.phase = "Restarting"
-        s.restarts += 1
-        s.attempt = decision.attempt
-        s.failed_nodes = list(decision.excluded_nodes)
-        s.message = f"{reason}: {msg}"
-        cond(RESTARTING, "True", force=True)
-        cond(RUNNING, "False")
-    elif a == "suspend":
-        s.phase = "Suspended"
-        s.message = msg
-        cond(SUSPENDED, "True")
-        cond(RUNNING, "False")
-    elif a == "succeed":
-        s.phase = "Succeeded"
-        s.completion_time = s.completion_time or rfc3339(now)
-        s.message = "succeeded"
-        if results:
-            s.results = dict(results)
-        if s.progress.total_steps and s.progress.step is not None:
-            s.progress.percent = round(100.0 * s.progress.step / s.progress.total_steps, 1)
-        cond(COMPLETE, "True")
-        cond(RUNNING, "False")
-    elif a == "fail":
-        s.phase = "Failed"
-        s.completion_time = s.completion_time or rfc3339(now)
-        s.message = f"{reason}: {msg.splitlines()[0] if msg else ''}"
-        cond(FAILED, "True")
-        if find_condition(conds, RUNNING) is not None:
-            cond(RUNNING, "False")
-    s.conditions = conds
-    return s
-
-
 def status_patch(old: RunStatus | None, new: RunStatus) -> dict[str, Any] | None:
     """The status to write, or None when nothing changed (one write per pass, only on change)."""
     wire = new.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -224,28 +129,70 @@ def _num(metrics: Mapping[str, float], name: str) -> float | None:
     return None if v is None or math.isnan(v) else v
 
 
-def progress_from_metrics(
-    metrics: Mapping[str, float], *, previous: Progress, total_steps: int | None, now: float
+@dataclass(frozen=True)
+class MetricsSample:
+    """What a trainer reported about its progress, whichever way the backend read it (rank 0's
+    ``/metrics`` on Kubernetes, ``metrics.jsonl`` and the checkpoint folder locally)."""
+
+    step: int | None = None
+    loss: float | None = None
+    tokens: int | None = None
+    tokens_per_second: float | None = None
+    mfu: float | None = None
+    checkpoint_step: int | None = None
+    loss_spikes: int | None = None
+    kept_seconds: float | None = None
+    """Seconds spent on the steps the model kept, when the backend can sum them (``stepSeconds``
+    of metrics.jsonl); else goodput uses tokens ÷ tokens-per-second."""
+
+    @classmethod
+    def from_prometheus(cls, metrics: Mapping[str, float]) -> MetricsSample:
+        step, tokens, ckpt, spikes = (_num(metrics, n) for n in (M_STEP, M_TOKENS, M_CKPT_STEP, M_SPIKES))
+        return cls(
+            step=int(step) if step is not None else None,
+            loss=_num(metrics, M_LOSS),
+            tokens=int(tokens) if tokens is not None else None,
+            tokens_per_second=_num(metrics, M_TPS),
+            mfu=_num(metrics, M_MFU),
+            checkpoint_step=int(ckpt) if ckpt is not None else None,
+            loss_spikes=int(spikes) if spikes is not None else None,
+        )
+
+    def kept(self) -> float | None:
+        """Seconds of kept training time (the numerator of goodput)."""
+        if self.kept_seconds is not None:
+            return self.kept_seconds
+        if self.tokens and self.tokens_per_second:
+            return self.tokens / self.tokens_per_second
+        return None
+
+
+def progress_from_sample(
+    sample: MetricsSample, *, previous: Progress, total_steps: int | None, now: float
 ) -> Progress:
-    """status.progress from a scrape; ``updatedAt`` moves only when the step advanced."""
-    step_f = _num(metrics, M_STEP)
-    step = int(step_f) if step_f is not None else previous.step
+    """status.progress from a sample; ``updatedAt`` moves only when the step advanced."""
+    step = sample.step if sample.step is not None else previous.step
     advanced = step is not None and step != previous.step
-    tokens_f = _num(metrics, M_TOKENS)
-    loss = _num(metrics, M_LOSS)
-    tps = _num(metrics, M_TPS)
-    mfu = _num(metrics, M_MFU)
+    loss, tps, mfu = sample.loss, sample.tokens_per_second, sample.mfu
     return Progress(
         step=step,
         total_steps=total_steps,
         percent=round(100.0 * step / total_steps, 1) if step is not None and total_steps else None,
         loss=round(loss, 4) if loss is not None else previous.loss,
-        tokens=int(tokens_f) if tokens_f is not None else previous.tokens,
+        tokens=sample.tokens if sample.tokens is not None else previous.tokens,
         tokens_per_second=round(tps, 1) if tps is not None else previous.tokens_per_second,
         mfu=round(mfu, 4) if mfu is not None else previous.mfu,
         stage=previous.stage,
         updated_at=rfc3339(now) if advanced or previous.updated_at is None else previous.updated_at,
     )
+
+
+def progress_from_metrics(
+    metrics: Mapping[str, float], *, previous: Progress, total_steps: int | None, now: float
+) -> Progress:
+    """status.progress from a Prometheus scrape (see :func:`progress_from_sample`)."""
+    return progress_from_sample(MetricsSample.from_prometheus(metrics), previous=previous,
+                                total_steps=total_steps, now=now)
 
 
 def goodput(kept_seconds: float, wall_seconds: float) -> float | None:

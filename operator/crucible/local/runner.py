@@ -44,7 +44,8 @@ from crucible.core import decide as dc
 from crucible.core.failure import ProcessEnd, classify
 from crucible.core.plan import LaunchPlan, PlanError, Role, plan
 from crucible.core.status import goodput as status_goodput
-from crucible.core.status import next_status, rfc3339
+from crucible.core.status import rfc3339
+from crucible.core.transitions import Transition, next_status
 from crucible.local.dag import Dag, Key, build_dag
 from crucible.local.load import LoadedResource
 from crucible.local.metrics import MetricsTail, latest_checkpoint, read_jsonl, read_success
@@ -241,7 +242,7 @@ class Runner:
         if success is not None:
             if state.status.phase != "Succeeded":
                 state.status = next_status(
-                    state.status, dc.Decision("succeed", dc.SUCCEEDED, "output/_SUCCESS exists"),
+                    state.status, dc.Decision(Transition.SUCCEED, message="output/_SUCCESS exists"),
                     now=time.time(), output_uri=probe.output_uri, results=success.get("results") or {},
                 )
             self.workdir.save_state(state)
@@ -309,7 +310,7 @@ class Runner:
             now = time.time()
             if outcome == "succeeded":
                 success = read_success(Path(launch.output_uri)) or {}
-                state.status = next_status(state.status, dc.Decision("succeed", dc.SUCCEEDED, "all processes exited 0"),
+                state.status = next_status(state.status, dc.Decision(Transition.SUCCEED, message="all processes exited 0"),
                                            now=now, output_uri=launch.output_uri, results=success.get("results") or {},
                                            goodput=_goodput(launch, state, now))
                 state.pids = []
@@ -350,8 +351,8 @@ class Runner:
             group = ProcessGroup(self._process_specs(launch, role, state))
             group.start()
             state.pids = group.pids
-            state.status = next_status(state.status, dc.Decision("wait", dc.ATTEMPT_RUNNING,
-                                                                 f"attempt {launch.attempt} is running"),
+            state.status = next_status(state.status, dc.Decision(Transition.ATTEMPT_RUNNING,
+                                                                 message=f"attempt {launch.attempt} is running"),
                                        now=time.time())
             self.workdir.save_state(state)
 

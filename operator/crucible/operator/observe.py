@@ -18,6 +18,7 @@ from typing import Any
 
 from crucible.core.decide import AttemptState
 from crucible.core.failure import ProcessEnd
+from crucible.core.reconcile import roles_state
 from crucible.operator.render import CONTAINER, JOB_INDEX_LABEL, LABEL_ROLE
 from crucible.trainer.config.common import EXIT_APPLICATION_ERROR, EXIT_BAD_INPUT, EXIT_RETRIABLE
 
@@ -139,32 +140,43 @@ def observe_attempt(
     *,
     roles: Sequence[str],
 ) -> AttemptView:
+    """The attempt's state from its Jobs' and Pods'; the order of roles is
+    :func:`crucible.core.reconcile.roles_state`'s, as for local processes."""
     by_role = {j.get("metadata", {}).get("labels", {}).get(LABEL_ROLE): j for j in jobs}
-    if not jobs:
-        return AttemptView("absent", next_role=roles[0] if roles else None)
     ends = tuple(process_end(p, nodes) for p in pods)
-    current = next((r for r in roles if r not in by_role or not _job_done(by_role[r])), None)
+
+    def role_of(p: Mapping[str, Any]) -> str | None:
+        return p.get("metadata", {}).get("labels", {}).get(LABEL_ROLE)
+
+    role_states: dict[str, AttemptState] = {}
+    for role, job in by_role.items():
+        if role is None:
+            continue
+        if _job_failed(job):
+            role_states[role] = "failed"
+        elif _job_done(job):
+            role_states[role] = "succeeded"
+        else:
+            running = any(p.get("status", {}).get("phase") == "Running" for p in pods if role_of(p) == role)
+            role_states[role] = "running" if running else "pending"
+    if role_states and any(e.exit_code not in (None, 0) or e.signal is not None or e.node_lost or e.disruption for e in ends):
+        role_states[next((r for r in roles if r in role_states), roles[0] if roles else "")] = "failed"
+    state, next_role = roles_state(roles, role_states)
+    if state == "absent":
+        return AttemptView("absent", next_role=next_role)
+
+    current = next_role or next((r for r in roles if role_states.get(r) != "succeeded"), roles[-1] if roles else None)
     pods_by_node = {p["spec"]["nodeName"]: p["metadata"]["name"] for p in pods if p.get("spec", {}).get("nodeName")}
-    rank0 = next((p for p in pods if p.get("metadata", {}).get("labels", {}).get(LABEL_ROLE) == (current or roles[-1])
+    rank0 = next((p for p in pods if role_of(p) == current
                   and str(p.get("metadata", {}).get("annotations", {}).get(JOB_INDEX_LABEL,
                           p.get("metadata", {}).get("labels", {}).get(JOB_INDEX_LABEL, "0"))) == "0"), None)
     rank0_ip = rank0.get("status", {}).get("podIP") if rank0 else None
     term = _container_state(rank0).get("terminated", {}) if rank0 else {}
     message = term.get("message") if term else None
-    failed = any(e.exit_code not in (None, 0) or e.signal is not None or e.node_lost or e.disruption for e in ends)
-    if failed or any(_job_failed(j) for j in jobs):
-        return AttemptView("failed", ends, None, rank0_ip, message, pods_by_node)
-    if current is None:
+    if state == "succeeded":
         # With several workers (a DataPipeline stage), the worker that finished last wrote the
         # _SUCCESS results, not necessarily index 0: take the first message that carries them.
-        last_role = [p for p in pods if p.get("metadata", {}).get("labels", {}).get(LABEL_ROLE) == roles[-1]]
+        last_role = [p for p in pods if role_of(p) == roles[-1]]
         messages = [_container_state(p).get("terminated", {}).get("message") for p in [rank0, *last_role] if p]
         message = next((m for m in messages if m and '"results"' in m), message)
-        return AttemptView("succeeded", ends, None, rank0_ip, message, pods_by_node)
-    if current not in by_role:
-        # the previous role completed: the next one is due; the attempt as a whole runs on
-        return AttemptView("running", ends, current, rank0_ip, message, pods_by_node)
-    role_pods = [p for p in pods if p.get("metadata", {}).get("labels", {}).get(LABEL_ROLE) == current]
-    if any(p.get("status", {}).get("phase") == "Running" for p in role_pods):
-        return AttemptView("running", ends, None, rank0_ip, message, pods_by_node)
-    return AttemptView("pending", ends, None, rank0_ip, message, pods_by_node)
+    return AttemptView(state, ends, next_role, rank0_ip, message, pods_by_node)

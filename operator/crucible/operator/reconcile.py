@@ -1,15 +1,18 @@
-"""One reconcile pass of one run: fetch -> pure core -> apply -> one status write -> events.
+"""The Kubernetes backend: one reconcile pass of one run is the core's pass with a KubeBackend.
 
     Reconciler(kube, config, metrics).reconcile(body) -> None
+    KubeBackend(reconciler, body, key)     # crucible.core.reconcile.Backend
 
-Fetch: the referenced runs (``fromRun``), the current attempt's Jobs (by their deterministic
-names), its Pods (by labels) and their Nodes, and rank 0's ``/metrics``. Then the pure
-functions: :func:`~crucible.operator.observe.observe_attempt`,
-:func:`~crucible.core.failure.classify` (hang included), :func:`~crucible.core.decide.decide`,
-:func:`~crucible.core.plan.plan` + :func:`~crucible.operator.render.render` when an attempt
-starts, :func:`~crucible.core.status.next_status`. Apply the decision (create or delete the
-attempt's objects — idempotently, so a restarted operator neither duplicates nor loses an
-attempt), write the status once if it changed, and only then post events.
+:func:`crucible.core.reconcile.run_pass` does observe -> :func:`~crucible.core.reconcile.reconcile`
+(pure: progress, hang, failure, decision, plan, next status, events) -> act -> one status
+write -> events. This module supplies the Kubernetes half: observe fetches the referenced runs
+(``fromRun``), the current attempt's Jobs (by their deterministic names), its Pods (by labels)
+and their Nodes, and rank 0's ``/metrics``, and reads them with
+:func:`~crucible.operator.observe.observe_attempt`; act renders the plan
+(:func:`~crucible.operator.render.render`) and creates or deletes the attempt's objects —
+idempotently, so a restarted operator neither duplicates nor loses an attempt. ``self.kube``
+is a small client interface (get, list, create, delete, patch_status, event), whichever HTTP
+library implements it.
 
 Stage results: when a run succeeds, ``status.results`` is the ``results`` object of the
 trainer's ``_SUCCESS`` JSON, which the trainer also writes to the path in
@@ -33,20 +36,31 @@ import aiohttp
 from pydantic import ValidationError
 
 from crucible.api import GROUP, KIND_MODELS, VERSION, Resource
-from crucible.api.common import CheckpointRef, Progress, RunStatus
+from crucible.api.common import RunStatus
 from crucible.api.validate import Problem, validate_document
 from crucible.core import status as st
-from crucible.core.decide import Decision, Dependency, Situation, decide
-from crucible.core.failure import classify, is_hung
-from crucible.core.plan import TRAINING_KINDS, LaunchPlan, PlanError, default_checkpoint_uri, plan, role_names
+from crucible.core.decide import Dependency
+from crucible.core.plan import LaunchPlan, role_names
+from crucible.core.reconcile import (
+    INVALID_SPEC,
+    AttemptObservation,
+    EnsureAttempt,
+    Observed,
+    Settings,
+    Step,
+    StopAttempt,
+    reject,
+    run_pass,
+)
+from crucible.core.status import MetricsSample
+from crucible.core.transitions import Event
 from crucible.operator import kube as k
 from crucible.operator.metrics import OperatorMetrics
 from crucible.operator.observe import AttemptView, observe_attempt
 from crucible.operator.render import Rendered, RenderSettings, attempt_labels, child_name, job_name, render
-from crucible.trainer.config.common import FailurePolicy
 
 log = logging.getLogger("crucible.operator")
-INVALID_SPEC = "InvalidSpec"
+__all__ = ["INVALID_SPEC", "KubeBackend", "OperatorConfig", "Reconciler"]
 
 
 @dataclass(frozen=True)
@@ -63,16 +77,6 @@ class OperatorConfig:
 
 def cr_res(kind: str) -> k.Res:
     return k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL)
-
-
-@dataclass(frozen=True)
-class Scraped:
-    """What rank 0's /metrics said, as status fields (all None when not read)."""
-
-    progress: Progress | None = None
-    checkpoint: CheckpointRef | None = None
-    goodput: float | None = None
-    spikes: int | None = None
 
 
 @dataclass
@@ -96,6 +100,7 @@ class Reconciler:
         self._runs: dict[tuple[str, str, str], _RunMemory] = {}
         self._gone: set[str] = set()  # uids of deleted runs
         self._http: aiohttp.ClientSession | None = None
+        self.settings = Settings(storage_root=config.storage_root)
 
     async def close(self) -> None:
         if self._http is not None:
@@ -174,43 +179,24 @@ class Reconciler:
     # -- the pass -------------------------------------------------------------------------
 
     async def _pass(self, body: Mapping[str, Any], key: tuple[str, str, str]) -> None:
-        """fetch -> classify -> decide -> act -> one status write -> events."""
+        """The core's pass (:func:`crucible.core.reconcile.run_pass`) with this backend."""
         now = time.time()
         status = _status_of(body)
         resource, problems = self._parse(body, key)
+        backend = KubeBackend(self, body, key)
         if resource is None:
             # the CRD schema and its CEL rules catch most of this at the API server already
             message = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in problems)
-            decision = Decision("fail", INVALID_SPEC, message or "the resource does not validate")
-            if status.phase != "Failed":
-                await self._write(body, status, st.next_status(status, decision, now=now), decision, key)
+            step = reject(status, message, now)
+            if step.status is not status:
+                await backend.write(status, step.status, step)
+                for event in step.events:
+                    await backend.emit_event(None, event)
             return
         if status.phase in ("Succeeded", "Failed"):
             self.metrics.set_phase(key, status.phase)  # finished: nothing to look at
             return
-        # Inputs matter when an attempt starts (the first, a restart, a resume, a data stage).
-        needs_inputs = status.phase != "Running" or resource.kind == "DataPipeline"
-        deps = await self._dependencies(resource) if needs_inputs else ()
-        roles = role_names(resource)
-        if status.start_time is None and status.phase in ("Pending", "Waiting"):
-            # Nothing was ever started for this run (starting records startTime), and starting
-            # is idempotent: no need to look for an attempt.
-            view = AttemptView("absent", next_role=roles[0])
-        else:
-            view = await self._observe(resource, status.attempt, roles)
-        scraped = await self._scrape(resource, status, view, now)
-        decision = decide(self._situation(resource, status, view, deps, scraped.progress, key, now))
-        output_uri, results, decision = await self._act(resource, status, view, deps, decision, body)
-        new = st.next_status(status, decision, now=now, generation=meta_generation(body), output_uri=output_uri,
-                             results=results, progress=scraped.progress, last_checkpoint=scraped.checkpoint,
-                             goodput=scraped.goodput)
-        if scraped.spikes is not None:
-            new.loss_spikes = scraped.spikes
-        await self._write(body, status, new, decision, key)
-        if scraped.spikes is not None and scraped.spikes > status.loss_spikes:
-            await self._event(body, "Warning", "LossSpike",
-                              f"{scraped.spikes - status.loss_spikes} loss spike(s) detected; rolled back to the "
-                              f"last checkpoint (total {scraped.spikes})")
+        await run_pass(backend, resource, status, now, settings=self.settings)
 
     def _parse(self, body: Mapping[str, Any], key: tuple[str, str, str]) -> tuple[Resource | None, list[Problem]]:
         """The typed resource, validated once per generation (the spec changes only with it)."""
@@ -223,103 +209,6 @@ class Reconciler:
         if parsed is not None:
             memory.parsed = (generation, parsed)
         return parsed, problems
-
-    def _situation(self, resource: Resource, status: RunStatus, view: AttemptView, deps: tuple[Dependency, ...],
-                   progress: Progress | None, key: tuple[str, str, str], now: float) -> Situation:
-        spec = resource.spec
-        memory = self._memory(key)
-        if progress is not None:
-            memory.scraped_attempt = status.attempt
-        policy = getattr(spec, "failure_policy", None) or FailurePolicy()
-        hang_timeout = policy.hang_timeout_seconds if getattr(spec, "failure_policy", None) and spec.metrics.port else None
-        # Only a run whose metrics this operator has read in this attempt can be called hung:
-        # an unreachable endpoint (a NetworkPolicy, a slow start) must not restart every run.
-        hung = (view.state == "running" and status.phase == "Running" and memory.scraped_attempt == status.attempt
-                and is_hung(last_progress=st.parse_time((progress or status.progress).updated_at), now=now,
-                            hang_timeout_seconds=hang_timeout))
-        failure = classify(view.ends, hung=hung,
-                           hang_message=f"no step progress for {policy.hang_timeout} (failurePolicy.hangTimeout)")
-        return Situation(status=status, now=now, attempt_state=view.state, policy=policy,
-                         suspend=spec.suspend, dependencies=deps, failure=failure)
-
-    async def _act(self, resource: Resource, status: RunStatus, view: AttemptView, deps: tuple[Dependency, ...],
-                   decision: Decision, body: Mapping[str, Any]
-                   ) -> tuple[str | None, dict[str, Any] | None, Decision]:
-        """Apply a decision; (output URI of a started attempt, stage results, the decision as applied)."""
-        output_uri = None
-        results = None
-        if decision.action == "start":
-            try:
-                output_uri = await self._start(resource, status, decision, body)
-            except PlanError as exc:
-                decision = Decision("fail", "PlanError", str(exc))
-        elif decision.action in ("restart", "suspend"):
-            await self._delete_attempt(resource, status.attempt)
-        elif decision.action == "succeed":
-            results = _results(view, status.output_uri)
-        elif decision.action == "wait" and view.next_role is not None and view.state == "running":
-            await self._start_role(resource, status, deps, body, view.next_role)
-        if decision.action == "wait" and view.state in ("pending", "running"):
-            await self._ensure_children(resource, status, body, deps)
-        return output_uri, results, decision
-
-    async def _write(self, body: Mapping[str, Any], old: RunStatus, new: RunStatus, decision: Decision,
-                     key: tuple[str, str, str]) -> None:
-        kind, ns, name = key
-        patch = st.status_patch(old, new)
-        if patch is not None:
-            old_wire = old.model_dump(mode="json", by_alias=True, exclude_none=True)
-            for removed in set(old_wire) - set(patch):
-                patch[removed] = None
-            version = body["metadata"].get("resourceVersion")
-            try:
-                fresh = await self.kube.patch_status(cr_res(kind), ns, name, patch, resource_version=version)
-            except k.ApiError as exc:
-                if exc.status != 409:
-                    raise
-                # Someone (a newer watch event, a user) changed the run since this pass read it:
-                # drop this pass's status, take the current object, and let the next pass decide.
-                current = await self.kube.get(cr_res(kind), ns, name)
-                if current is not None:
-                    self._memory(key).body = current
-                log.info("%s %s/%s changed during the pass; status write skipped", kind, ns, name)
-                return
-            if isinstance(fresh, dict) and fresh.get("metadata"):
-                self._memory(key).body = fresh  # later passes start from what was just written
-        # metrics and events only after the status write succeeded
-        self.metrics.set_phase(key, new.phase)
-        if new.goodput is not None:
-            self.metrics.goodput.labels(*key).set(new.goodput)
-        if old.phase != "Running" and new.phase == "Running" and not self._memory(key).seen_running:
-            self._memory(key).seen_running = True
-            created = body["metadata"].get("creationTimestamp")
-            if created and old.restarts == 0 and old.phase != "Suspended":
-                t0 = _parse_k8s_time(created)
-                if t0 is not None:
-                    self.metrics.time_to_running.labels(kind).observe(max(0.0, time.time() - t0))
-        if decision.action == "restart":
-            self.metrics.restarts.labels(kind, decision.reason).inc()
-        await self._events_for(body, old, new, decision)
-
-    async def _events_for(self, body: Mapping[str, Any], old: RunStatus, new: RunStatus, d: Decision) -> None:
-        if d.action == "start":
-            await self._event(body, "Normal", "AttemptStarted",
-                              f"attempt {d.attempt} started" + (f", excluding nodes {', '.join(d.excluded_nodes)}"
-                                                                if d.excluded_nodes else ""))
-        elif d.action == "restart":
-            await self._event(body, "Warning", d.reason,
-                              f"{d.message}; restart {new.restarts} as attempt {d.attempt} in {d.delay_seconds:.0f}s")
-        elif d.action == "fail":
-            await self._event(body, "Warning", d.reason, d.message)
-        elif d.action == "succeed":
-            await self._event(body, "Normal", "Succeeded", f"output at {new.output_uri}")
-        elif d.action == "suspend":
-            await self._event(body, "Normal", "Suspended", d.message)
-        elif old.phase != new.phase and new.phase == "Running":
-            await self._event(body, "Normal", "Running", d.message)
-
-    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        await self.kube.event(body, type_, reason, message, st.rfc3339(time.time()))
 
     # -- fetch ----------------------------------------------------------------------------
 
@@ -352,46 +241,22 @@ class Reconciler:
                 nodes[name] = await self.kube.get(k.NODES, None, name)
         return observe_attempt(jobs, pods, nodes, roles=roles)
 
-    async def _scrape(self, resource: Resource, status: RunStatus, view: AttemptView, now: float) -> Scraped:
+    async def _scrape(self, resource: Resource, view: AttemptView) -> MetricsSample | None:
         metrics_cfg = getattr(resource.spec, "metrics", None)
         if view.state != "running" or not view.rank0_ip or metrics_cfg is None or not metrics_cfg.port:
-            return Scraped()
+            return None
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.scrape_timeout))
         try:
             async with self._http.get(f"http://{view.rank0_ip}:{metrics_cfg.port}/metrics") as resp:
                 if resp.status != 200:
-                    return Scraped()
+                    return None
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError):
-            return Scraped()
-        samples = st.parse_prometheus(text)
-        training = getattr(resource.spec, "training", None)
-        progress = st.progress_from_metrics(samples, previous=status.progress,
-                                            total_steps=training.max_steps if training is not None else None, now=now)
-        checkpoint = None
-        ckpt_step = samples.get(st.M_CKPT_STEP)
-        if ckpt_step is not None and ckpt_step > 0 and resource.kind in TRAINING_KINDS:
-            root = resource.spec.checkpoint.uri or default_checkpoint_uri(
-                self.config.storage_root, resource.metadata.namespace or "default", resource.kind, resource.name)
-            step = int(ckpt_step)
-            same = status.last_checkpoint is not None and status.last_checkpoint.step == step
-            checkpoint = status.last_checkpoint if same else CheckpointRef(
-                step=step, uri=f"{root.rstrip('/')}/step-{step:09d}", time=st.rfc3339(now))
-        goodput = None
-        started = st.parse_time(status.start_time)
-        if progress.tokens and progress.tokens_per_second and started is not None:
-            goodput = st.goodput(progress.tokens / progress.tokens_per_second, now - started)
-        spikes_f = samples.get(st.M_SPIKES)
-        spikes = max(int(spikes_f), status.loss_spikes) if spikes_f is not None else None
-        return Scraped(progress, checkpoint, goodput, spikes)
+            return None
+        return MetricsSample.from_prometheus(st.parse_prometheus(text))
 
     # -- act ------------------------------------------------------------------------------
-
-    def _plan(self, resource: Resource, status: RunStatus, attempt: int, excluded: tuple[str, ...],
-              inputs: Mapping[str, str], now: float) -> LaunchPlan:
-        return plan(resource, storage_root=self.config.storage_root, attempt=attempt, restarts=status.restarts,
-                    excluded_nodes=excluded, inputs=inputs, run_started=st.parse_time(status.start_time) or now)
 
     def _render(self, resource: Resource, p: LaunchPlan, body: Mapping[str, Any]) -> Rendered:
         rendered = render(resource, p, settings=self.config.render, uid=body["metadata"].get("uid"))
@@ -402,46 +267,6 @@ class Reconciler:
                 env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
                         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
         return rendered
-
-    async def _start(self, resource: Resource, status: RunStatus, d: Decision, body: Mapping[str, Any]) -> str:
-        p = self._plan(resource, status, d.attempt, d.excluded_nodes, d.inputs, time.time())
-        rendered = self._render(resource, p, body)
-        # A gang scheduler must know the PodGroup before it sees pods; the rest goes in one
-        # round trip. The kubelet waits for a ConfigMap volume that is not there yet, and
-        # _ensure_children completes an attempt whose creation a crash cut short.
-        if rendered.pod_group is not None:
-            await self.kube.create(rendered.pod_group)
-        others = [o for o in (rendered.config_map, rendered.service) if o is not None]
-        await asyncio.gather(*(self.kube.create(o) for o in [rendered.jobs[0], *others]))
-        self._memory(_key(body)).ensured_attempt = d.attempt
-        return p.output_uri
-
-    async def _ensure_children(self, resource: Resource, status: RunStatus, body: Mapping[str, Any],
-                               deps: tuple[Dependency, ...]) -> None:
-        """Once per attempt and operator lifetime: the attempt's ConfigMap, Service and PodGroup
-        exist (creates are idempotent), in case an earlier operator died between creates."""
-        memory = self._memory(_key(body))
-        if memory.ensured_attempt == status.attempt:
-            return
-        inputs = {d.path: d.output_uri for d in deps if d.output_uri}
-        try:
-            p = self._plan(resource, status, status.attempt, tuple(status.failed_nodes), inputs, time.time())
-        except PlanError:
-            # inputs are not fetched for a Running run, whose pods mounted the spec already;
-            # the next attempt creates everything anew
-            memory.ensured_attempt = status.attempt
-            return
-        rendered = self._render(resource, p, body)
-        await asyncio.gather(*(self.kube.create(o) for o in rendered.objects() if o["kind"] != "Job"))
-        memory.ensured_attempt = status.attempt
-
-    async def _start_role(self, resource: Resource, status: RunStatus, deps: tuple[Dependency, ...],
-                          body: Mapping[str, Any], role: str) -> None:
-        inputs = {d.path: d.output_uri for d in deps if d.output_uri}
-        p = self._plan(resource, status, status.attempt, tuple(status.failed_nodes), inputs, time.time())
-        rendered = self._render(resource, p, body)
-        job = next(j for j, r in zip(rendered.jobs, p.roles, strict=True) if r.name == role)
-        await self.kube.create(job)
 
     async def _delete_attempt(self, resource: Resource, attempt: int) -> None:
         ns, name = resource.metadata.namespace, resource.name
@@ -454,6 +279,115 @@ class Reconciler:
             await self.kube.delete(k.VOLCANO_PODGROUPS, ns, child_name(name, attempt))
         elif gang == "coscheduling":
             await self.kube.delete(k.COSCHEDULING_PODGROUPS, ns, child_name(name, attempt))
+
+
+class KubeBackend:
+    """The Kubernetes side of one pass (:class:`crucible.core.reconcile.Backend`): Jobs, Pods,
+    Nodes and rank 0's ``/metrics`` in; Jobs, ConfigMaps, Services, PodGroups, the status
+    subresource and Events out."""
+
+    def __init__(self, reconciler: Reconciler, body: Mapping[str, Any], key: tuple[str, str, str]) -> None:
+        self.r = reconciler
+        self.kube = reconciler.kube
+        self.body = body
+        self.key = key
+        self.memory = reconciler._memory(key)
+
+    async def observe(self, run: Resource, status: RunStatus) -> Observed:
+        roles = role_names(run)
+        # Inputs matter when an attempt starts (the first, a restart, a resume, a next role).
+        needs_inputs = status.phase != "Running" or len(roles) > 1
+        deps = await self.r._dependencies(run) if needs_inputs else ()
+        if status.start_time is None and status.phase in ("Pending", "Waiting"):
+            # Nothing was ever started for this run (starting records startTime), and starting
+            # is idempotent: no need to look for an attempt.
+            view = AttemptView("absent", next_role=roles[0])
+        else:
+            view = await self.r._observe(run, status.attempt, roles)
+        sample = await self.r._scrape(run, view)
+        if sample is not None:
+            self.memory.scraped_attempt = status.attempt
+        results = _results(view, status.output_uri) if view.state == "succeeded" else None
+        return Observed(
+            status=status,
+            attempt=AttemptObservation(view.state, view.ends, view.next_role, results),
+            dependencies=deps,
+            metrics=sample,
+            metrics_seen=self.memory.scraped_attempt == status.attempt,
+            generation=meta_generation(self.body),
+            children_ensured=self.memory.ensured_attempt == status.attempt,
+        )
+
+    async def start_attempt(self, run: Resource, plan: LaunchPlan) -> None:
+        rendered = self.r._render(run, plan, self.body)
+        # A gang scheduler must know the PodGroup before it sees pods; the rest goes in one
+        # round trip. The kubelet waits for a ConfigMap volume that is not there yet, and
+        # ensure_attempt completes an attempt whose creation a crash cut short.
+        if rendered.pod_group is not None:
+            await self.kube.create(rendered.pod_group)
+        others = [o for o in (rendered.config_map, rendered.service) if o is not None]
+        await asyncio.gather(*(self.kube.create(o) for o in [rendered.jobs[0], *others]))
+        self.memory.ensured_attempt = plan.attempt
+
+    async def start_role(self, run: Resource, plan: LaunchPlan, role: str) -> None:
+        rendered = self.r._render(run, plan, self.body)
+        job = next(j for j, r in zip(rendered.jobs, plan.roles, strict=True) if r.name == role)
+        await self.kube.create(job)
+
+    async def ensure_attempt(self, run: Resource, action: EnsureAttempt) -> None:
+        """Once per attempt and operator lifetime: the attempt's ConfigMap, Service and PodGroup
+        exist (creates are idempotent), in case an earlier operator died between creates."""
+        if action.plan is not None:
+            rendered = self.r._render(run, action.plan, self.body)
+            await asyncio.gather(*(self.kube.create(o) for o in rendered.objects() if o["kind"] != "Job"))
+        self.memory.ensured_attempt = action.attempt
+
+    async def stop_attempt(self, run: Resource, action: StopAttempt) -> None:
+        await self.r._delete_attempt(run, action.attempt)
+
+    async def write_status(self, run: Resource, old: RunStatus, new: RunStatus, step: Step) -> bool:
+        return await self.write(old, new, step)
+
+    async def write(self, old: RunStatus, new: RunStatus, step: Step) -> bool:
+        kind, ns, name = self.key
+        patch = st.status_patch(old, new)
+        if patch is not None:
+            old_wire = old.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for removed in set(old_wire) - set(patch):
+                patch[removed] = None
+            version = self.body["metadata"].get("resourceVersion")
+            try:
+                fresh = await self.kube.patch_status(cr_res(kind), ns, name, patch, resource_version=version)
+            except k.ApiError as exc:
+                if exc.status != 409:
+                    raise
+                # Someone (a newer watch event, a user) changed the run since this pass read it:
+                # drop this pass's status, take the current object, and let the next pass decide.
+                current = await self.kube.get(cr_res(kind), ns, name)
+                if current is not None:
+                    self.memory.body = current
+                log.info("%s %s/%s changed during the pass; status write skipped", kind, ns, name)
+                return False
+            if isinstance(fresh, dict) and fresh.get("metadata"):
+                self.memory.body = fresh  # later passes start from what was just written
+        # metrics (and then events) only after the status write succeeded
+        metrics = self.r.metrics
+        metrics.set_phase(self.key, new.phase)
+        if new.goodput is not None:
+            metrics.goodput.labels(*self.key).set(new.goodput)
+        if old.phase != "Running" and new.phase == "Running" and not self.memory.seen_running:
+            self.memory.seen_running = True
+            created = self.body["metadata"].get("creationTimestamp")
+            if created and old.restarts == 0 and old.phase != "Suspended":
+                t0 = _parse_k8s_time(created)
+                if t0 is not None:
+                    metrics.time_to_running.labels(kind).observe(max(0.0, time.time() - t0))
+        if step.decision.action == "restart":
+            metrics.restarts.labels(kind, step.decision.reason).inc()
+        return True
+
+    async def emit_event(self, run: Resource | None, event: Event) -> None:
+        await self.kube.event(self.body, event.type, event.reason, event.message, st.rfc3339(time.time()))
 
 
 def _key(body: Mapping[str, Any]) -> tuple[str, str, str]:
