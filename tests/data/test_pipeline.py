@@ -121,12 +121,23 @@ def test_dropped_samples_carry_reason(finished: tuple[Path, Any]) -> None:
     assert {"id", "source", "step", "reason", "text"} <= set(rows[0])
 
 
-def test_rerun_returns_at_once(finished: tuple[Path, Any]) -> None:
+def test_rerun_returns_at_once(finished: tuple[Path, Any], corpus: Path) -> None:
     out, manifest = finished
     before = (out / "_SUCCESS").read_bytes()
-    config = make_config([{"name": "web", "uri": "/nonexistent", "idField": "id"}])
+    config = make_config([{"name": "web", "uri": str(corpus), "idField": "id"}], dropped={"keep": True, "sampleRate": 1.0})
     again = DataPipeline(config, str(out)).run_all()
     assert again.sha256 == manifest.sha256 and (out / "_SUCCESS").read_bytes() == before
+
+
+def test_rerun_with_another_spec_does_not_borrow_the_result(finished: tuple[Path, Any]) -> None:
+    from crucible.trainer.config.receipt import ForeignResultError
+
+    out, _ = finished
+    before = (out / "_SUCCESS").read_bytes()
+    config = make_config([{"name": "web", "uri": "/nonexistent", "idField": "id"}])
+    with pytest.raises(ForeignResultError, match="different spec"):
+        DataPipeline(config, str(out)).run_all()
+    assert (out / "_SUCCESS").read_bytes() == before
 
 
 def _spec(path: Path, config: Any, out: Path, workers: int = 1) -> Path:

@@ -56,8 +56,10 @@ def main(argv: list[str]) -> int:
             "documentsIn": 10, "documentsOut": 7,
             "dropped": {"quality": {"gopher_short": 2}, "dedup": {"exact": 1}},
         }))
-    (out / "_SUCCESS").write_text(json.dumps({"stage": stage, "finishedAt": time.time(), "inputs": {},
-                                              "results": results}))
+    from crucible.trainer.config.receipt import current_run, spec_hash
+
+    (out / "_SUCCESS").write_text(json.dumps({"stage": stage, "specHash": spec_hash(spec, stage), "run": current_run(),
+                                              "finishedAt": time.time(), "inputs": {}, "results": results}))
     return 0
 
 

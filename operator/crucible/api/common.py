@@ -207,7 +207,9 @@ class RunMeta(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN, description="Resource name (DNS label).")
-    namespace: str | None = Field(default=None, description="Namespace.")
+    namespace: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=NAME_PATTERN, description="Namespace (DNS label)."
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
 

@@ -51,8 +51,19 @@ from crucible.local.load import LoadedResource
 from crucible.local.metrics import MetricsTail, latest_checkpoint, read_jsonl, read_success
 from crucible.local.processes import GroupOutcome, ProcessGroup, ProcessSpec, free_port, torchrun_env
 from crucible.local.ui import PlainUi, Ui
-from crucible.local.workdir import SPEC_FILE, RunState, WorkDir, write_json_atomic
+from crucible.local.workdir import (
+    SPEC_FILE,
+    NotOwnedError,
+    RunState,
+    WorkDir,
+    claim,
+    is_inside,
+    owner_id,
+    remove_owned,
+    write_json_atomic,
+)
 from crucible.trainer.config.common import FailurePolicy
+from crucible.trainer.config.receipt import foreign_reason, spec_hash
 
 PREPARE_ANNOTATION = "crucible.dev/prepare"
 """Embedded mode only: a command run (in the YAML file's folder, CRUCIBLE_WORKDIR set) before the
@@ -125,7 +136,7 @@ class Runner:
             self.workdir.save_pipeline(order, sorted({str(i.source) for i in loaded}))
             if self.options.fresh:
                 for key in selected:
-                    self._forget(key)
+                    self._forget(key, self._explicit_output(dag.nodes[key]))
             if self.options.run_prepare:
                 self._prepare([dag.nodes[k] for k in order if k in selected])
             outcomes: dict[Key, RunOutcome] = {}
@@ -154,10 +165,33 @@ class Runner:
             wanted += hits
         return dag.with_upstream(wanted)
 
-    def _forget(self, key: Key) -> None:
-        run_dir = self.workdir.run_dir(*key)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+    def _forget(self, key: Key, explicit_output: Path | None = None) -> None:
+        """Delete the run's folder and an explicit output it created — nothing without its marker."""
+        try:
+            if explicit_output is not None:
+                remove_owned(explicit_output, owner_id(*key))
+            self.workdir.forget(*key)
+        except NotOwnedError as exc:
+            raise RunnerError(f"{key[1]} {key[2]}: {exc}") from exc
+
+    def _explicit_output(self, item: LoadedResource) -> Path | None:
+        """``spec.output.uri`` when it is a local folder outside the run folder (the user named it)."""
+        uri = self._localize(item).spec.output.uri
+        if not uri or "://" in uri:
+            return None
+        path = Path(uri)
+        return None if is_inside(path, self.workdir.run_dir(*item.key)) else path
+
+    def _remove_output(self, key: Key, output_dir: Path, explicit: bool) -> None:
+        """Delete a run's output: its own folder's ``output/``, or an explicit one it created."""
+        try:
+            if explicit:
+                remove_owned(output_dir, owner_id(*key))
+            elif self.workdir.run_dir(*key).exists():
+                self.workdir.claim_run_dir(*key)  # proves the run folder (and so output/) is ours
+                shutil.rmtree(output_dir, ignore_errors=True)
+        except NotOwnedError as exc:
+            raise RunnerError(f"{key[1]} {key[2]}: {exc}") from exc
 
     # --------------------------------------------------------------- prepare
     def _prepare(self, items: list[LoadedResource]) -> None:
@@ -221,24 +255,40 @@ class Runner:
         fingerprint = self._fingerprint(probe, dag, key)
         training_fingerprint = self._fingerprint(probe, dag, key, training_only=True)
         output_dir = Path(probe.output_uri)
+        explicit = self._explicit_output(item) is not None
 
         if state.fingerprint is not None and state.fingerprint != fingerprint:
+            self._check_inputs_intact(item, probe)  # a damaged input is no reason to delete anything
             had_work = (output_dir / "_SUCCESS").exists() or latest_checkpoint(run_dir / "checkpoints")
             if state.training_fingerprint == training_fingerprint and latest_checkpoint(run_dir / "checkpoints"):
                 # Only the length of training (or its evaluation) changed: keep the checkpoints and
                 # continue from the latest one, e.g. after raising training.maxSteps.
                 self.ui.info(f"{label}: training length changed; continuing from its latest checkpoint")
-                shutil.rmtree(output_dir, ignore_errors=True)
+                self._remove_output(key, output_dir, explicit)
                 state.status = RunStatus(attempt=state.status.attempt + 1)
             else:
                 if had_work:
                     self.ui.info(f"{label}: its spec or inputs changed since it last ran; starting it over")
-                self._forget(key)
+                self._forget(key, output_dir if explicit else None)
                 state = RunState(kind, name, namespace, source_file=str(item.source))
         state.fingerprint = fingerprint
         state.training_fingerprint = training_fingerprint
+        if explicit:
+            try:
+                claim(output_dir, owner_id(*key), "spec.output.uri")
+            except NotOwnedError as exc:
+                raise RunnerError(f"{item.where}: {kind} {name}: {exc}") from exc
 
         success = read_success(output_dir)
+        if success is not None:
+            reason = foreign_reason(success, spec_hash(probe.spec, probe.stage), f"{kind}/{name}")
+            if reason is not None:
+                # The folder is this run's (checked above), the receipt in it is not this spec's.
+                self.ui.info(f"{label}: {output_dir}/_SUCCESS is not this run's result ({reason}); running it again")
+                self._remove_output(key, output_dir, explicit)
+                if explicit:
+                    claim(output_dir, owner_id(*key), "spec.output.uri")
+                success = None
         if success is not None:
             if state.status.phase != "Succeeded":
                 state.status = next_status(
@@ -507,6 +557,25 @@ class Runner:
         if problems:
             raise RunnerError("\n".join(problems))
 
+    def _check_inputs_intact(self, item: LoadedResource, launch: LaunchPlan) -> None:
+        """Refuse to start over when a local token-shard input is damaged (a shard gone or altered).
+
+        Its ``index.json`` still lists the shard, so the input did not change, it broke: starting
+        the run over would delete its checkpoints for nothing. The message says what to restore.
+        """
+        produced = {launch.output_uri, launch.checkpoint_uri}
+        problems = []
+        for path, parent, k in _uri_fields(launch.spec):
+            value = parent[k]
+            if value in produced or "://" in value or not os.path.isdir(value):
+                continue
+            for index in sorted(Path(value).rglob("index.json")):
+                problems += [f"{item.where}: {item.resource.kind} {item.resource.name}: spec.{path}: {p}"
+                             for p in _shard_damage(index)]
+        if problems:
+            raise RunnerError("\n".join(problems) + "\nthe input is damaged, not changed; restore it (e.g. run its "
+                              "DataPipeline again) — nothing of this run was deleted")
+
     def _fingerprint(self, launch: LaunchPlan, dag: Dag, key: Key, training_only: bool = False) -> str:
         """sha256 of what decides a run's result: the spec (less operational fields), input receipts, local inputs.
 
@@ -550,6 +619,26 @@ def _uri_fields(node: Any, prefix: str = "") -> Iterator[tuple[str, dict[str, An
     elif isinstance(node, list):
         for i, v in enumerate(node):
             yield from _uri_fields(v, f"{prefix}[{i}]")
+
+
+def _shard_damage(index_path: Path) -> list[str]:
+    """What is wrong with the shards a token-split ``index.json`` lists (empty when intact)."""
+    try:
+        index = json.loads(index_path.read_text())
+        entries = [(str(e["name"]), str(e["sha256"])) for e in index["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # not a token split's index; the stage reports what it makes of it
+    out = []
+    for name, digest in entries:
+        for suffix in (".bin", ".idx"):
+            shard = index_path.parent / f"{name}{suffix}"
+            if not shard.is_file():
+                out.append(f"{shard} is missing (listed in {index_path})")
+        shard = index_path.parent / f"{name}.bin"
+        if (shard.is_file() and shard.stat().st_size <= _HASH_LIMIT
+                and hashlib.sha256(shard.read_bytes()).hexdigest() != digest):
+            out.append(f"{shard} differs from its sha256 in {index_path} (torn or altered)")
+    return out
 
 
 def _is_relative_path(value: str) -> bool:

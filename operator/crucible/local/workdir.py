@@ -15,6 +15,12 @@ shared storage, with the work directory as the storage root)::
 
 ``state.json`` is written atomically (write to a temporary file, rename), so a SIGKILL of
 ``crucible run`` never leaves a torn state behind.
+
+Crucible deletes only what it created and can prove it created: every folder it makes for a
+run (the run folder, and an explicit ``output.uri`` it filled) gets an ownership marker
+(:data:`OWNER_FILE`, naming the run) when it is created, and :func:`remove_owned` refuses a
+folder without that run's marker. A folder that already held someone's files is never
+claimed, so never deleted; run folders never leave the work directory (:meth:`WorkDir.run_dir`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +44,73 @@ PIPELINE_FILE = "pipeline.json"
 LOCK_FILE = ".lock"
 SUCCESS_FILE = "_SUCCESS"
 METRICS_FILE = "metrics.jsonl"
+OWNER_FILE = ".crucible-owner"
+"""Written by Crucible into every folder it creates for a run: ``{"run": "ns/Kind/name", "createdAt"}``."""
+RUN_LAYOUT = frozenset({STATE_FILE, SPEC_FILE, "logs", "output", "checkpoints", OWNER_FILE})
+"""What a run folder holds; one with nothing else predates the marker and is adopted."""
+
+
+class NotOwnedError(RuntimeError):
+    """A folder Crucible would write to or delete holds files it cannot prove it created."""
+
+
+def owner_id(namespace: str, kind: str, name: str) -> str:
+    return f"{namespace}/{kind}/{name}"
+
+
+def marker_owner(path: Path) -> str | None:
+    """The run named by ``path``'s ownership marker, None when there is none (or it is unreadable)."""
+    try:
+        data = json.loads((path / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    run = data.get("run") if isinstance(data, dict) else None
+    return run if isinstance(run, str) else None
+
+
+def claim(path: Path, owner: str, field: str = "") -> None:
+    """Make ``path`` a folder owned by ``owner``: create it (or take an empty one) and write the marker.
+
+    A folder that is already ``owner``'s is left as it is; one holding other files, or another
+    run's marker, raises :class:`NotOwnedError` — Crucible never writes into (and so never
+    later deletes) a folder of someone else's.
+    """
+    holder = marker_owner(path) if path.is_dir() else None
+    if holder == owner:
+        return
+    where = f"{field}: " if field else ""
+    if holder is not None:
+        raise NotOwnedError(f"{where}{path} belongs to {holder} (its {OWNER_FILE} says so); give this run "
+                            "its own folder")
+    if path.exists() and not path.is_dir():
+        raise NotOwnedError(f"{where}{path} is a file, not a folder; point it at a new folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise NotOwnedError(f"{where}{path} already holds files Crucible did not write (no {OWNER_FILE} marker); "
+                            "point it at a new or empty folder, or move those files away")
+    path.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path / OWNER_FILE, {"run": owner, "createdAt": now_rfc3339()})
+
+
+def remove_owned(path: Path, owner: str) -> bool:
+    """Delete ``path`` only when its marker names ``owner``; True when it was deleted.
+
+    A missing folder is fine (False); one without the marker raises :class:`NotOwnedError`.
+    """
+    if not path.exists():
+        return False
+    if marker_owner(path) != owner:
+        raise NotOwnedError(f"{path} was not created by {owner} (no matching {OWNER_FILE}); Crucible does not "
+                            "delete it. Delete it yourself if it should go")
+    shutil.rmtree(path)
+    return True
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(root))
+    except ValueError:
+        return False
+    return True
 
 
 def now_rfc3339(ts: float | None = None) -> str:
@@ -106,7 +180,24 @@ class WorkDir:
         return str(self.root)
 
     def run_dir(self, namespace: str, kind: str, name: str) -> Path:
-        return self.root / namespace / kind.lower() / name
+        path = self.root / namespace / kind.lower() / name
+        if any(part in ("", ".", "..") or "/" in part for part in (namespace, kind, name)) or not is_inside(path, self.root):
+            raise NotOwnedError(f"run folder {path} would lie outside the work directory {self.root}; "
+                                "metadata.namespace and metadata.name must be DNS labels")
+        return path
+
+    def claim_run_dir(self, namespace: str, kind: str, name: str) -> Path:
+        """The run folder, created with its ownership marker (an old one holding only Crucible's layout is adopted)."""
+        path = self.run_dir(namespace, kind, name)
+        owner = owner_id(namespace, kind, name)
+        if path.is_dir() and marker_owner(path) is None and {p.name for p in path.iterdir()} <= RUN_LAYOUT:
+            write_json_atomic(path / OWNER_FILE, {"run": owner, "createdAt": now_rfc3339(), "adopted": True})
+        claim(path, owner, "run folder")
+        return path
+
+    def forget(self, namespace: str, kind: str, name: str) -> bool:
+        """Delete the run folder (state, logs, output, checkpoints) — only if this run's marker is in it."""
+        return remove_owned(self.run_dir(namespace, kind, name), owner_id(namespace, kind, name))
 
     def state_path(self, namespace: str, kind: str, name: str) -> Path:
         return self.run_dir(namespace, kind, name) / STATE_FILE
@@ -125,6 +216,8 @@ class WorkDir:
             raise ValueError(f"{path}: unreadable run state ({exc}); delete the file to start this run over") from exc
 
     def save_state(self, state: RunState) -> None:
+        if not (self.run_dir(state.namespace, state.kind, state.name) / OWNER_FILE).exists():
+            self.claim_run_dir(state.namespace, state.kind, state.name)
         write_json_atomic(self.state_path(state.namespace, state.kind, state.name), state.to_json())
 
     def all_states(self) -> list[RunState]:

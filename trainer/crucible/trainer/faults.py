@@ -56,6 +56,7 @@ _CUDA_DEVICE = re.compile(
 
 def classify(exc: BaseException) -> tuple[int, str]:
     """Exit code and a one-line reason for an exception that ended the stage."""
+    from crucible.trainer.config.receipt import ForeignResultError
     from crucible.trainer.data.shards import ShardFormatError
     from crucible.trainer.storage import StorageNotFound, StorageUnavailable
 
@@ -63,7 +64,7 @@ def classify(exc: BaseException) -> tuple[int, str]:
     text = f"{name}: {exc}"
     if isinstance(exc, RetriableError | StorageUnavailable):
         return EXIT_RETRIABLE, text
-    if isinstance(exc, SpecError | ShardFormatError | StorageNotFound):
+    if isinstance(exc, SpecError | ShardFormatError | StorageNotFound | ForeignResultError):
         return EXIT_BAD_INPUT, text
     if "OutOfMemoryError" in name or "out of memory" in str(exc).lower():
         return EXIT_APPLICATION_ERROR, text + " (reduce training.microBatchSize or enable activationCheckpointing)"

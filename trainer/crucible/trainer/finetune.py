@@ -123,6 +123,8 @@ class Workspace:
     out_uri: str
     base_dir: Path
     base_uri: str
+    config: Any = None
+    """The stage's parsed spec: its hash goes into ``_SUCCESS``."""
 
     @property
     def staging(self) -> Path:
@@ -137,12 +139,12 @@ def open_workspace(config: Any, stage: str) -> Workspace | None:
     store = st.Storage.from_config(config.storage)
     out_uri = require_uri(config.output.uri, "spec.output.uri", "where the model goes")
     base_uri = require_uri(config.model.uri, "spec.model.uri", "the base model (fromRun is resolved to it)")
-    if success_exists(out_uri, store):
+    if success_exists(out_uri, store, config):
         log(f"{out_uri}/_SUCCESS exists: nothing to do")
         return None
     cache = Path(tempfile.mkdtemp(prefix=f"crucible-{stage}-"))
     base_dir = local_model(store, base_uri, "spec.model.uri", cache)
-    return Workspace(store, cache, out_uri, base_dir, base_uri)
+    return Workspace(store, cache, out_uri, base_dir, base_uri, config)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -212,7 +214,7 @@ def publish_and_succeed(ws: Workspace, stage: str, inputs: dict[str, Any], resul
     from crucible.trainer.output import publish, write_success
 
     publish(ws.staging, ws.out_uri, ws.store)
-    write_success(ws.out_uri, ws.store, stage, inputs, results)
+    write_success(ws.out_uri, ws.store, stage, inputs, results, ws.config)
 
 
 def input_receipts(ws: Workspace, **uris: str | None) -> dict[str, Any]:

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from crucible.trainer import storage as st
+from crucible.trainer.config.receipt import check_existing, identity
 from crucible.trainer.faults import write_success_message
 
 SUCCESS = "_SUCCESS"
@@ -60,8 +62,13 @@ def manifest_sha256(uri: str, store: st.Storage) -> str | None:
         return None
 
 
-def success_exists(out_uri: str, store: st.Storage) -> bool:
-    return store.exists(st.join(out_uri, SUCCESS))
+def success_exists(out_uri: str, store: st.Storage, config: BaseModel) -> bool:
+    """True when ``out_uri`` holds this run's ``_SUCCESS``; ForeignResultError when another's."""
+    where = st.join(out_uri, SUCCESS)
+    if not store.exists(where):
+        return False
+    check_existing(store.read_bytes(where), config, where)
+    return True
 
 
 def publish(local_dir: str | Path, out_uri: str, store: st.Storage) -> None:
@@ -77,9 +84,11 @@ def write_success(
     stage: str,
     inputs: dict[str, Any],
     results: dict[str, Any],
+    config: BaseModel,
 ) -> dict[str, Any]:
     receipt = {
         "stage": stage,
+        **identity(config),
         "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": inputs,
         "results": results,

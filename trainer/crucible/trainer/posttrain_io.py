@@ -20,10 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from crucible.trainer.config import parse_stage_spec
 from crucible.trainer.config.common import StrictModel
+from crucible.trainer.config.receipt import check_existing, identity
 from crucible.trainer.faults import SpecError, run_guarded, write_success_message
 from crucible.trainer.storage import Storage, StorageNotFound, is_s3, join
 
@@ -75,8 +76,13 @@ def success_uri(output_uri: str) -> str:
     return join(output_uri, SUCCESS)
 
 
-def already_done(store: Storage, output_uri: str) -> bool:
-    return store.exists(success_uri(output_uri))
+def already_done(store: Storage, output_uri: str, config: BaseModel) -> bool:
+    """True when ``output_uri`` holds this run's ``_SUCCESS``; ForeignResultError when another's."""
+    where = success_uri(output_uri)
+    if not store.exists(where):
+        return False
+    check_existing(store.read_bytes(where), config, where)
+    return True
 
 
 def receipt_sha256(store: Storage, uri: str) -> str | None:
@@ -94,9 +100,10 @@ def receipt_sha256(store: Storage, uri: str) -> str | None:
     return None
 
 
-def success_record(stage: str, inputs: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+def success_record(stage: str, inputs: dict[str, Any], results: dict[str, Any], config: BaseModel) -> dict[str, Any]:
     return {
         "stage": stage,
+        **identity(config),
         "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": inputs,
         "results": results,

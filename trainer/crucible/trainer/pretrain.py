@@ -122,7 +122,7 @@ def run(config: PretrainConfig) -> int:
         raise SpecError("output.uri is empty: set it (the backends fill it in from the storage root)")
     if config.data.uri is None:
         raise SpecError("data.fromRun was not resolved to data.uri; run through crucible run or the operator")
-    if success_exists(out_uri, store):
+    if success_exists(out_uri, store, config):
         log(f"{out_uri}/_SUCCESS exists: nothing to do")
         return 0
     # collectives time out after the hang watchdog, so a stuck peer is reported as a hang with its step
@@ -174,7 +174,7 @@ def run(config: PretrainConfig) -> int:
                 inputs["modelSource"] = config.model.source.uri
             if config.tokenizer is not None:
                 inputs["tokenizer"] = config.tokenizer.uri
-            write_success(out_uri, store, STAGE, inputs, results)
+            write_success(out_uri, store, STAGE, inputs, results, config)
             log(f"wrote {out_uri} ({result.steps} steps, final loss {result.final_loss:.4f})")
         barrier()
         return 0

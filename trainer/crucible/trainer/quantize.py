@@ -297,7 +297,7 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
 def run(config: QuantizeConfig) -> int:
     store = Storage.from_config(config.storage)
     out_uri = require_uri(config.output.uri, "spec.output.uri", "where the quantized model goes")
-    if already_done(store, out_uri):
+    if already_done(store, out_uri, config):
         log(f"{out_uri} already has _SUCCESS; nothing to do")
         return EXIT_OK
     torch.manual_seed(0)
@@ -323,7 +323,7 @@ def run(config: QuantizeConfig) -> int:
                 "uri": config.evaluation.data.uri,
                 "sha256": receipt_sha256(store, str(config.evaluation.data.uri)),
             }
-            write_success(out_dir, success_record(STAGE, inputs, res))
+            write_success(out_dir, success_record(STAGE, inputs, res, config))
     except ThresholdExceeded as exc:
         log(f"failed: {exc}")
         return EXIT_APPLICATION_ERROR

@@ -87,6 +87,7 @@ from crucible.trainer.config.common import (
     EXIT_RETRIABLE,
 )
 from crucible.trainer.config.data import DataPipelineConfig
+from crucible.trainer.config.receipt import ForeignResultError, check_existing, identity
 from crucible.trainer.data import tokenizer as tokenizer_lib
 from crucible.trainer.data.c4 import C4QualityFilter
 from crucible.trainer.data.document import Document
@@ -643,7 +644,7 @@ class DataPipeline:
 
     def finalize(self) -> Manifest | None:
         """Merge every part's results once all are done; None while parts are missing."""
-        if self.ws.exists(SUCCESS):
+        if self._finished():
             return self.load_manifest()
         if self.missing("tokenize"):
             return None
@@ -679,6 +680,7 @@ class DataPipeline:
         dropped = {f"{row['step']}:{r}": n for row in data["funnel"] for r, n in row["dropped"].items()}
         success = {
             "stage": "data",
+            **identity(self.config),
             "finishedAt": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "inputs": {
                 "sources": {s.name: s.uri for s in self.config.sources},
@@ -707,6 +709,14 @@ class DataPipeline:
                  data["documentsIn"], data["documentsOut"], data["tokens"]["train"], data["tokens"]["validation"],
                  self.ws.uri_of(MANIFEST))
         return Manifest(data, self.ws.uri_of(MANIFEST), manifest_sha)
+
+    def _finished(self) -> bool:
+        """True when the output holds this pipeline's ``_SUCCESS``; ForeignResultError when another's."""
+        if not self.ws.exists(SUCCESS):
+            return False
+        raw = self.ws.fetch(SUCCESS).read_bytes() if self.ws.remote else (self.ws.local / SUCCESS).read_bytes()
+        check_existing(raw, self.config, self.ws.uri_of(SUCCESS))
+        return True
 
     def load_manifest(self) -> Manifest:
         raw = self.ws.fetch(MANIFEST).read_bytes() if self.ws.remote else (self.ws.local / MANIFEST).read_bytes()
@@ -823,7 +833,7 @@ class DataPipeline:
 
     def run_all(self) -> Manifest:
         try:
-            if self.ws.exists(SUCCESS):
+            if self._finished():
                 return self.load_manifest()
             for stage in STAGES:
                 for part in range(self.num_parts):
@@ -838,7 +848,7 @@ class DataPipeline:
     def run_worker(self, part: int, stage: str, wait_seconds: float) -> Manifest | None:
         """One worker of N: one stage, or all of them with barriers between."""
         try:
-            if self.ws.exists(SUCCESS):
+            if self._finished():
                 return self.load_manifest()
             if stage != "all":
                 self.run_stage(stage, part)
@@ -940,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pipeline.run_worker(shard, args.stage, args.wait_timeout)
         return EXIT_OK
-    except (SpecError, SourceError, TokenizerSourceError, WordListError, NothingLeftError) as exc:
+    except (SpecError, SourceError, TokenizerSourceError, WordListError, NothingLeftError, ForeignResultError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     except StorageUnavailable as exc:
