@@ -19,6 +19,7 @@ import pytest
 from crucible.trainer.config.common import EXIT_BAD_INPUT, EXIT_OK
 from crucible.trainer.data.pipeline import DataPipeline, main, run_pipeline
 from crucible.trainer.data.shards import ShardSet
+from waits import scaled
 
 from .conftest import make_config, write_jsonl
 
@@ -225,7 +226,7 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path: Path, corpus: Pa
     # Kill once inside the filter stage (part of the docs written), once inside dedup (tokenizer training).
     for folder, pattern in ((out / "_work" / "filter" / "part-00000", ".docs.jsonl.zst.*.tmp"), (out / "_work", "dedup")):
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + scaled(120)
         while not list(folder.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, "the run finished before it could be killed"
@@ -257,7 +258,7 @@ def test_one_indexed_job_runs_all_stages_with_barriers(
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=300)
+        t.join(timeout=scaled(300))
     assert codes == {0: EXIT_OK, 1: EXIT_OK}
     assert (out / "_SUCCESS").exists()
     reference = run_pipeline(config, tmp_path / "single")

@@ -28,6 +28,8 @@ import pytest
 import yaml
 from deploylib import CHART, REPO, one, render_objects, rule_groups
 
+from waits import scaled
+
 T = TypeVar("T")
 RUN_LABELS = {"namespace": "ml-research", "run": "tiny-llama", "kind": "PretrainRun", "attempt": "0",
               "pod": "tiny-llama-0-0-xyz12", "node": "cpu-node-1"}
@@ -42,12 +44,12 @@ def _free_port() -> int:
 
 
 def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with urllib.request.urlopen(url, timeout=scaled(5)) as response:
         return json.loads(response.read())
 
 
 def _wait_for(what: str, probe: Callable[[], T | None], timeout: float, procs: list[subprocess.Popen[bytes]]) -> T:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
@@ -110,7 +112,7 @@ def _start_prometheus(binary: str, tmp: Path, job: str, port: int, labels: dict[
         cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     ))
     prom = Prometheus(f"http://127.0.0.1:{listen}")
-    _wait_for("Prometheus ready", lambda: urllib.request.urlopen(f"{prom.api}/-/ready", timeout=2).status == 200,
+    _wait_for("Prometheus ready", lambda: urllib.request.urlopen(f"{prom.api}/-/ready", timeout=scaled(2)).status == 200,
               30, processes)
     loaded = _get_json(f"{prom.api}/api/v1/rules")["data"]["groups"]
     assert {r["name"] for g in loaded for r in g["rules"]} >= {"CrucibleLossSpike", "CrucibleRunFailed"}
@@ -155,10 +157,10 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=scaled(15))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(timeout=5)
+                proc.wait(timeout=scaled(5))
 
 
 @pytest.mark.slow
@@ -254,7 +256,7 @@ def test_prometheus_fires_run_failed_and_restart_storm_from_the_operators_export
 
 def _retry_query(prom: Prometheus, expr: str, timeout: float = 10) -> list[dict[str, Any]]:
     """A query's result once Prometheus has scraped what it needs (bounded)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while True:
         result = prom.query(expr)
         if result or time.monotonic() > deadline:

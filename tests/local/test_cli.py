@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from waits import scaled
+
 from .conftest import FAKE_STAGE, Pipeline, chain
 
 CRUCIBLE = [sys.executable, "-m", "crucible.cli"]
@@ -26,11 +28,11 @@ def env_for(behaviour: dict | None = None) -> dict[str, str]:
 
 
 def crucible(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CRUCIBLE, *args], env=env or env_for(), cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*CRUCIBLE, *args], env=env or env_for(), cwd=cwd, capture_output=True, text=True, timeout=scaled(120))
 
 
 def wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         if predicate():
             return
@@ -65,7 +67,7 @@ def test_killed_runner_takes_its_trainers_down_and_the_rerun_resumes(pipeline: P
         assert trainer_pids
         proc.kill()  # SIGKILL: no cleanup code runs
         proc.wait()
-        wait_for(lambda: not any(alive(p) for p in trainer_pids), timeout=10)
+        wait_for(lambda: not any(alive(p) for p in trainer_pids), timeout=scaled(10))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -100,7 +102,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(pipeline: Pipeline) -> None:
     wait_for(lambda: step_of(pipeline, "PretrainRun", "base") >= 3)
     trainer_pids = pipeline.state("PretrainRun", "base").pids
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=scaled(30))
     assert proc.returncode == 130, out
     assert "Run the same command again to resume" in out
     assert not any(alive(p) for p in trainer_pids)
@@ -183,8 +185,8 @@ def test_logs_follow_moves_to_the_next_attempt_and_stops_with_the_run(pipeline: 
                             "--no-report"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: step_of(pipeline, "PretrainRun", "base") >= 1)
     follow = subprocess.run([*CRUCIBLE, "logs", "base", "-f", "-w", str(pipeline.workdir)], env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert run.wait(timeout=60) == 0
+                            capture_output=True, text=True, timeout=scaled(60))
+    assert run.wait(timeout=scaled(60)) == 0
     assert "attempt 0" in follow.stdout
     assert "attempt changed, now following" in follow.stdout
     assert "resumed from checkpoint step 8" in follow.stdout

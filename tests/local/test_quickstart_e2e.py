@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from waits import scaled
+
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart"
 CRUCIBLE = [sys.executable, "-m", "crucible.cli"]
@@ -103,7 +105,7 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
 
     first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + scaled(150)
         while not list((pre_dir / "checkpoints").glob("step-*/manifest.json")):
             assert first.poll() is None, first.communicate()[0]
             assert time.monotonic() < deadline, "no pretraining checkpoint in time"
@@ -117,7 +119,7 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
     assert first.returncode == -signal.SIGKILL
     # A dying trainer loses its cmdline before it leaves /proc: wait for both views to clear
     # (tearing down torch takes a few seconds on a loaded machine).
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + scaled(20)
     while (trainers_of(workdir) or any(alive(p) for p in state_at_kill["pids"])) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not trainers_of(workdir), "trainer processes outlived their runner"
@@ -125,7 +127,7 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
     assert not (pre_dir / "output" / "_SUCCESS").exists(), "pretraining finished before it could be killed"
     killed_at = max(int(p.parent.name[5:]) for p in (pre_dir / "checkpoints").glob("step-*/manifest.json"))
 
-    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=scaled(400))
     out = second.stdout + second.stderr
     assert second.returncode == 0, out
     assert "DataPipeline stdlib-corpus: already succeeded" in out

@@ -34,6 +34,7 @@ from crucible.operator.handlers import build_registry
 from crucible.operator.metrics import OperatorMetrics
 from crucible.operator.reconcile import OperatorConfig
 from crucible.operator.render import JOB_INDEX_LABEL, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, LABEL_RUN
+from waits import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "ml"
@@ -244,7 +245,7 @@ class SimCluster:
         if self._operator is None or self._stop is None:
             return
         self._stop.set()
-        await asyncio.to_thread(self._operator.join, 15)
+        await asyncio.to_thread(self._operator.join, scaled(15))
         self._operator = None
 
     # -- the test's API ---------------------------------------------------------------------
@@ -273,6 +274,8 @@ class SimCluster:
         await self.kube.delete(k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL), NAMESPACE, name)
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+        """Poll ``predicate`` until it returns something true; ``timeout`` is scaled (tests/waits.py)."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -439,20 +442,32 @@ class SimCluster:
                 "exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message}}}]}})
 
     async def _garbage_collector(self, all_jobs: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
-        """Owner references: a Job's pods go with it, a run's objects go with the run."""
+        """Owner references: a Job's pods go with it, a run's objects go with the run.
+
+        As Kubernetes' garbage collector does, an object is deleted only once a fresh read shows
+        its owner gone (or replaced: another uid): the lists above may predate an owner created
+        since, and deleting a new attempt's Job for that would fake an AttemptLost."""
         jobs = {j["metadata"]["name"] for j in all_jobs}
         for p in pods:
-            if p["metadata"]["labels"].get(JOB_NAME_LABEL) not in jobs:
+            if p["metadata"]["labels"].get(JOB_NAME_LABEL) not in jobs and not await self._owner_exists(p):
                 await self.kube.delete(k.PODS, NAMESPACE, p["metadata"]["name"])
-        runs: set[tuple[str, str]] = set()
-        for model in KIND_MODELS.values():
-            for obj in await self.kube.list(k.Res(GROUP, VERSION, model.PLURAL), NAMESPACE):
-                runs.add((model.KIND, obj["metadata"]["name"]))
         for res in (k.JOBS, k.SERVICES, k.CONFIGMAPS):
             for obj in await self.kube.list(res, NAMESPACE):
-                owners = obj["metadata"].get("ownerReferences") or []
-                if owners and all((o["kind"], o["name"]) not in runs for o in owners):
+                if obj["metadata"].get("ownerReferences") and not await self._owner_exists(obj):
                     await self.kube.delete(res, NAMESPACE, obj["metadata"]["name"])
+
+    async def _owner_exists(self, obj: dict[str, Any]) -> bool:
+        for owner in obj["metadata"].get("ownerReferences") or []:
+            if owner["kind"] == "Job":
+                res = k.JOBS
+            elif owner["kind"] in KIND_MODELS:
+                res = k.Res(GROUP, VERSION, KIND_MODELS[owner["kind"]].PLURAL)
+            else:
+                return True  # not ours to judge
+            found = await self.kube.get(res, NAMESPACE, owner["name"])
+            if found is not None and (not owner.get("uid") or found["metadata"].get("uid") in (owner["uid"], None)):
+                return True
+        return False
 
     async def _serve_metrics(self, run: str, trainer: Trainer) -> None:
         if trainer.port in self.metrics_servers:

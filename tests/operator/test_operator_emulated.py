@@ -14,7 +14,8 @@ from simcluster import SimCluster
 from crucible.operator import kube as k
 from crucible.operator.rbac import RULES, grants
 from crucible.operator.reconcile import cr_res
-from crucible.operator.render import LABEL_RUN
+from crucible.operator.render import LABEL_ATTEMPT, LABEL_RUN
+from waits import scaled
 
 FAST = {"maxRestarts": 2, "backoffSeconds": 0, "maxBackoffSeconds": 1, "hangTimeout": "10s"}
 
@@ -23,7 +24,7 @@ def run(scenario: Callable[[SimCluster], Awaitable[None]], **kw: Any) -> None:
     async def main() -> None:
         async with SimCluster(**kw).running() as cluster:
             await scenario(cluster)
-    asyncio.run(asyncio.wait_for(main(), timeout=90))
+    asyncio.run(asyncio.wait_for(main(), timeout=scaled(90)))
 
 
 def pretrain(name: str, port: int, *, nodes: int = 2, steps: int = 20, **over: Any) -> dict[str, Any]:
@@ -70,8 +71,10 @@ def assert_rbac_covers_the_operator(c: SimCluster) -> None:
     assert not denied, f"the ClusterRole lacks {denied}"
 
 
-async def nodes_of(c: SimCluster, run_name: str) -> set[str]:
-    return {p["spec"].get("nodeName") for p in await c.pods(run_name)} - {None}
+async def nodes_of(c: SimCluster, run_name: str, attempt: int) -> set[str]:
+    """Nodes of one attempt's pods (an earlier attempt's pods linger until garbage collection)."""
+    return {p["spec"].get("nodeName") for p in await c.pods(run_name)
+            if p["metadata"]["labels"].get(LABEL_ATTEMPT) == str(attempt)} - {None}
 
 
 def test_node_dies_mid_run_restarts_on_other_nodes_and_resumes() -> None:
@@ -80,7 +83,7 @@ def test_node_dies_mid_run_restarts_on_other_nodes_and_resumes() -> None:
         await c.apply(pretrain("pt", 19402, steps=60))
         await c.wait_phase("PretrainRun", "pt", "Running")
         await c.wait_for(lambda: _true(t.checkpoint >= 8), what="a checkpoint")
-        used = sorted(await nodes_of(c, "pt"))
+        used = sorted(await nodes_of(c, "pt", 0))
         await c.kill_node(used[1])
         restarting = await c.wait_phase("PretrainRun", "pt", "Restarting")
         assert restarting["status"]["failedNodes"] == [used[1]]
@@ -90,12 +93,11 @@ def test_node_dies_mid_run_restarts_on_other_nodes_and_resumes() -> None:
         assert used[1] in cond["message"]
         running = await c.wait_phase("PretrainRun", "pt", "Running")
         assert running["status"]["attempt"] == 1
-        (job,) = await c.jobs("pt")
-        assert job["metadata"]["labels"]["crucible.dev/attempt"] == "1"
+        (job,) = [j for j in await c.jobs("pt") if j["metadata"]["labels"][LABEL_ATTEMPT] == "1"]
         terms = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
             "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
         assert terms[0]["matchFields"][0]["values"] == [used[1]]
-        assert used[1] not in await nodes_of(c, "pt")
+        assert used[1] not in await nodes_of(c, "pt", 1)
         done = await c.wait_phase("PretrainRun", "pt", "Succeeded", timeout=30)
         assert done["status"]["restarts"] == 1
         assert t.attempts_seen == [0, 1]
@@ -309,15 +311,16 @@ def test_peering_keeps_one_replica_active_and_the_other_takes_over() -> None:
         active, stop_active = await c.start_operator(replica="a", peering="crucible", priority=100)
         standby, stop_standby = await c.start_operator(replica="b", peering="crucible", priority=10)
         try:
-            await asyncio.sleep(2.0)  # peers see each other; b pauses
+            await c.wait_for(lambda: _peers(c, 2), what="both replicas in the peering")
+            await asyncio.sleep(1.0)  # b reads a's entry from its peering watch and pauses
             c.trainer("first", total_steps=6, port=19430)
             await c.apply(pretrain("first", 19430, steps=6, nodes=1))
             await c.wait_phase("PretrainRun", "first", "Succeeded")
             jobs_by = {agent for agent, verb, res in c.emulator.writers if (verb, res) == ("create", "jobs")}
             assert jobs_by == {"crucible-operator/a"}
             stop_active.set()
-            await asyncio.to_thread(active.join, 15)
-            await asyncio.sleep(2.0)  # a left the peering; b resumes
+            await asyncio.to_thread(active.join, scaled(15))
+            await c.wait_for(lambda: _peers(c, 1), what="a to leave the peering")  # b resumes
             c.trainer("second", total_steps=6, port=19431)
             await c.apply(pretrain("second", 19431, steps=6, nodes=1))
             await c.wait_phase("PretrainRun", "second", "Succeeded", timeout=30)
@@ -327,5 +330,11 @@ def test_peering_keeps_one_replica_active_and_the_other_takes_over() -> None:
         finally:
             stop_active.set()
             stop_standby.set()
-            await asyncio.to_thread(standby.join, 15)
+            await asyncio.to_thread(standby.join, scaled(15))
     run(scenario)
+
+
+async def _peers(c: SimCluster, count: int) -> bool:
+    """The ClusterKopfPeering lists ``count`` live replicas (Kopf keeps one status entry per peer)."""
+    peering = await c.kube.get(k.Res("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False), None, "crucible")
+    return len((peering or {}).get("status") or {}) == count

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from waits import scaled
+
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "user assistant question answer what is the colour of the sky blue green red",
@@ -161,11 +163,11 @@ def kill_at_step(proc, checkpoint_dir: Path, step: int, timeout: float = 240) ->
     import signal
     import time
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         if max(step_losses(checkpoint_dir), default=0) >= step:
             proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
+            proc.wait(timeout=scaled(60))
             return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}")

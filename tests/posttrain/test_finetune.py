@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from crucible.trainer.config.stages import SftDataset
 from crucible.trainer.finetune import held_out_loss, main
 from crucible.trainer.sft_data import build_sft_data
+from waits import scaled
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +133,14 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
 ) -> None:
     common = {"training": {"maxSteps": 40}, "checkpoint": {"interval": 5, "keep": 2}}
     reference = sft_spec(tiny_model_dir, sft_data, tmp_path / "ref", **common)
-    assert launch("finetune", reference, tmp_path / "ref-job").wait(timeout=300) == 0
+    assert launch("finetune", reference, tmp_path / "ref-job").wait(timeout=scaled(300)) == 0
     expected = step_losses(tmp_path / "ref" / "checkpoints")
 
     spec = sft_spec(tiny_model_dir, sft_data, tmp_path / "run", **common)
     proc = launch("finetune", spec, tmp_path / "job")
     kill_at_step(proc, tmp_path / "run" / "checkpoints", step=13)
     assert proc.returncode != 0 and not (tmp_path / "run" / "_SUCCESS").exists()
-    assert launch("finetune", spec, tmp_path / "job").wait(timeout=300) == 0
+    assert launch("finetune", spec, tmp_path / "job").wait(timeout=scaled(300)) == 0
     log = (tmp_path / "job" / "log.txt").read_text()
     assert "resumed from" in log, log[-2000:]
     results = json.loads((tmp_path / "run" / "_SUCCESS").read_text())["results"]

@@ -21,6 +21,7 @@ from crucible.trainer.faults import SpecError
 from crucible.trainer.lora import wrap
 from crucible.trainer.preference import DpoObjective, Reference, main, pair_scores, precompute_reference
 from crucible.trainer.preference_data import build_preference_data
+from waits import scaled
 
 LORA = {"r": 8, "alpha": 16}
 
@@ -180,14 +181,14 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
 ) -> None:
     common = {"lora": LORA, "training": {"maxSteps": 40}, "checkpoint": {"interval": 5, "keep": 2}}
     reference = preference_spec(tiny_model_dir, pairs_file, tmp_path / "ref", **common)
-    assert launch("preference", reference, tmp_path / "ref-job").wait(timeout=300) == 0
+    assert launch("preference", reference, tmp_path / "ref-job").wait(timeout=scaled(300)) == 0
     expected = step_losses(tmp_path / "ref" / "checkpoints")
 
     spec = preference_spec(tiny_model_dir, pairs_file, tmp_path / "run", **common)
     proc = launch("preference", spec, tmp_path / "job")
     kill_at_step(proc, tmp_path / "run" / "checkpoints", step=13)
     assert proc.returncode != 0 and not (tmp_path / "run" / "_SUCCESS").exists()
-    assert launch("preference", spec, tmp_path / "job").wait(timeout=300) == 0
+    assert launch("preference", spec, tmp_path / "job").wait(timeout=scaled(300)) == 0
     assert "resumed from" in (tmp_path / "job" / "log.txt").read_text()
     assert 10 <= _results(tmp_path / "run")["resumedFromStep"] < 40
     assert step_losses(tmp_path / "run" / "checkpoints") == expected  # bit for bit
@@ -201,7 +202,7 @@ def test_two_ranks_fsdp_lora_dpo_with_reference_precomputed_across_ranks(
     spec = preference_spec(tiny_model_dir, pairs_file, tmp_path / "out", lora=LORA,
                            dpo={"beta": 0.5, "precomputeReference": True},
                            training={"maxSteps": 8, "globalBatchTokens": 512, "strategy": "fsdp"})
-    rc = launch("preference", spec, tmp_path / "job", nproc=2).wait(timeout=600)
+    rc = launch("preference", spec, tmp_path / "job", nproc=2).wait(timeout=scaled(600))
     assert rc == 0, (tmp_path / "job" / "log.txt").read_text()[-3000:]
     results = _results(tmp_path / "out")
     assert results["referencePrecomputed"] is True and results["steps"] == 8

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from trainlib import children, launch, run_stage, step_losses, tiny_spec, write_shards
 
+from waits import scaled
+
 
 def _check_output(root: Path, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,13 +48,13 @@ def test_deepspeed_trains_on_two_ranks(tmp_path: Path, zero: int) -> None:
 
 
 def _kill_one_rank_at(proc: subprocess.Popen[str], checkpoints: Path, step: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         if max(step_losses(checkpoints), default=0) >= step:
             workers = children(proc.pid)
             assert workers, "torchrun has no workers"
             os.kill(workers[-1], signal.SIGKILL)
-            proc.wait(timeout=120)
+            proc.wait(timeout=scaled(120))
             return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}")
@@ -103,7 +105,7 @@ def test_hung_rank_makes_the_watchdog_exit_retriable(tmp_path: Path) -> None:
     spec = tiny_spec(data, tmp_path, training={"maxSteps": 100000, "globalBatchTokens": 1024},
                      failurePolicy={"hangTimeout": "10s"}, checkpoint={"interval": 1000})
     proc = launch(spec, tmp_path / "job", nproc=2, CRUCIBLE_TERMINATION_LOG=str(tmp_path / "termination-log"))
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + scaled(240)
     stopped = None
     try:
         while time.monotonic() < deadline and stopped is None:
@@ -117,7 +119,7 @@ def test_hung_rank_makes_the_watchdog_exit_retriable(tmp_path: Path) -> None:
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):  # let torchrun's SIGTERM reach the stopped rank
             os.kill(stopped, signal.SIGCONT)
-        proc.wait(timeout=120)
+        proc.wait(timeout=scaled(120))
     finally:
         if stopped is not None:
             with contextlib.suppress(ProcessLookupError):  # torchrun has usually killed it by now

@@ -16,6 +16,7 @@ from trainlib import launch, run_stage, step_losses, tiny_spec
 from crucible.trainer import storage as st
 from crucible.trainer.checkpoint import MANIFEST, Checkpointer
 from crucible.trainer.config.common import S3Config
+from waits import scaled
 
 
 def test_pretrain_writes_a_loadable_model_and_a_lineage_receipt(shards: Path, tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_sigkill_at_random_points_never_resumes_from_a_partial_checkpoint(shards
     rng = random.Random(4)
     for target in (4, 9, 14):
         proc = launch(spec, tmp_path / "run" / "job")
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + scaled(180)
         while max(step_losses(ckpts), default=0) < target and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.05))  # somewhere inside the next step or save
@@ -136,12 +137,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_retriable(shards: Path, tmp_path: 
     """Kubernetes eviction: SIGTERM → checkpoint at the current step → exit 75 → resume there."""
     spec = tiny_spec(shards, tmp_path, training={"maxSteps": 100000}, checkpoint={"interval": 100000})
     proc = launch(spec, tmp_path / "job")
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + scaled(180)
     while max(step_losses(tmp_path / "checkpoints"), default=0) < 3 and time.monotonic() < deadline:
         assert proc.poll() is None
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 75
+    assert proc.wait(timeout=scaled(120)) == 75
     checkpointer = Checkpointer(str(tmp_path / "checkpoints"), st.Storage(), _one_rank(), 3, False, "", print)
     found = checkpointer.latest_valid()
     assert found is not None and found[0].step >= 3

@@ -22,6 +22,7 @@ from crucible.trainer.optim import lr_at
 from crucible.trainer.sampler import GlobalSampler
 from crucible.trainer.storage import StorageNotFound, StorageUnavailable
 from crucible.trainer.watchdog import Watchdog
+from waits import scaled
 
 # -- learning-rate schedules ----------------------------------------------------------------
 
@@ -232,7 +233,7 @@ def test_metrics_server_serves_the_contract_names() -> None:
         os.environ["CRUCIBLE_METRICS_PORT"] = str(port)
         metrics = Metrics(port=1, enabled=True)
         metrics.set(train_loss=2.5, train_step=7, checkpoint_last_step=5)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=scaled(5)).read().decode()
         metrics.close()
     finally:
         del os.environ["CRUCIBLE_METRICS_PORT"]

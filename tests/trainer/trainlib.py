@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from crucible.trainer.data.shards import ShardWriter
+from waits import scaled
 
 VOCAB = 128
 
@@ -103,7 +104,7 @@ def launch(spec: dict[str, Any], workdir: Path, nproc: int = 1, **env: str) -> s
 def run_stage(spec: dict[str, Any], workdir: Path, nproc: int = 1, timeout: float = 300, **env: str) -> tuple[int, str]:
     proc = launch(spec, workdir, nproc, **env)
     try:
-        rc = proc.wait(timeout=timeout)
+        rc = proc.wait(timeout=scaled(timeout))
     finally:
         if proc.poll() is None:
             proc.kill()
