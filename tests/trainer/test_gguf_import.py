@@ -108,3 +108,13 @@ def test_bad_gguf_sources_get_clear_errors(setup: str, expected: str, tiny_gguf,
     assert message.startswith("model.source.uri: ") and expected in message
     assert str(target) in message
     assert not (cache / "gguf").exists() or not any((cache / "gguf").glob("[0-9a-f]*"))
+
+
+def test_a_datapipeline_adopts_the_tokenizer_of_a_gguf_file(tiny_gguf, cache: Path, tmp_path: Path) -> None:
+    from crucible.trainer.data import tokenizer as tokenizer_lib
+
+    path, _, tok = tiny_gguf
+    local = st.Storage().local_path(str(path), tmp_path / "dl", field="tokenizer.source.uri")
+    info = tokenizer_lib.adopt(local, tmp_path / "tokenizer", origin=str(path))
+    assert info.vocab_size == tok.get_vocab_size()
+    assert info.eos_id == 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import math
 import os
 import sys
@@ -223,6 +224,32 @@ def answer_prompts(
     return answers
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9_]+", text.lower())
+
+
+def answer_overlap(answer: str, reference: str) -> float:
+    """ROUGE-L F1 of ``answer`` against ``reference`` over lower-cased word tokens (0..1).
+
+    The longest common subsequence rewards an answer that says what the reference says in the
+    same order, whatever else it adds; 1.0 is the reference itself, 0.0 shares no word with it.
+    """
+    a, r = _words(answer), _words(reference)
+    if not a or not r:
+        return 0.0
+    prev = [0] * (len(r) + 1)
+    for wa in a:
+        cur = [0] * (len(r) + 1)
+        for j, wr in enumerate(r, start=1):
+            cur[j] = prev[j - 1] + 1 if wa == wr else max(prev[j], cur[j - 1])
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>") or " "
 
@@ -234,23 +261,46 @@ def write_side_by_side(
     after: Sequence[str],
     labels: tuple[str, str] = ("before", "after"),
     title: str = "Prompts before and after",
-) -> dict[str, str]:
-    """Write ``<out_dir>/eval/prompts.{json,md}`` with each prompt's two answers side by side."""
+    references: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Write ``<out_dir>/eval/prompts.{json,md}`` with each prompt's two answers side by side.
+
+    With ``references`` (one reference answer per prompt, ``eval.references``) each answer is
+    scored by :func:`answer_overlap` and the mean of each side is returned as ``answerOverlap``
+    (the stages copy it into their results).
+    """
     if not (len(prompts) == len(before) == len(after)):
         raise ValueError(f"{len(prompts)} prompts but {len(before)} and {len(after)} answers")
+    if references and len(references) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(references)} references")
     directory = Path(out_dir) / EVAL_DIR
     directory.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = [
         {"prompt": p, labels[0]: b, labels[1]: a, "changed": b != a}
         for p, b, a in zip(prompts, before, after, strict=True)
     ]
+    summary: dict[str, Any] = {}
+    if references:
+        for record, ref in zip(records, references, strict=True):
+            record["reference"] = ref
+            record["overlap"] = {label: round(answer_overlap(record[label], ref), 4) for label in labels}
+        summary = {label: round(sum(r["overlap"][label] for r in records) / len(records), 4) for label in labels}
+    payload: dict[str, Any] = {"labels": list(labels), "prompts": records}
+    if summary:
+        payload["answerOverlap"] = {"metric": "rouge-l-f1", **summary}
     json_path = directory / PROMPTS_JSON
-    json_path.write_text(json.dumps({"labels": list(labels), "prompts": records}, indent=2, ensure_ascii=False))
+    json_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
     lines = [f"# {title}", "", f"| prompt | {labels[0]} | {labels[1]} |", "| --- | --- | --- |"]
     lines += [f"| {_md_cell(r['prompt'])} | {_md_cell(r[labels[0]])} | {_md_cell(r[labels[1]])} |" for r in records]
+    if summary:
+        lines += ["", "Overlap with the reference answers (ROUGE-L F1): "
+                  + ", ".join(f"{label} {value:.3f}" for label, value in summary.items())]
     md_path = directory / PROMPTS_MD
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"json": str(json_path), "markdown": str(md_path)}
+    out: dict[str, Any] = {"json": str(json_path), "markdown": str(md_path)}
+    if summary:
+        out["answerOverlap"] = payload["answerOverlap"]
+    return out
 
 
 _TASK_MANAGERS: dict[str | None, Any] = {}
@@ -338,6 +388,16 @@ def run_harness_tasks(
         }
         for task, metrics in results.items()
     }
+
+
+def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
+    """The tokenizer of a Hugging Face model directory (None when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        return None
 
 
 def load_model(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:

@@ -207,7 +207,7 @@ def write_prompts(config: Any, out_dir: Path, tokenizer: Any, before: list[str],
 
     after = evaluate.answer_prompts(after_model, tokenizer, config.eval.prompts, config.eval.max_new_tokens, template)
     evaluate.write_side_by_side(out_dir, config.eval.prompts, before, after, ("base", "tuned"),
-                                title=f"Prompts before and after {stage_title}")
+                                title=f"Prompts before and after {stage_title}", references=config.eval.references)
 
 
 def publish_and_succeed(ws: Workspace, stage: str, inputs: dict[str, Any], results: dict[str, Any]) -> None:

@@ -166,6 +166,7 @@ def materialize(uri: str, store: Any, download_dir: str | os.PathLike[str], fiel
             shutil.rmtree(target)
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=root))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is shared by the node's processes
         try:
             _convert(local_file, tmp, uri, field)
             record = {"uri": uri, "sha256": digest, "size": local_file.stat().st_size, "architecture": arch}

@@ -104,14 +104,17 @@ def answer_prompts_before_after(config: PretrainConfig, base_model: Any, out_dir
     if tokenizer is None:
         log("eval.prompts set but the model has no tokenizer; prompts skipped")
         return
-    after = evaluate.answer_prompts(model, tokenizer, config.eval.prompts, config.eval.max_new_tokens)
+    after = evaluate.answer_prompts(model, tokenizer, config.eval.prompts, config.eval.max_new_tokens,
+                                    getattr(tokenizer, "chat_template", None))
     if before is None:
         before = ["" for _ in config.eval.prompts]
     evaluate.write_side_by_side(out_dir, config.eval.prompts, before, after,
-                                labels=("before", "after"), title="Prompts before and after pretraining")
+                                labels=("before", "after"), title="Prompts before and after pretraining",
+                                references=config.eval.references)
 
 
 def run(config: PretrainConfig) -> int:
+    from crucible.trainer import gguf_import
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
     from crucible.trainer.model import build_model, load_pretrained
     from crucible.trainer.output import manifest_sha256, publish, success_exists, write_success
@@ -133,11 +136,12 @@ def run(config: PretrainConfig) -> int:
         assert train is not None
         validation = open_split(config.data.uri, "validation", store, cache, required=False)
         tokenizer_dir = find_tokenizer(config, config.data.uri, store, cache)
+        source_dir: Path | None = None
         if config.model.source is not None:
             if not config.model.source.uri:
                 raise SpecError("model.source.fromRun was not resolved to model.source.uri")
             model: Any
-            model, _ = load_pretrained(config.model.source.uri, store, str(cache / "source"))
+            model, source_dir = load_pretrained(config.model.source.uri, store, str(cache / "source"))
             if model.config.vocab_size < train.vocab_size:
                 raise SpecError(
                     f"model.source {config.model.source.uri} has vocabulary {model.config.vocab_size}, "
@@ -149,10 +153,11 @@ def run(config: PretrainConfig) -> int:
         if config.eval.prompts and env.is_main and tokenizer_dir is not None and config.model.source is not None:
             from crucible.trainer import evaluate
 
-            source_uri = config.model.source.uri or ""
-            tok = evaluate.load_model(source_uri)[1] if not st.is_s3(source_uri) else None
+            tok = evaluate.load_tokenizer(source_dir) if source_dir is not None else None
             if tok is not None:
-                before = evaluate.answer_prompts(model, tok, config.eval.prompts, config.eval.max_new_tokens)
+                # an instruct model is asked the way it was tuned to be asked: through its own chat template
+                before = evaluate.answer_prompts(model, tok, config.eval.prompts, config.eval.max_new_tokens,
+                                                 getattr(tok, "chat_template", None))
         engine = Engine(config, model, PretrainObjective(train, validation), str(tokenizer_dir) if tokenizer_dir else None,
                         env, store)
         try:
@@ -172,6 +177,9 @@ def run(config: PretrainConfig) -> int:
             }
             if config.model.source is not None:
                 inputs["modelSource"] = config.model.source.uri
+                gguf = gguf_import.source_record(source_dir) if source_dir is not None else None
+                if gguf is not None:
+                    inputs["modelSourceGguf"] = gguf
             if config.tokenizer is not None:
                 inputs["tokenizer"] = config.tokenizer.uri
             write_success(out_uri, store, STAGE, inputs, results, config)

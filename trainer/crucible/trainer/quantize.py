@@ -269,7 +269,8 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
     if prompts:
         answers_after = answer_prompts(reloaded, tokenizer, prompts, config.eval.max_new_tokens, template)
         write_side_by_side(out_dir, prompts, answers_before, answers_after, ("original", config.method),
-                           title=f"Prompts before and after {config.method} quantization")
+                           title=f"Prompts before and after {config.method} quantization",
+                           references=config.eval.references)
 
     size_before, size_after = model_size_bytes(model_dir), model_size_bytes(out_dir)
     increase = after.perplexity / before.perplexity - 1.0

@@ -182,9 +182,21 @@ class PromptsConfig(StrictModel):
         default=None, min_length=1, description="Local folder of extra harness task YAML files (include_path)."
     )
     harness_limit: int | None = Field(default=None, ge=1, description="Examples per harness task; empty: all.")
+    references: list[str] = Field(
+        default_factory=list,
+        description=(
+            "A reference answer per prompt (same order). Each answer is scored against its reference "
+            "(ROUGE-L F1 over words) in eval/prompts.json and the report: how on-domain the answers became."
+        ),
+    )
 
     @model_validator(mode="after")
     def _harness(self) -> PromptsConfig:
         if (self.harness_task_dir or self.harness_limit) and not self.harness_tasks:
             raise ValueError("harnessTaskDir/harnessLimit are set but harnessTasks is empty; name the tasks to run")
+        if self.references and len(self.references) != len(self.prompts):
+            raise ValueError(
+                f"references: {len(self.references)} reference answers for {len(self.prompts)} prompts; "
+                "give one per prompt, in the same order (or none)"
+            )
         return self
