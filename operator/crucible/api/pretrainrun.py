@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from crucible.api.common import PlacementMixin, Resource, cel
 from crucible.trainer.config.stages import PretrainConfig
@@ -14,6 +14,23 @@ MODEL_KINDS = ("PretrainRun", "FinetuneRun", "PreferenceRun")
 
 class PretrainRunSpec(PretrainConfig, PlacementMixin):
     """Spec of a PretrainRun: the trainer's PretrainConfig plus placement."""
+
+    @model_validator(mode="after")
+    def _layout_fits_cluster(self) -> PretrainRunSpec:
+        par = self.training.parallelism
+        if par is None:
+            return self
+        per_node = self.resources.procs_per_node
+        if per_node % par.tensor:
+            raise ValueError(
+                f"training.parallelism.tensor: {par.tensor} must divide the {per_node} processes per node "
+                "(resources.gpusPerNode): a tensor-parallel group stays inside one node (NVLink)"
+            )
+        try:
+            par.resolve(self.resources.nodes * per_node)
+        except ValueError as exc:
+            raise ValueError(f"training.{exc}") from None
+        return self
 
 
 class PretrainRun(Resource):

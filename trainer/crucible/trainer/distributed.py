@@ -384,12 +384,16 @@ def build_strategy(
     if training.activation_checkpointing and hasattr(module, "gradient_checkpointing_enable"):
         module.gradient_checkpointing_enable(  # type: ignore[operator]
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    if training.strategy == "ddp":
-        strategy: Strategy = DDPStrategy(module, env, training, optim)
+    if training.parallelism is not None:  # tensor × pipeline × FSDP2 layout (crucible.trainer.parallel)
+        from crucible.trainer.parallel.strategy import ParallelStrategy
+
+        strategy: Strategy = ParallelStrategy(module, env, training, optim, grad_accum)
+    elif training.strategy == "ddp":
+        strategy = DDPStrategy(module, env, training, optim)
     elif training.strategy == "fsdp":
         strategy = FSDPStrategy(module, env, training, optim)
     else:
         strategy = DeepSpeedStrategy(module, env, training, optim, grad_accum)
-    if training.compile and training.strategy != "deepspeed":
+    if training.compile and training.strategy != "deepspeed" and strategy.model is not None:
         strategy.model = torch.compile(strategy.model)
     return strategy

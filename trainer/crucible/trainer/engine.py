@@ -124,16 +124,30 @@ def config_hash(config: TrainStageConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def data_parallel_size(config: TrainStageConfig, world_size: int) -> int:
+    """Ranks that see different data: the world, or replicate × shard of a parallelism layout."""
+    par = config.training.parallelism
+    return world_size if par is None else par.data_size(world_size)
+
+
 def grad_accum_steps(config: TrainStageConfig, world_size: int) -> int:
     tr = config.training
-    per_micro = tr.micro_batch_size * tr.seq_len * world_size
+    data_ranks = data_parallel_size(config, world_size)
+    per_micro = tr.micro_batch_size * tr.seq_len * data_ranks
     if tr.global_batch_tokens % per_micro:
         raise SpecError(
             f"training.globalBatchTokens ({tr.global_batch_tokens}) must be a multiple of "
-            f"microBatchSize × seqLen × ranks = {tr.micro_batch_size} × {tr.seq_len} × {world_size} "
+            f"microBatchSize × seqLen × data-parallel ranks = {tr.micro_batch_size} × {tr.seq_len} × {data_ranks} "
             f"= {per_micro}; use {max(1, round(tr.global_batch_tokens / per_micro)) * per_micro}"
         )
     return tr.global_batch_tokens // per_micro
+
+
+def _moe_experts(model: torch.nn.Module) -> int:
+    from crucible.trainer.moe import moe_blocks
+
+    blocks = moe_blocks(model)
+    return blocks[0].num_experts if blocks else 0
 
 
 def total_steps(config: TrainStageConfig) -> int:
@@ -164,16 +178,33 @@ class Engine:
         tr = config.training
         self.grad_accum = grad_accum_steps(config, env.world_size)
         self.total_steps = total_steps(config)
-        self.ctx = TrainContext(
-            config, env, self.store, tokenizer, tr.seq_len, tr.micro_batch_size, self.grad_accum, tr.seed
-        )
+        self.total_params = sum(p.numel() for p in model.parameters())
         n_params = count_params(model)
         mcfg = getattr(model, "config", None)
         layers = int(getattr(mcfg, "num_hidden_layers", 0) or 0)
         hidden = int(getattr(mcfg, "hidden_size", 0) or 0)
         self.flops_per_token = flops_per_token(n_params, layers, hidden, tr.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
+        self.moe_experts = _moe_experts(model)
+        if self.moe_experts:  # MoE FLOPs count the active experts only
+            from crucible.trainer.flops import active_params
+
+            n_params = active_params(model)
+            self.flops_per_token = flops_per_token(n_params, layers, hidden, tr.seq_len)
         self.strategy: Strategy = build_strategy(model, env, tr, config.optimizer, self.grad_accum)
+        self.data_rank = int(getattr(self.strategy, "data_rank", env.rank))
+        self.data_size = int(getattr(self.strategy, "data_size", env.world_size))
+        self.report_weight = float(getattr(self.strategy, "report_weight", 1.0))
+        self.pipelined = bool(getattr(self.strategy, "pipelined", False))
+        if self.moe_experts:
+            from crucible.trainer.moe import moe_blocks
+
+            for block in moe_blocks(model):  # pipeline schedules scale gradients by 1/microbatches themselves
+                block.aux_grad_scale = 1.0 if self.pipelined else 1.0 / self.grad_accum
+        data_env = DistEnv(self.data_rank, self.data_size, env.local_rank, env.local_world_size, env.device)
+        self.ctx = TrainContext(
+            config, data_env, self.store, tokenizer, tr.seq_len, tr.micro_batch_size, self.grad_accum, tr.seed
+        )
         self.bf16_autocast = (
             env.device.type == "cuda" and tr.precision != "fp32" and self.strategy.name == "ddp"
         )
@@ -301,7 +332,7 @@ class Engine:
             return
         ref, local = found
         state = self.checkpointer.load(ref, local, self.strategy, self.config.training.seed)
-        extra = self.config.loss_spike.skip_batches * self.grad_accum * self.ctx.micro_batch_size * self.env.world_size
+        extra = self.config.loss_spike.skip_batches * self.grad_accum * self.ctx.micro_batch_size * self.data_size
         skip = (window[0], window[1] + extra)
         skips = [*self.checkpointer.read_skips(), list(skip)]
         self.checkpointer.write_skips(skips)
@@ -315,13 +346,17 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def train_step(self) -> tuple[float, float, int, dict[str, float]]:
+    def train_step(self) -> tuple[float, float, int, dict[str, Any]]:
         """One optimizer step over grad_accum micro-batches; (loss, grad norm, tokens, extras), global."""
         self.strategy.train(True)
         loss_sum = torch.zeros((), device=self.env.device, dtype=torch.float64)
         extras: dict[str, torch.Tensor] = {}
         tokens = 0
-        for i in range(self.grad_accum):
+        if self.pipelined:  # the step's micro-batches are the pipeline's microbatches
+            batches = [next(self.train_iter) for _ in range(self.grad_accum)]
+            loss_sum += self.strategy.pipeline_step(batches)  # type: ignore[attr-defined]
+            tokens = sum(self.objective.tokens(b) for b in batches)
+        for i in range(0 if self.pipelined else self.grad_accum):
             last = i == self.grad_accum - 1
             batch = self._to_device(next(self.train_iter))
             with self.strategy.micro_step(last), self._autocast():
@@ -334,21 +369,33 @@ class Engine:
                 extras[key] = extras.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64).to(self.env.device) * n
         lr = lr_at(self.step, self.total_steps, self.config.optimizer)
         grad_norm = self.strategy.optimizer_step(lr, self.config.optimizer.grad_clip)
-        # one all-reduce for everything logged: loss, tokens, extras, and the stop flag
+        # one all-reduce for everything logged: loss, tokens, extras, MoE counters and the stop flag;
+        # with a layout only one rank per data-parallel rank reports (weight 1), the others add 0
+        w = self.report_weight
         keys = sorted(extras)
-        packed = torch.stack([
-            loss_sum / self.grad_accum,
-            torch.tensor(float(tokens), dtype=torch.float64, device=self.env.device),
-            torch.tensor(float(self._stop_signal), dtype=torch.float64, device=self.env.device),
-            *[extras[k] for k in keys],
-        ])
+        parts = [
+            (loss_sum / self.grad_accum * w).reshape(1),
+            torch.tensor([float(tokens) * w, float(self._stop_signal)], dtype=torch.float64, device=self.env.device),
+            *[(extras[k] * w).reshape(1) for k in keys],
+        ]
+        if self.moe_experts:
+            from crucible.trainer.moe import take_stats
+
+            parts.append(take_stats(self.strategy.module, self.moe_experts, self.env.device) * w)
+        packed = torch.cat(parts)
         if self.env.world_size > 1:
             torch.distributed.all_reduce(packed)
         values = packed.tolist()
         global_tokens = int(values[1])
         self._stop_all = values[2] > 0
-        extra_out = {k: v / max(global_tokens, 1) for k, v in zip(keys, values[3:], strict=True)}
-        return values[0] / self.env.world_size, grad_norm, global_tokens, extra_out
+        extra_out: dict[str, Any] = {
+            k: v / max(global_tokens, 1) for k, v in zip(keys, values[3:3 + len(keys)], strict=True)
+        }
+        if self.moe_experts:
+            from crucible.trainer.moe import summarize_stats
+
+            extra_out.update(summarize_stats(values[3 + len(keys):], self.moe_experts))
+        return values[0] / self.data_size, grad_norm, global_tokens, extra_out
 
     def evaluate(self) -> dict[str, float]:
         batches = self.objective.eval_batches(self.ctx)
@@ -356,17 +403,28 @@ class Engine:
             return {}
         self.strategy.train(False)
         sums: dict[str, float] = {}
-        count = 0
+        count = 0.0
+        w = self.report_weight
         with torch.no_grad():
-            for batch in islice(batches, self.config.training.eval_batches):
+            if self.pipelined:  # whole pipeline steps of grad_accum micro-batches
+                group = max(self.grad_accum, 1)
+                rounds = -(-self.config.training.eval_batches // group)
+                chunk = list(islice(batches, rounds * group))
+                for start in range(0, len(chunk) - group + 1, group):
+                    part = chunk[start:start + group]
+                    loss_sum = self.strategy.pipeline_step(part, train=False)  # type: ignore[attr-defined]
+                    n = sum(self.objective.tokens(b) for b in part)
+                    count += n * w
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss_sum) / group * n * w
+            for batch in [] if self.pipelined else islice(batches, self.config.training.eval_batches):
                 batch = self._to_device(batch)
                 with self._autocast():
                     loss, extra = self.objective.loss(self.strategy.model, batch)
                 n = self.objective.tokens(batch)
-                count += n
-                sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
+                count += n * w
+                sums["loss"] = sums.get("loss", 0.0) + float(loss) * n * w
                 for key, value in extra.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * n
+                    sums[key] = sums.get(key, 0.0) + float(value) * n * w
         self.strategy.train(True)
         keys = sorted(sums)
         from crucible.trainer.distributed import all_reduce_sum
@@ -398,8 +456,9 @@ class Engine:
         watchdog.beat("resume")
         self.log(
             f"training {self.total_steps} steps of {cfg.training.global_batch_tokens} tokens: "
-            f"{self.env.world_size} ranks × {cfg.training.micro_batch_size} × {cfg.training.seq_len} tokens "
+            f"{self.data_size} data-parallel ranks × {cfg.training.micro_batch_size} × {cfg.training.seq_len} tokens "
             f"× {self.grad_accum} accumulation, strategy {self.strategy.name}, device {self.env.device}"
+            + (f", layout {self.strategy.layout.describe()}" if hasattr(self.strategy, "layout") else "")
         )
         step_times: list[float] = []
         last_eval: dict[str, float] = {}
@@ -434,6 +493,9 @@ class Engine:
             )
             record = {"step": self.step, "loss": loss, "lr": lr, "gradNorm": grad_norm, "tokens": self.tokens,
                       "tokensPerSecond": round(tps, 2), "mfu": util, "stepSeconds": round(elapsed, 5), **extras}
+            if self.moe_experts:
+                self.metrics.set_moe(extras["moeExpertShare"], extras["moeDroppedFraction"], extras["moeAuxLoss"],
+                                     extras["moeImbalance"])
             self.step_log.write(record)
             if self.step % cfg.metrics.log_every == 0 or self.step == 1:
                 self.log(f"step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} "

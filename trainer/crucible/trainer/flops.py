@@ -69,3 +69,15 @@ def count_params(model: object, exclude_embeddings: bool = True) -> int:
         seen.add(id(p))
         total += p.numel()
     return total
+
+
+def active_params(model: object) -> int:
+    """:func:`count_params` with only ``topK`` of each MoE block's ``numExperts`` experts counted:
+    the parameters one token's matmuls actually touch."""
+    from crucible.trainer.moe import moe_blocks
+
+    total = count_params(model)
+    for block in moe_blocks(model):  # type: ignore[arg-type]
+        experts = block.experts.gate_up_proj.numel() + block.experts.down_proj.numel()
+        total -= experts - experts * block.top_k // block.num_experts
+    return total

@@ -29,6 +29,13 @@ GAUGES = {
     "crucible_checkpoint_last_step": "Step of the newest complete checkpoint.",
 }
 
+MOE_GAUGES = {
+    "crucible_moe_expert_token_share": "Fraction of the last step's routed tokens each expert took (all MoE blocks).",
+    "crucible_moe_dropped_tokens_ratio": "Fraction of the last step's token-to-expert assignments over capacity.",
+    "crucible_moe_aux_loss": "Load-balancing (+ router z) auxiliary loss of the last step, per MoE block.",
+    "crucible_moe_load_imbalance_ratio": "Busiest expert's load over the even load (1 = balanced), mean over blocks.",
+}
+
 
 class Metrics:
     """Gauges on their own registry, served on ``port`` by rank 0; no-ops on other ranks."""
@@ -51,6 +58,22 @@ class Metrics:
 
             self._server, _ = start_http_server(port, registry=self.registry)
             self.port = int(self._server.server_address[1])
+
+    def set_moe(self, share: list[float], dropped: float, aux: float, imbalance: float) -> None:
+        """Mixture-of-experts gauges of the last step (per-expert token share is labelled by expert)."""
+        if not self.enabled:
+            return
+        from prometheus_client import Gauge
+
+        if "crucible_moe_expert_token_share" not in self._gauges:
+            for name, help_ in MOE_GAUGES.items():
+                labels = ["expert"] if name == "crucible_moe_expert_token_share" else []
+                self._gauges[name] = Gauge(name, help_, labels, registry=self.registry)
+        for expert, value in enumerate(share):
+            self._gauges["crucible_moe_expert_token_share"].labels(expert=str(expert)).set(value)
+        self._gauges["crucible_moe_dropped_tokens_ratio"].set(dropped)
+        self._gauges["crucible_moe_aux_loss"].set(aux)
+        self._gauges["crucible_moe_load_imbalance_ratio"].set(imbalance)
 
     def set(self, **values: float | None) -> None:
         for key, value in values.items():

@@ -52,6 +52,35 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, eos_id: int | None
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(cfg, cfg.vocab_size or vocab_size, eos_id))
     model.config.use_cache = False
+    if cfg.architecture == "mixtral":
+        from crucible.trainer.moe import expert_width, install_moe
+
+        assert cfg.moe is not None
+        install_moe(model, cfg.moe, expert_width(cfg), cfg.initializer_range, seed)
+    return model
+
+
+def adopt_source(model: torch.nn.Module, cfg: ModelConfig, uri: str) -> torch.nn.Module:
+    """A loaded source model as the trainer's module for ``model.architecture``.
+
+    A Mixtral becomes a Llama with MoE blocks (our routing: capacity, auxiliary losses, counters);
+    a Llama stays as it is. A family the spec did not ask for is refused.
+    """
+    family = getattr(model.config, "model_type", "")
+    if family == "mixtral":
+        if cfg.architecture != "mixtral":
+            raise SpecError(
+                f"model.architecture: the source {uri} is a Mixtral (mixture-of-experts) model; set "
+                "architecture: mixtral"
+            )
+        from crucible.trainer.moe import from_mixtral
+
+        return from_mixtral(model, cfg.moe if "moe" in cfg.model_fields_set else None)
+    if cfg.architecture == "mixtral":
+        raise SpecError(
+            f"model.architecture: mixtral, but the source {uri} is a {family or 'non-Mixtral'} model; "
+            "set architecture: llama (or start a Mixtral from scratch without source)"
+        )
     return model
 
 

@@ -32,6 +32,11 @@ def save_hf_model(module: torch.nn.Module, state: dict[str, torch.Tensor], out_d
     from transformers import AutoModelForCausalLM
 
     config = module.config
+    if getattr(config, "crucible_moe", None):  # Llama blocks with MoE MLPs: written as a Mixtral
+        from crucible.trainer.moe import mixtral_config, to_mixtral_state
+
+        state = to_mixtral_state(dict(state), config)
+        config = mixtral_config(config)
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(state, assign=True, strict=False)

@@ -116,7 +116,7 @@ def answer_prompts_before_after(config: PretrainConfig, base_model: Any, out_dir
 def run(config: PretrainConfig) -> int:
     from crucible.trainer import gguf_import
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
-    from crucible.trainer.model import build_model, load_pretrained
+    from crucible.trainer.model import adopt_source, build_model, load_pretrained
     from crucible.trainer.output import manifest_sha256, publish, success_exists, write_success
 
     store = st.Storage.from_config(config.storage)
@@ -142,6 +142,7 @@ def run(config: PretrainConfig) -> int:
                 raise SpecError("model.source.fromRun was not resolved to model.source.uri")
             model: Any
             model, source_dir = load_pretrained(config.model.source.uri, store, str(cache / "source"))
+            model = adopt_source(model, config.model, config.model.source.uri)
             if model.config.vocab_size < train.vocab_size:
                 raise SpecError(
                     f"model.source {config.model.source.uri} has vocabulary {model.config.vocab_size}, "
@@ -170,7 +171,7 @@ def run(config: PretrainConfig) -> int:
             if config.eval.prompts:
                 answer_prompts_before_after(config, model, staging, tokenizer_dir, before)
             publish(staging, out_uri, store)
-            results = {**result.results(), "parameters": sum(p.numel() for p in engine.strategy.module.parameters())}
+            results = {**result.results(), "parameters": engine.total_params}
             inputs: dict[str, Any] = {
                 "data": config.data.uri,
                 "dataManifestSha256": manifest_sha256(config.data.uri, store),

@@ -42,6 +42,15 @@ class TrainStageConfig(StrictModel):
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the final model goes.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage settings.")
 
+    @model_validator(mode="after")
+    def _layouts_where_supported(self) -> TrainStageConfig:
+        if self.training.parallelism is not None and not isinstance(self, PretrainConfig):
+            raise ValueError(
+                "training.parallelism: tensor/pipeline layouts are for PretrainRun; remove it and use "
+                "training.strategy for data parallelism"
+            )
+        return self
+
 
 class PretrainConfig(TrainStageConfig):
     """Next-token pretraining on packed token shards."""
@@ -51,6 +60,13 @@ class PretrainConfig(TrainStageConfig):
     tokenizer: InputRef | None = Field(
         default=None, description="Tokenizer to ship with the model; empty: the data pipeline's."
     )
+
+    @model_validator(mode="after")
+    def _layout_fits_model(self) -> PretrainConfig:
+        from crucible.trainer.config.training import check_layout_fits_model
+
+        check_layout_fits_model(self.training, self.model)
+        return self
 
 
 class LoraConfig(StrictModel):

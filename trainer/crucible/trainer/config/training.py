@@ -9,6 +9,48 @@ from pydantic import Field, model_validator
 from crucible.trainer.config.common import InputRef, StrictModel
 
 
+class MoEConfig(StrictModel):
+    """Mixture of experts (Mixtral-style): the MLP of every ``everyNLayers``-th block becomes
+    ``numExperts`` SwiGLU experts of which a learned router picks ``topK`` per token."""
+
+    num_experts: int = Field(default=8, ge=2, le=256, description="Experts per MoE block.")
+    top_k: int = Field(default=2, ge=1, le=16, description="Experts each token is routed to (token choice).")
+    expert_intermediate_size: int | None = Field(
+        default=None, ge=8, le=262144, description="Width of each expert's MLP; empty: the dense MLP width."
+    )
+    every_n_layers: int = Field(
+        default=1,
+        ge=1,
+        le=512,
+        description=(
+            "Every Nth block (the last of each N) is a MoE block, the others dense. With N > 1 the "
+            "dense blocks are exported to Mixtral as identical experts, so expertIntermediateSize must "
+            "equal the dense width."
+        ),
+    )
+    aux_loss_coef: float = Field(
+        default=0.01, ge=0, le=10, description="Weight of the Switch load-balancing loss (numExperts · Σ f·P)."
+    )
+    router_z_loss_coef: float = Field(
+        default=0.0, ge=0, le=10, description="Weight of the router z-loss (mean logsumexp² of router logits, ST-MoE)."
+    )
+    capacity_factor: float | None = Field(
+        default=None,
+        gt=0,
+        le=64,
+        description=(
+            "Training only: an expert takes at most capacityFactor × tokens × topK / numExperts "
+            "tokens per micro-batch, the rest are dropped (counted); empty: no limit."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _top_k(self) -> MoEConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"topK: {self.top_k} exceeds numExperts ({self.num_experts})")
+        return self
+
+
 class ModelConfig(StrictModel):
     """The causal LM to train: a Llama shape built from scratch, or a Hugging Face model.
 
@@ -23,7 +65,13 @@ class ModelConfig(StrictModel):
             "output (fromRun) or a uri. Empty: build a fresh Llama from the shape fields."
         ),
     )
-    architecture: Literal["llama"] = Field(default="llama", description="Model family.")
+    architecture: Literal["llama", "mixtral"] = Field(
+        default="llama",
+        description=(
+            "llama: dense Llama blocks; mixtral: Llama blocks with mixture-of-experts MLPs (model.moe), "
+            "exported in the Mixtral format. With source: must match the source model's family."
+        ),
+    )
     hidden_size: int = Field(default=256, ge=8, le=65536, description="Width of the residual stream.")
     intermediate_size: int | None = Field(
         default=None, ge=8, le=262144, description="MLP width; empty: 8/3 × hidden, rounded to 64."
@@ -45,9 +93,30 @@ class ModelConfig(StrictModel):
     rope_theta: float = Field(default=10000.0, gt=0, description="RoPE base frequency.")
     tie_word_embeddings: bool = Field(default=False, description="Share input and output embeddings.")
     initializer_range: float = Field(default=0.02, gt=0, le=1, description="Std of weight init.")
+    moe: MoEConfig | None = Field(
+        default=None, description="Mixture-of-experts blocks (architecture mixtral); empty with mixtral: the defaults."
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
+        if self.moe is not None and self.architecture != "mixtral":
+            raise ValueError("moe: set architecture: mixtral to train a mixture-of-experts model")
+        if self.architecture == "mixtral" and self.moe is None:
+            self.moe = MoEConfig()
+        if self.moe is not None:
+            if self.moe.every_n_layers > self.num_layers:
+                raise ValueError(
+                    f"moe.everyNLayers: {self.moe.every_n_layers} exceeds numLayers ({self.num_layers}); "
+                    "no block would be a MoE block"
+                )
+            dense_width = self.intermediate_size or int(64 * round(8 * self.hidden_size / 3 / 64)) or 64
+            width = self.moe.expert_intermediate_size or dense_width
+            if self.moe.every_n_layers > 1 and width != dense_width:
+                raise ValueError(
+                    f"moe.expertIntermediateSize: with everyNLayers > 1 it must equal the dense MLP width "
+                    f"({dense_width}): Mixtral has one MLP width, and the dense blocks are exported as "
+                    "identical experts"
+                )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hiddenSize: {self.hidden_size} must be divisible by numHeads ({self.num_heads})"
@@ -81,6 +150,60 @@ class OptimizerConfig(StrictModel):
     )
 
 
+class ParallelismConfig(StrictModel):
+    """A 4-D layout of the world: dataReplicate × dataShard × pipeline × tensor ranks.
+
+    Ranks are laid out with tensor innermost (consecutive ranks, inside one node), then pipeline
+    stages, then the FSDP shard group, then replicas (HSDP): rank = ((r·S + s)·P + p)·T + t.
+    """
+
+    tensor: int = Field(default=1, ge=1, le=64, description="Tensor-parallel degree (DTensor; inside a node).")
+    pipeline: int = Field(default=1, ge=1, le=128, description="Pipeline stages (layers cut evenly; across nodes).")
+    data_shard: int | None = Field(
+        default=None, ge=1, le=65536, description="FSDP2 shard group size; empty: the rest of the world."
+    )
+    data_replicate: int = Field(
+        default=1, ge=1, le=65536, description="Replicas of the shard group (HSDP); 1: plain FSDP."
+    )
+    pipeline_schedule: Literal["1f1b", "interleaved-1f1b"] = Field(
+        default="1f1b",
+        description=(
+            "1f1b: one stage per rank; interleaved-1f1b: two virtual stages per rank (less bubble). "
+            "The microbatches are the step's accumulation steps (globalBatchTokens / (microBatchSize · "
+            "seqLen · dataReplicate · dataShard))."
+        ),
+    )
+
+    @property
+    def stages_per_rank(self) -> int:
+        return 2 if self.pipeline_schedule == "interleaved-1f1b" else 1
+
+    def data_size(self, world_size: int) -> int:
+        """Data-parallel ranks (replicate × shard) for a world of ``world_size``."""
+        return world_size // (self.tensor * self.pipeline)
+
+    def resolve(self, world_size: int) -> tuple[int, int, int, int]:
+        """(dataReplicate, dataShard, pipeline, tensor) for ``world_size`` ranks; ValueError naming the field."""
+        model_par = self.tensor * self.pipeline * self.data_replicate
+        if self.data_shard is None:
+            if world_size % model_par:
+                raise ValueError(
+                    f"parallelism: tensor × pipeline × dataReplicate = {self.tensor} × {self.pipeline} × "
+                    f"{self.data_replicate} = {model_par} does not divide the {world_size} ranks "
+                    "(resources.nodes × gpusPerNode)"
+                )
+            shard = world_size // model_par
+        else:
+            shard = self.data_shard
+            if model_par * shard != world_size:
+                raise ValueError(
+                    f"parallelism: dataReplicate × dataShard × pipeline × tensor = {self.data_replicate} × "
+                    f"{shard} × {self.pipeline} × {self.tensor} = {model_par * shard}, but the world has "
+                    f"{world_size} ranks (resources.nodes × gpusPerNode); make them equal or leave dataShard empty"
+                )
+        return self.data_replicate, shard, self.pipeline, self.tensor
+
+
 class TrainingConfig(StrictModel):
     """Batching, length, precision and parallelism of the training loop."""
 
@@ -107,6 +230,13 @@ class TrainingConfig(StrictModel):
         default="ddp", description="Data parallelism: DDP, FSDP2 fully_shard, or DeepSpeed ZeRO."
     )
     zero_stage: Literal[1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage (strategy deepspeed).")
+    parallelism: ParallelismConfig | None = Field(
+        default=None,
+        description=(
+            "Tensor / pipeline / data-parallel layout (strategy fsdp, PretrainRun); empty: data "
+            "parallel only, as the strategy says."
+        ),
+    )
     activation_checkpointing: bool = Field(default=False, description="Recompute activations in backward.")
     compile: bool = Field(default=False, description="torch.compile the model.")
     eval_every: int = Field(default=200, ge=0, description="Held-out perplexity every N steps; 0: only at the end.")
@@ -121,7 +251,46 @@ class TrainingConfig(StrictModel):
                 f"globalBatchTokens: {self.global_batch_tokens} must hold at least one sequence "
                 f"of seqLen ({self.seq_len})"
             )
+        if self.parallelism is not None and self.strategy != "fsdp":
+            raise ValueError(
+                "parallelism: tensor and pipeline layouts compose with FSDP2 only; set strategy: fsdp "
+                "(or remove parallelism)"
+            )
         return self
+
+
+def check_layout_fits_model(training: TrainingConfig, model: ModelConfig) -> None:
+    """ValueError naming the field when ``training.parallelism`` cannot cut ``model``."""
+    par = training.parallelism
+    if par is None:
+        return
+    kv = model.num_kv_heads or model.num_heads
+    if par.tensor > 1 and model.source is None:
+        for name, value in (("numHeads", model.num_heads), ("numKvHeads", kv)):
+            if value % par.tensor:
+                raise ValueError(
+                    f"training.parallelism.tensor: {par.tensor} must divide model.{name} ({value}); each "
+                    "tensor-parallel rank holds whole attention heads"
+                )
+    chunks = par.pipeline * par.stages_per_rank
+    if chunks > 1 and model.source is None and chunks > model.num_layers:
+        raise ValueError(
+            f"training.parallelism.pipeline: {par.pipeline} stages × {par.stages_per_rank} per rank "
+            f"need at least {chunks} layers; the model has numLayers {model.num_layers}"
+        )
+    if par.pipeline > 1 and model.tie_word_embeddings:
+        raise ValueError(
+            "training.parallelism.pipeline: tied embeddings cannot be cut across pipeline stages "
+            "(the input table lives on the first stage, the output projection on the last); set "
+            "model.tieWordEmbeddings: false"
+        )
+    if par.pipeline > 1 and training.activation_checkpointing:
+        raise ValueError(
+            "training.parallelism.pipeline: activationCheckpointing is not supported with pipeline "
+            "stages yet; set training.activationCheckpointing: false"
+        )
+    if training.compile and (par.pipeline > 1 or par.tensor > 1):
+        raise ValueError("training.compile: not supported with tensor or pipeline parallelism; set it to false")
 
 
 class CheckpointConfig(StrictModel):
