@@ -72,6 +72,11 @@ class CapacityPlan:
     energy_kwh: float
     vocab_size: int
     notes: tuple[str, ...] = ()
+    active_parameters: int | None = None  # MoE: parameters one token touches
+    layout: str | None = None  # training.parallelism as resolved for the world
+    layout_memory_gib: float | None = None  # estimated peak memory per GPU of that layout
+    suggested_layout: str | None = None
+    suggested_memory_gib: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -116,6 +121,11 @@ def estimate(
     if model.vocab_size is None:
         notes.append(f"model.vocabSize is empty (taken from the tokenizer at run time); assumed {DEFAULT_VOCAB}")
     total, flop_params = llama_parameters(model, vocab)
+    active: int | None = None
+    if model.moe is not None:  # FLOPs per token come from the active experts only
+        from crucible.core.layout import model_parameters
+
+        total, active, flop_params = model_parameters(model, vocab)
     if model.source is not None:
         if params_override is None:
             notes.append("model.source is set: the shape fields may not describe it; pass --params for its size")
@@ -132,6 +142,7 @@ def estimate(
     flops = per_token * tokens
     gpu_seconds = flops / (gpu.peak_bf16_flops * mfu)
     gpu_hours = gpu_seconds / 3600.0
+    layout_fields = _layout_fields(spec, model, vocab, gpu) if model.source is None else {}
     return CapacityPlan(
         name=name,
         parameters=total,
@@ -149,7 +160,29 @@ def estimate(
         energy_kwh=gpu_hours * gpu.watts / 1000.0 * pue,
         vocab_size=vocab,
         notes=tuple(notes),
+        active_parameters=active,
+        **layout_fields,
     )
+
+
+def _layout_fields(spec: Any, model: ModelConfig, vocab: int, gpu: Gpu) -> dict[str, Any]:
+    """The spec's layout with its memory per GPU, and the layout ``crucible plan`` suggests."""
+    from crucible.core.layout import GPU_MEMORY_GIB, layout_memory, suggest_layout
+
+    res = getattr(spec, "resources", None)
+    if res is None or not res.gpus_per_node:
+        return {}
+    out: dict[str, Any] = {}
+    world = res.nodes * res.gpus_per_node
+    par = spec.training.parallelism
+    mine = par.resolve(world) if par is not None else (1, world, 1, 1)
+    memory = layout_memory(model, vocab, spec.training, mine)
+    out["layout"], out["layout_memory_gib"] = memory.describe(), round(memory.total_gib, 1)
+    best = suggest_layout(model, vocab, spec.training, res.nodes, res.gpus_per_node,
+                          GPU_MEMORY_GIB.get(gpu.name.lower(), 80))
+    if best is not None:
+        out["suggested_layout"], out["suggested_memory_gib"] = best.describe(), round(best.total_gib, 1)
+    return out
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -178,7 +211,8 @@ def render(plan: CapacityPlan, pue: float) -> str:
     verdict = "about compute-optimal" if 0.5 <= ratio <= 2 else ("under-trained" if ratio < 0.5 else "over-trained")
     lines = [
         f"PretrainRun {plan.name}",
-        f"  parameters        {_human(plan.parameters)} ({plan.parameters:,}; {_human(plan.non_embedding_parameters)} in matmuls)",
+        f"  parameters        {_human(plan.parameters)} ({plan.parameters:,}; {_human(plan.non_embedding_parameters)} in matmuls"
+        + (f", {_human(plan.active_parameters)} active per token" if plan.active_parameters else "") + ")",
         f"  tokens            {_human(plan.tokens)} ({plan.tokens:,})",
         f"  tokens/parameter  {plan.tokens_per_parameter:.1f} vs Chinchilla ~20 ({verdict}; "
         f"compute-optimal would be {_human(plan.chinchilla_tokens)} tokens)",
@@ -189,6 +223,12 @@ def render(plan: CapacityPlan, pue: float) -> str:
         f"  energy            {_num(plan.energy_kwh)} kWh (GPU board power {GPUS[plan.gpu.lower()].watts:.0f} W"
         + (f" × PUE {pue}" if pue != 1.0 else "") + ")",
     ]
+    if plan.layout:
+        lines.append(f"  layout            {plan.layout}: ~{plan.layout_memory_gib} GiB per GPU (estimate)")
+    if plan.suggested_layout:
+        lines.append(f"  suggested layout  {plan.suggested_layout}: ~{plan.suggested_memory_gib} GiB per GPU")
+    elif plan.layout:
+        lines.append("  suggested layout  none fits: add GPUs, set activationCheckpointing or lower microBatchSize")
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)
 

@@ -272,6 +272,16 @@ def check_layout_fits_model(training: TrainingConfig, model: ModelConfig) -> Non
                     f"training.parallelism.tensor: {par.tensor} must divide model.{name} ({value}); each "
                     "tensor-parallel rank holds whole attention heads"
                 )
+    if par.tensor > 1 and training.seq_len % par.tensor:
+        raise ValueError(
+            f"training.parallelism.tensor: {par.tensor} must divide training.seqLen ({training.seq_len}); "
+            "sequence parallelism splits every sequence into tensor shards"
+        )
+    if par.tensor > 1 and (model.architecture == "mixtral" or model.moe is not None):
+        raise ValueError(
+            "training.parallelism.tensor: mixture-of-experts blocks are not tensor-parallel; use pipeline "
+            "and data parallelism (tensor: 1) for architecture mixtral"
+        )
     chunks = par.pipeline * par.stages_per_rank
     if chunks > 1 and model.source is None and chunks > model.num_layers:
         raise ValueError(
