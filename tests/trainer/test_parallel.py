@@ -24,6 +24,8 @@ from trainlib import (
     trainer_env,
 )
 
+from waits import scaled
+
 HERE = Path(__file__).resolve().parent
 LAYOUTS = {"tp2dp2": {"tensor": 2}, "pp2dp2": {"pipeline": 2}, "tp2pp2": {"tensor": 2, "pipeline": 2}}
 
@@ -46,7 +48,7 @@ def test_layouts_match_one_process(shards: Path, tmp_path: Path) -> None:
            f"--master-port={free_port()}", str(HERE / "layout_worker.py"), str(shards), str(tmp_path),
            json.dumps(LAYOUTS)]
     env = trainer_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(300))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     for name in LAYOUTS:
         got = step_losses(tmp_path / name / "checkpoints")
@@ -67,13 +69,13 @@ def test_tp2_dp2_sigkill_resume_is_exact(shards: Path, tmp_path: Path) -> None:
     spec = tiny_spec(shards, tmp_path / "killed", training=training, checkpoint={"interval": 3})
     proc = launch(spec, tmp_path / "killed" / "job", nproc=4)
     checkpoints = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + scaled(200)
     while max(step_losses(checkpoints), default=0) < 4:  # past the step-3 checkpoint
         assert proc.poll() is None, f"ended early with {proc.returncode}"
         assert time.monotonic() < deadline, "step 4 never reached"
         time.sleep(0.05)
     os.kill(children(proc.pid)[-1], signal.SIGKILL)
-    proc.wait(timeout=300)
+    proc.wait(timeout=scaled(100))
     assert proc.returncode != 0
     rc, log = run_stage(spec, tmp_path / "killed" / "job", nproc=4)
     assert rc == 0, log[-4000:]
