@@ -46,7 +46,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+pytest: install $(SMOL_GGUF)
 	$(BIN)/pytest -q tests
 
 crds: install

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("crucible.local.cli_run", "run resources on this machine, no cluster (embedded mode)"),
     "status": ("crucible.local.cli_status", "phase, step, loss and restarts of embedded runs"),
     "logs": ("crucible.local.cli_logs", "the log of an embedded run"),
+    "lineage": ("crucible.local.lineage", "walk a model back to its raw sources, verifying every receipt's hashes"),
 }
 
 

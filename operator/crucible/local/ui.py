@@ -67,6 +67,7 @@ class RichUi:
             SpinnerColumn,
             TextColumn,
             TimeElapsedColumn,
+            TimeRemainingColumn,
         )
 
         self.console = Console()
@@ -76,6 +77,8 @@ class RichUi:
             BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(compact=True),  # from the stage's own step rate: how long this stage has left
             TextColumn("{task.fields[detail]}"),
             console=self.console,
             transient=False,

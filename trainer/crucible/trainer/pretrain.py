@@ -113,6 +113,22 @@ def answer_prompts_before_after(config: PretrainConfig, base_model: Any, out_dir
                                 references=config.eval.references)
 
 
+def check_memorization(config: PretrainConfig, model_dir: Path, train: ShardSet,
+                       validation: ShardSet | None) -> dict[str, Any] | None:
+    """``eval.memorization`` on the exported model: verbatim continuations of train vs held-out documents."""
+    cfg = config.eval.memorization
+    if cfg is None:
+        return None
+    from crucible.trainer import evaluate
+    from crucible.trainer.memorization import memorization_check
+
+    model, _ = evaluate.load_model(model_dir)
+    result = memorization_check(model, train, validation, cfg, config.training.seed)
+    log(f"memorization: train {result['train']['exactMatchRate']:.1%} vs held-out "
+        f"{result['heldOut']['exactMatchRate']:.1%} of {cfg.continuation_tokens}-token continuations verbatim")
+    return result
+
+
 def run(config: PretrainConfig) -> int:
     from crucible.trainer import gguf_import
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
@@ -170,8 +186,14 @@ def run(config: PretrainConfig) -> int:
         if env.is_main:
             if config.eval.prompts:
                 answer_prompts_before_after(config, model, staging, tokenizer_dir, before)
+            memorized = check_memorization(config, staging, train, validation)
             publish(staging, out_uri, store)
             results = {**result.results(), "parameters": engine.total_params}
+            if memorized is not None:
+                results["memorization"] = memorized
+                from crucible.trainer.memorization import enforce
+
+                enforce(memorized)  # after publishing: the model stays, the run is not marked succeeded
             inputs: dict[str, Any] = {
                 "data": config.data.uri,
                 "dataManifestSha256": manifest_sha256(config.data.uri, store),

@@ -24,6 +24,7 @@ from crucible.trainer.config.training import (
     LossSpikeConfig,
     ModelConfig,
     OptimizerConfig,
+    PretrainEvalConfig,
     PromptsConfig,
     TrainingConfig,
 )
@@ -57,6 +58,9 @@ class PretrainConfig(TrainStageConfig):
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model shape or starting point.")
     data: InputRef = Field(description="Token shards: a DataPipeline's output (fromRun) or their uri.")
+    eval: PretrainEvalConfig = Field(  # type: ignore[assignment]  # a PromptsConfig with the memorisation check
+        default_factory=PretrainEvalConfig, description="Prompts answered before and after; the memorisation check."
+    )
     tokenizer: InputRef | None = Field(
         default=None, description="Tokenizer to ship with the model; empty: the data pipeline's."
     )

@@ -379,3 +379,24 @@ class PromptsConfig(StrictModel):
                 "give one per prompt, in the same order (or none)"
             )
         return self
+
+
+class MemorizationConfig(StrictModel):
+    """Extraction test: prompt with the start of training and of held-out documents, count verbatim continuations."""
+
+    documents: int = Field(default=32, ge=1, le=100000, description="Documents sampled from each of train and validation.")
+    prefix_tokens: int = Field(default=32, ge=1, le=65536, description="Tokens of each document given as the prompt.")
+    continuation_tokens: int = Field(default=16, ge=1, le=4096,
+                                     description="Tokens generated greedily and compared with the true continuation.")
+    max_train_match_rate: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Fail the stage when more than this fraction of training documents is continued verbatim.",
+    )
+
+
+class PretrainEvalConfig(PromptsConfig):
+    """A PretrainRun's evaluation: the prompts, plus the memorisation check on its own shards."""
+
+    memorization: MemorizationConfig | None = Field(
+        default=None, description="Exact-continuation rate on training vs held-out documents (empty: not run)."
+    )
