@@ -1,15 +1,23 @@
-"""The five Crucible resources as typed models (group crucible.dev, version v1alpha1)."""
+"""The Crucible resources as typed models (group crucible.dev, version v1alpha1), one module
+per kind, each registering its :class:`~crucible.api.registry.Kind`; kinds from elsewhere are
+loaded from ``$CRUCIBLE_KINDS`` and the ``crucible.kinds`` entry points (see registry)."""
 
+from crucible.api import datapipeline, finetunerun, preferencerun, pretrainrun, quantizejob
 from crucible.api.common import API_VERSION, GROUP, PHASES, VERSION, Resource, RunStatus
 from crucible.api.datapipeline import DataPipeline
 from crucible.api.finetunerun import FinetuneRun
 from crucible.api.preferencerun import PreferenceRun
 from crucible.api.pretrainrun import PretrainRun
 from crucible.api.quantizejob import QuantizeJob
+from crucible.api.registry import MODELS, Kind, kind_of, kinds, load_plugins, register
 
-KIND_MODELS: dict[str, type[Resource]] = {
-    m.KIND: m for m in (DataPipeline, PretrainRun, FinetuneRun, PreferenceRun, QuantizeJob)
-}
+for _module in (datapipeline, pretrainrun, finetunerun, preferencerun, quantizejob):
+    register(_module.KIND)
+
+KIND_MODELS: dict[str, type[Resource]] = MODELS
+"""KIND -> model of every registered kind (the registry's own dict: plug-in kinds appear in it)."""
+
+load_plugins()
 
 __all__ = [
     "API_VERSION",
@@ -19,9 +27,12 @@ __all__ = [
     "VERSION",
     "DataPipeline",
     "FinetuneRun",
+    "Kind",
     "PreferenceRun",
     "PretrainRun",
     "QuantizeJob",
     "Resource",
     "RunStatus",
+    "kind_of",
+    "kinds",
 ]

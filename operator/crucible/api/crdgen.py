@@ -18,6 +18,7 @@ import yaml
 
 from crucible.api import KIND_MODELS, Resource
 from crucible.api.common import GROUP, RESOURCES_CEL, SCHEDULING_CEL, VERSION, RunStatus, cel
+from crucible.api.registry import kind_of
 
 # CEL rules attached wherever a model of this name appears in a schema.
 MODEL_CEL: dict[str, list[dict[str, str]]] = {
@@ -187,26 +188,9 @@ def status_schema() -> dict[str, Any]:
 
 
 def printer_columns(kind: str) -> list[dict[str, Any]]:
-    cols: list[dict[str, Any]] = [
-        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    ]
-    if kind == "DataPipeline":
-        cols += [
-            {"name": "Stage", "type": "string", "jsonPath": ".status.progress.stage"},
-            {"name": "Docs-Out", "type": "integer", "jsonPath": ".status.results.documentsOut"},
-        ]
-    elif kind == "QuantizeJob":
-        cols += [
-            {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
-            {"name": "PPL-After", "type": "number", "jsonPath": ".status.results.perplexityAfter"},
-        ]
-    else:
-        cols += [
-            {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
-            {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "priority": 1},
-            {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
-            {"name": "Tok/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond", "priority": 1},
-        ]
+    """Phase, the kind's own columns (``Kind.printer_columns``), Restarts, Age."""
+    cols: list[dict[str, Any]] = [{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}]
+    cols += [dict(c) for c in kind_of(kind).printer_columns]
     cols += [
         {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from crucible.api.common import PlacementMixin, Resource
 from crucible.api.pretrainrun import MODEL_KINDS
+from crucible.api.registry import SHARD_PLACEHOLDER, Kind, Role
 from crucible.trainer.config.data import DataPipelineConfig
 
 
@@ -26,3 +27,38 @@ class DataPipeline(Resource):
     EXTRA_CEL: ClassVar[list] = []
 
     spec: DataPipelineSpec = Field(description="What to process and how.")
+
+
+DATA_STAGES = ("filter", "dedup", "tokenize")
+"""With ``workers: N > 1`` these run one after the other, each as N shards."""
+
+
+def _roles(resource: Resource, base: tuple[str, ...]) -> tuple[Role, ...]:
+    workers = resource.spec.workers
+    if workers == 1:
+        return (Role("data", 1, 1, 0, (*base, "--stage", "all"), distributed=False),)
+    return tuple(
+        Role(stage, workers, 1, 0,
+             (*base, "--stage", stage, "--shard", SHARD_PLACEHOLDER, "--num-shards", str(workers)),
+             distributed=False, sharded=True)
+        for stage in DATA_STAGES
+    )
+
+
+def _role_names(resource: Resource) -> tuple[str, ...]:
+    return DATA_STAGES if resource.spec.workers > 1 else ("data",)
+
+
+KIND = Kind(
+    DataPipeline,
+    entry=("-m", "crucible.trainer", "data"),
+    roles=_roles,
+    role_names=_role_names,
+    printer_columns=(
+        {"name": "Stage", "type": "string", "jsonPath": ".status.progress.stage"},
+        {"name": "Docs-Out", "type": "integer", "jsonPath": ".status.results.documentsOut"},
+    ),
+    results=(("documentsOut", "docs kept {:,}"), ("tokensTrain", "{:,} train tokens")),
+    report_section="crucible.local.report:data_section",
+    base_model_field="tokenizer.source",
+)

@@ -7,7 +7,8 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from crucible.api.common import PlacementMixin, Resource, cel
-from crucible.api.pretrainrun import MODEL_KINDS
+from crucible.api.pretrainrun import MODEL_KINDS, TRAINING_COLUMNS
+from crucible.api.registry import Kind, one_role
 from crucible.trainer.config.stages import FinetuneConfig
 
 
@@ -38,3 +39,17 @@ class FinetuneRun(Resource):
     ]
 
     spec: FinetuneRunSpec = Field(description="What to fine-tune and where.")
+
+
+_roles, _role_names = one_role("trainer")
+KIND = Kind(
+    FinetuneRun,
+    entry=("-m", "crucible.trainer", "finetune"),
+    roles=_roles,
+    role_names=_role_names,
+    checkpoints=True,
+    produces_model=True,
+    printer_columns=TRAINING_COLUMNS,
+    results=(("evalLoss", "held-out loss {:.3f}"), ("finalLoss", "loss {:.3f}")),
+    report_section="crucible.local.report:training_section",
+)

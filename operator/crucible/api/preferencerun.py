@@ -7,7 +7,8 @@ from typing import ClassVar
 from pydantic import Field
 
 from crucible.api.common import PlacementMixin, Resource
-from crucible.api.pretrainrun import MODEL_KINDS
+from crucible.api.pretrainrun import MODEL_KINDS, TRAINING_COLUMNS
+from crucible.api.registry import Kind, one_role
 from crucible.trainer.config.stages import PreferenceConfig
 
 
@@ -26,3 +27,18 @@ class PreferenceRun(Resource):
     EXTRA_CEL: ClassVar[list] = []
 
     spec: PreferenceRunSpec = Field(description="What to align and where.")
+
+
+_roles, _role_names = one_role("trainer")
+KIND = Kind(
+    PreferenceRun,
+    entry=("-m", "crucible.trainer", "preference"),
+    roles=_roles,
+    role_names=_role_names,
+    checkpoints=True,
+    produces_model=True,
+    printer_columns=TRAINING_COLUMNS,
+    results=(("preferenceAccuracy", "pref. acc {:.2f}"), ("rewardMargin", "margin {:.3f}"),
+             ("finalLoss", "loss {:.3f}")),
+    report_section="crucible.local.report:preference_section",
+)

@@ -7,6 +7,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from crucible.api.common import PlacementMixin, Resource, cel
+from crucible.api.registry import Kind, one_role
 from crucible.trainer.config.stages import PretrainConfig
 
 MODEL_KINDS = ("PretrainRun", "FinetuneRun", "PreferenceRun")
@@ -55,3 +56,26 @@ class PretrainRun(Resource):
     ]
 
     spec: PretrainRunSpec = Field(description="What to train and where.")
+
+
+TRAINING_COLUMNS = (
+        {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
+        {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "priority": 1},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+        {"name": "Tok/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond", "priority": 1},
+    )
+"""kubectl columns of the training kinds."""
+
+_roles, _role_names = one_role("trainer")
+KIND = Kind(
+    PretrainRun,
+    entry=("-m", "crucible.trainer", "pretrain"),
+    roles=_roles,
+    role_names=_role_names,
+    checkpoints=True,
+    produces_model=True,
+    printer_columns=TRAINING_COLUMNS,
+    results=(("perplexity", "held-out ppl {:.1f}"), ("finalLoss", "loss {:.3f}")),
+    report_section="crucible.local.report:training_section",
+    base_model_field="model.source",
+)

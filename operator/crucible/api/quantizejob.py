@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from crucible.api.common import PlacementMixin, Resource, cel
 from crucible.api.pretrainrun import MODEL_KINDS
+from crucible.api.registry import Kind, one_role
 from crucible.trainer.config.stages import QuantizeConfig
 
 
@@ -48,3 +49,19 @@ class QuantizeJob(Resource):
     ]
 
     spec: QuantizeJobSpec = Field(description="What to quantize and how.")
+
+
+_roles, _role_names = one_role("quantize", distributed=False)
+KIND = Kind(
+    QuantizeJob,
+    entry=("-m", "crucible.trainer", "quantize"),
+    roles=_roles,
+    role_names=_role_names,
+    produces_model=True,
+    printer_columns=(
+        {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
+        {"name": "PPL-After", "type": "number", "jsonPath": ".status.results.perplexityAfter"},
+    ),
+    results=(("sizeBytesAfter", "size {}"), ("perplexityIncrease", "ppl {:+.2%}")),
+    report_section="crucible.local.report:quantize_section",
+)

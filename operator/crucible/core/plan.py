@@ -10,13 +10,14 @@ Succeeded; the backend resolves them (:class:`MissingInputError` names any it fo
 
 The :class:`LaunchPlan` says, backend-neutrally:
 
-* ``roles``: what runs, in order. A training stage or a QuantizeJob has one role
-  (``trainer`` / ``quantize``) with ``nodes`` replicas and ``procs_per_node`` processes each;
-  a DataPipeline with one worker has one role ``data`` (``--stage all``), with N workers three
+* ``roles``: what runs, in order, as the kind declares them (``Kind.roles`` in the kind's
+  module, :mod:`crucible.api.registry`). A training stage has one role ``trainer`` with
+  ``nodes`` replicas and ``procs_per_node`` processes each; a DataPipeline with N workers three
   roles ``filter``, ``dedup``, ``tokenize`` run one after the other, each with N workers that
   get ``--shard I --num-shards N`` (the Kubernetes backend substitutes
   ``$(JOB_COMPLETION_INDEX)`` for I: see :data:`SHARD_PLACEHOLDER`).
-* ``command``: the per-process argv (``python -m crucible.trainer STAGE --spec FILE ...``).
+* ``command``: the per-process argv (``python`` + the kind's entry, ``-m crucible.trainer STAGE``,
+  + ``--spec FILE ...``).
   Backends launch ``procs_per_node`` of them per replica — torchrun on Kubernetes, the local
   supervisor in embedded mode — and set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/... themselves.
 * ``env``: the CRUCIBLE_* contract variables and the user's ``resources.env``.
@@ -35,17 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crucible.api.common import Resource
+from crucible.api.registry import SHARD_PLACEHOLDER, Kind, Role, kind_of, kinds
 from crucible.trainer.config.common import RunRef
-from crucible.trainer.config.stages import KIND_TO_STAGE
+
+__all__ = ["SHARD_PLACEHOLDER", "SPEC_PATH", "LaunchPlan", "MissingInputError", "PlanError", "Role", "plan",
+           "role_names"]
 
 SPEC_PATH = "/etc/crucible/spec.json"
 """Where the spec JSON is mounted in pods (the Kubernetes backend's ConfigMap)."""
 
-SHARD_PLACEHOLDER = "{shard}"
-"""Stands in a data role's argv for the worker index; backends substitute it."""
-
-TRAINING_KINDS = ("PretrainRun", "FinetuneRun", "PreferenceRun")
-DATA_STAGES = ("filter", "dedup", "tokenize")
 DEFAULT_NAMESPACE = "default"
 
 # The contract environment (DESIGN.md, "Env set by both backends").
@@ -71,29 +70,6 @@ class MissingInputError(PlanError):
             f"{kind} {name}: spec.{path}.fromRun ({ref.kind} {ref.name}) has no output yet; "
             f"wait until {ref.kind} {ref.name} has Succeeded, or set spec.{path}.uri instead"
         )
-
-
-@dataclass(frozen=True)
-class Role:
-    """One group of identical replicas (a Job on Kubernetes, a process group locally)."""
-
-    name: str
-    replicas: int
-    procs_per_node: int
-    gpus_per_node: int
-    command: tuple[str, ...]
-    distributed: bool
-    """True when the processes form one torch.distributed world (torchrun rendezvous)."""
-    sharded: bool = False
-    """True when each replica is one shard of the work (``--shard``/``--num-shards``)."""
-
-    @property
-    def world_size(self) -> int:
-        return self.replicas * self.procs_per_node
-
-    def command_for(self, shard: int | str) -> tuple[str, ...]:
-        """The argv with the shard index filled in (a no-op for unsharded roles)."""
-        return tuple(a.replace(SHARD_PLACEHOLDER, str(shard)) for a in self.command)
 
 
 @dataclass(frozen=True)
@@ -168,9 +144,8 @@ def plan(
 ) -> LaunchPlan:
     """What attempt ``attempt`` of ``resource`` runs. Pure; raises :class:`PlanError`."""
     kind = resource.kind
-    if kind not in KIND_TO_STAGE:
-        raise PlanError(f"kind {kind!r} is not a Crucible kind; expected one of {', '.join(KIND_TO_STAGE)}")
-    stage = KIND_TO_STAGE[kind]
+    spec_of_kind = _kind(kind)
+    stage = spec_of_kind.stage
     name = resource.name
     namespace = resource.metadata.namespace or DEFAULT_NAMESPACE
     spec_model = resource.spec
@@ -179,25 +154,19 @@ def plan(
     output_uri = spec_model.output.uri or default_output_uri(storage_root, namespace, kind, name)
     spec.setdefault("output", {})["uri"] = output_uri
     checkpoint_uri: str | None = None
-    if kind in TRAINING_KINDS:
+    if spec_of_kind.checkpoints:
         checkpoint_uri = spec_model.checkpoint.uri or default_checkpoint_uri(storage_root, namespace, kind, name)
         spec.setdefault("checkpoint", {})["uri"] = checkpoint_uri
 
     res = spec_model.resources
-    base = (python, "-m", "crucible.trainer", stage, "--spec", spec_path)
-    roles: tuple[Role, ...]
-    if kind == "DataPipeline":
-        roles = _data_roles(base, spec_model.workers)
-    elif kind == "QuantizeJob":
-        roles = (Role("quantize", 1, 1, res.gpus_per_node, base, distributed=False),)
-    else:
-        distributed = res.nodes * res.procs_per_node > 1
-        roles = (Role("trainer", res.nodes, res.procs_per_node, res.gpus_per_node, base, distributed=distributed),)
+    base = (python, *spec_of_kind.entry, "--spec", spec_path)
+    roles = spec_of_kind.roles(resource, base)
 
     metrics = getattr(spec_model, "metrics", None)
     metrics_port = metrics.port if metrics is not None else 0
     policy = getattr(spec_model, "failure_policy", None)
-    s3 = spec_model.storage.s3
+    storage = getattr(spec_model, "storage", None)
+    s3 = storage.s3 if storage is not None else None
     env = {
         **res.env,
         ENV_RUN: name,
@@ -235,25 +204,12 @@ def plan(
 
 def role_names(resource: Resource) -> tuple[str, ...]:
     """The names of the roles :func:`plan` returns, in order, without planning (cheap)."""
-    if resource.kind == "DataPipeline":
-        return DATA_STAGES if resource.spec.workers > 1 else ("data",)
-    if resource.kind == "QuantizeJob":
-        return ("quantize",)
-    return ("trainer",)
+    return _kind(resource.kind).role_names(resource)
 
 
-def _data_roles(base: tuple[str, ...], workers: int) -> tuple[Role, ...]:
-    if workers == 1:
-        return (Role("data", 1, 1, 0, (*base, "--stage", "all"), distributed=False),)
-    return tuple(
-        Role(
-            stage,
-            workers,
-            1,
-            0,
-            (*base, "--stage", stage, "--shard", SHARD_PLACEHOLDER, "--num-shards", str(workers)),
-            distributed=False,
-            sharded=True,
-        )
-        for stage in DATA_STAGES
-    )
+def _kind(name: str) -> Kind:
+    try:
+        return kind_of(name)
+    except KeyError:
+        known = ", ".join(k.name for k in kinds())
+        raise PlanError(f"kind {name!r} is not a registered Crucible kind; expected one of {known}") from None

@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from crucible.core.status import progress_from_sample
 from crucible.local.cli_common import add_workdir_argument, find_workdir
 from crucible.local.metrics import MetricsTail
 from crucible.local.summary import STATUS_HEADER, status_rows, table
@@ -28,8 +29,10 @@ def refresh_progress(workdir: WorkDir, state: RunState) -> None:
         return
     tail = MetricsTail(path, offset=max(0, path.stat().st_size - 65536))
     tail.poll(time.time())
-    if tail.last:
-        state.status.progress = tail.progress(state.status.progress, state.status.progress.total_steps)
+    sample = tail.sample()
+    if sample is not None:
+        state.status.progress = progress_from_sample(sample, previous=state.status.progress,
+                                                     total_steps=state.status.progress.total_steps, now=time.time())
 
 
 def runner_active(root: Path) -> bool:

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crucible.api.common import Progress
-from crucible.core.status import rfc3339
+from crucible.core.status import MetricsSample
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -55,6 +54,9 @@ class MetricsTail:
     last: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     last_advance: float | None = None
+    kept: dict[int, float] = field(default_factory=dict)
+    """``stepSeconds`` of every step, the last record of a step winning (a step redone after a
+    restart counts once): the time the final model's steps took, for goodput."""
     _partial: bytes = b""
 
     def poll(self, now: float) -> bool:
@@ -85,28 +87,27 @@ class MetricsTail:
                 if record.get("step") != self.last.get("step"):
                     advanced = True
                 self.last = record
+                seconds = record.get("stepSeconds")
+                if isinstance(record.get("step"), int) and isinstance(seconds, int | float):
+                    self.kept[record["step"]] = float(seconds)
         if advanced:
             self.last_advance = now
         return advanced
 
-    def progress(self, previous: Progress, total_steps: int | None) -> Progress:
+    def sample(self, checkpoint_step: int | None = None) -> MetricsSample | None:
+        """The last step record as the core's :class:`MetricsSample` (None before the first)."""
         rec = self.last
-        step = rec.get("step")
-        step = int(step) if isinstance(step, int | float) else previous.step
-        loss = _finite(rec.get("loss"))
-        tps = _finite(rec.get("tokensPerSecond"))
-        mfu = _finite(rec.get("mfu"))
-        tokens = rec.get("tokens")
-        return Progress(
-            step=step,
-            total_steps=total_steps,
-            percent=round(100.0 * step / total_steps, 1) if step is not None and total_steps else None,
-            loss=round(loss, 4) if loss is not None else previous.loss,
-            tokens=int(tokens) if isinstance(tokens, int | float) else previous.tokens,
-            tokens_per_second=round(tps, 1) if tps is not None else previous.tokens_per_second,
-            mfu=round(mfu, 4) if mfu is not None else previous.mfu,
-            stage=previous.stage,
-            updated_at=rfc3339(self.last_advance) if self.last_advance else previous.updated_at,
+        if not rec:
+            return None
+        step, tokens = rec.get("step"), rec.get("tokens")
+        return MetricsSample(
+            step=int(step) if isinstance(step, int | float) else None,
+            loss=_finite(rec.get("loss")),
+            tokens=int(tokens) if isinstance(tokens, int | float) else None,
+            tokens_per_second=_finite(rec.get("tokensPerSecond")),
+            mfu=_finite(rec.get("mfu")),
+            checkpoint_step=checkpoint_step,
+            kept_seconds=sum(self.kept.values()) if self.kept else None,
         )
 
 

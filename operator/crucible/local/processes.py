@@ -6,8 +6,9 @@ on one node. Each child runs in its own session (so the terminal's Ctrl-C reache
 runner, which then stops the children in order) and is tied to the runner's life by
 ``PR_SET_PDEATHSIG``: a SIGKILLed ``crucible run`` never leaves trainers behind.
 
-When one process of a distributed world fails, the others are stopped at once (they would
-otherwise block in a collective until a timeout), as torchrun does.
+The runner polls :meth:`ProcessGroup.codes` each tick and hands them to the core's reconcile
+step; when one process of a world fails, the step's StopAttempt stops the others at once (they
+would otherwise block in a collective until a timeout), as torchrun does.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 TERMINATE_GRACE_SECONDS = 10.0
-POLL_SECONDS = 0.25
 
 _PR_SET_PDEATHSIG = 1
 
@@ -63,20 +63,6 @@ class ProcessResult:
     @property
     def signal(self) -> int | None:
         return -self.returncode if self.returncode is not None and self.returncode < 0 else None
-
-
-@dataclass
-class GroupOutcome:
-    results: list[ProcessResult]
-    hang: bool = False
-    interrupted: bool = False
-    duration_seconds: float = 0.0
-    first_failure: ProcessResult | None = None
-    """The process that failed first (what the attempt is classified by)."""
-
-    @property
-    def succeeded(self) -> bool:
-        return not self.hang and not self.interrupted and all(r.returncode == 0 for r in self.results)
 
 
 def torchrun_env(rank: int, world_size: int, master_port: int) -> dict[str, str]:
@@ -146,48 +132,12 @@ class ProcessGroup:
             for spec, proc in zip(self.specs, self.procs, strict=True)
         ]
 
-    def watch(
-        self,
-        *,
-        should_stop: Callable[[], bool],
-        last_progress: Callable[[], float],
-        hang_timeout: float | None,
-        on_tick: Callable[[], None] = lambda: None,
-    ) -> GroupOutcome:
-        """Wait until every child exits, one fails, progress stalls past ``hang_timeout`` or we are told to stop."""
-        started = time.monotonic()
-        first_failure: ProcessResult | None = None
-        hang = interrupted = False
-        while True:
-            codes = [p.poll() for p in self.procs]
-            failed = [
-                (spec, proc) for spec, proc, code in zip(self.specs, self.procs, codes, strict=True)
-                if code not in (None, 0)
-            ]
-            if failed and first_failure is None:
-                spec, proc = failed[0]
-                first_failure = ProcessResult(spec.rank, proc.pid, proc.returncode)
-                self.stop()
-                break
-            if all(code is not None for code in codes):
-                break
-            if should_stop():
-                interrupted = True
-                self.stop()
-                break
-            if hang_timeout is not None and time.time() - last_progress() > hang_timeout:
-                hang = True
-                self.signal_all(signal.SIGKILL)
-                for proc in self.procs:
-                    proc.wait()
-                break
-            on_tick()
-            time.sleep(POLL_SECONDS)
-        on_tick()
-        return GroupOutcome(
-            results=self.results(),
-            hang=hang,
-            interrupted=interrupted,
-            duration_seconds=time.monotonic() - started,
-            first_failure=first_failure,
-        )
+    def codes(self) -> list[int | None]:
+        """Each child's exit status (None: running); never blocks."""
+        return [p.poll() for p in self.procs]
+
+    def kill(self) -> None:
+        """SIGKILL at once (a hung world does not answer SIGTERM in time)."""
+        self.signal_all(signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()

@@ -1,16 +1,17 @@
 """The embedded backend: run a DAG of resources as local processes with the operator's own core.
 
-Per run, in DAG order, the runner does what the operator's reconcile does, with processes
-instead of pods:
+Per run, in DAG order, the runner polls the run with the operator's own pass,
+:func:`crucible.core.reconcile.run_pass`, and a :class:`~crucible.local.backend.LocalBackend`
+(processes instead of pods, ``state.json`` instead of the status subresource):
 
-    state.json ──► decide(Situation) ──► plan(resource) ──► start processes ──► watch
-        ▲                                                                        │
-        └────────── next_status(decision) ◄── decide ◄── classify(ProcessEnd...) ┘
+    state.json ──► observe (exit codes, metrics.jsonl) ──► reconcile (core) ──► start / stop processes
+        ▲                                                                              │
+        └──────────────────────────── write status ◄──────────────────────────────────┘
 
-``crucible.core.plan`` builds the command, env and spec; ``crucible.core.failure.classify``
-says infrastructure or application; ``crucible.core.decide`` says restart (with backoff, from
-the latest checkpoint — the trainer resumes by itself) or fail; ``crucible.core.status``
-derives the status written to ``state.json``. Nothing here is specific to a stage.
+The core plans (command, env, spec), classifies failures, detects hangs, computes progress and
+goodput, orders a DataPipeline's roles and decides restart (with backoff, from the latest
+checkpoint — the trainer resumes by itself) or fail. What is the runner's own: the DAG over
+``fromRun``, skipping finished runs, fingerprints, the progress bars and the summary.
 
 Rerunning is safe and cheap: a run whose ``output/_SUCCESS`` exists and whose fingerprint
 (the resolved spec + the receipts of its inputs + the content of its local input files) is
@@ -21,6 +22,7 @@ stopped (Ctrl-C) or whose runner died (SIGKILL, power loss) resumes from its las
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import hashlib
@@ -39,17 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crucible.api.common import CheckpointRef, Resource, RunStatus
+from crucible.api.common import Resource, RunStatus
+from crucible.api.registry import kind_of
 from crucible.core import decide as dc
-from crucible.core.failure import ProcessEnd, classify
-from crucible.core.plan import LaunchPlan, PlanError, Role, plan
-from crucible.core.status import goodput as status_goodput
-from crucible.core.status import rfc3339
+from crucible.core.plan import LaunchPlan, PlanError, plan
+from crucible.core.reconcile import Settings, run_pass
 from crucible.core.transitions import Transition, next_status
+from crucible.local.backend import LocalBackend
 from crucible.local.dag import Dag, Key, build_dag
 from crucible.local.load import LoadedResource
-from crucible.local.metrics import MetricsTail, latest_checkpoint, read_jsonl, read_success
-from crucible.local.processes import GroupOutcome, ProcessGroup, ProcessSpec, free_port, torchrun_env
+from crucible.local.metrics import latest_checkpoint, read_success
 from crucible.local.ui import PlainUi, Ui
 from crucible.local.workdir import (
     SPEC_FILE,
@@ -60,7 +61,6 @@ from crucible.local.workdir import (
     is_inside,
     owner_id,
     remove_owned,
-    write_json_atomic,
 )
 from crucible.trainer.config.common import FailurePolicy
 from crucible.trainer.config.receipt import foreign_reason, spec_hash
@@ -313,194 +313,85 @@ class Runner:
         self, item: LoadedResource, resource: Resource, state: RunState, policy: FailurePolicy,
         inputs: dict[str, str], label: str,
     ) -> RunOutcome:
+        """Poll the run to its end: each tick is the core's pass with the local backend."""
         key = item.key
         started = time.monotonic()
         cpu_started = _children_cpu()
         ui_key = "/".join(key)
-        self.ui.start(ui_key, label, _total_steps(resource))
-        while True:
-            if self._stop.is_set():
-                raise Interrupted()
-            decision = dc.decide(dc.Situation(status=state.status, now=time.time(), attempt_state="absent",
-                                              policy=policy, suspend=bool(getattr(resource.spec, "suspend", False)),
-                                              dependencies=self._dependencies_from_inputs(item, inputs)))
-            if decision.action == "wait" and decision.reason == dc.BACKOFF:
-                self.ui.update(ui_key, None, None, f"restart {state.status.restarts} in {decision.delay_seconds:.0f}s")
-                self._sleep(decision.delay_seconds or 0.0)
-                continue
-            if decision.action == "wait" and decision.reason == dc.SUSPENDED:
-                state.status = next_status(state.status, decision, now=time.time())
-                self.workdir.save_state(state)
-                self.ui.finish(ui_key, False, "suspended (spec.suspend is true)")
-                return RunOutcome(key, "Suspended", decision.message, time.monotonic() - started,
-                                  restarts=state.status.restarts)
-            if decision.action == "restart":  # the previous runner died with this attempt running
-                state.status = next_status(state.status, decision, now=time.time())
-                state.pids = []
-                self.workdir.save_state(state)
-                self.ui.warn(f"{label}: {decision.message}; restarting from the latest checkpoint "
-                             f"(restart {state.status.restarts} of {policy.max_restarts})")
-                continue
-            if decision.action == "fail":
-                state.status = next_status(state.status, decision, now=time.time())
-                self.workdir.save_state(state)
-                self.ui.finish(ui_key, False, state.status.message or decision.reason)
-                return RunOutcome(key, "Failed", decision.message, time.monotonic() - started,
-                                  restarts=state.status.restarts)
-            if decision.action != "start":
-                raise RunnerError(f"{label}: unexpected decision {decision.action} ({decision.reason}: {decision.message})")
+        total = _total_steps(resource)
+        self.ui.start(ui_key, label, total)
+        backend = LocalBackend(self.workdir, state, self.ui, label, self._dependencies_from_inputs(item, inputs),
+                               trainer_command=list(self.options.trainer_command)
+                               if self.options.trainer_command is not None else None)
+        settings = Settings(storage_root=self.workdir.storage_root, spec_path=str(self.workdir.run_dir(*key) / SPEC_FILE),
+                            python=sys.executable)
 
-            state.status = next_status(state.status, decision, now=time.time())
-            if state.run_started is None:
-                state.run_started = time.time()
-            launch = plan(resource, storage_root=self.workdir.storage_root, attempt=decision.attempt,
-                          restarts=state.status.restarts, inputs=inputs, run_started=state.run_started,
-                          spec_path=str(self.workdir.run_dir(*key) / SPEC_FILE), python=sys.executable)
-            outcome, end_failure = self._attempt(launch, state, ui_key)
-            now = time.time()
-            if outcome == "succeeded":
-                success = read_success(Path(launch.output_uri)) or {}
-                state.status = next_status(state.status, dc.Decision(Transition.SUCCEED, message="all processes exited 0"),
-                                           now=now, output_uri=launch.output_uri, results=success.get("results") or {},
-                                           goodput=_goodput(launch, state, now))
-                state.pids = []
-                self.workdir.save_state(state)
-                seconds = time.monotonic() - started
-                self.ui.finish(ui_key, True, _done_detail(state.status, seconds))
-                return RunOutcome(key, "Succeeded", "", seconds, restarts=state.status.restarts,
-                                  results=dict(state.status.results), output_uri=launch.output_uri,
-                                  cpu_seconds=_children_cpu() - cpu_started)
-            decision = dc.decide(dc.Situation(status=state.status, now=now, attempt_state="failed",
-                                              policy=policy, failure=end_failure))
-            state.status = next_status(state.status, decision, now=now)
-            state.pids = []
-            self.workdir.save_state(state)
-            if decision.action == "restart":
-                self.ui.warn(f"{label}: attempt {decision.attempt - 1} failed ({decision.reason}: {decision.message}); "
-                             f"restarting from the latest checkpoint (restart {state.status.restarts} of "
-                             f"{policy.max_restarts})")
-                continue
-            seconds = time.monotonic() - started
-            self.ui.finish(ui_key, False, state.status.message or decision.reason)
-            if decision.message and "\n" in decision.message:
-                self.ui.info(decision.message)
-            return RunOutcome(key, "Failed", decision.message, seconds, restarts=state.status.restarts,
+        def outcome(phase: str, message: str) -> RunOutcome:
+            return RunOutcome(key, phase, message, time.monotonic() - started, restarts=state.status.restarts,
                               cpu_seconds=_children_cpu() - cpu_started)
 
-    def _attempt(self, launch: LaunchPlan, state: RunState, ui_key: str) -> tuple[str, Any]:
-        """Run every role of one attempt. Returns ("succeeded", None) or ("failed", Failure)."""
-        key = (launch.namespace, launch.kind, launch.name)
-        spec_path = self.workdir.run_dir(*key) / SPEC_FILE
-        write_json_atomic(spec_path, launch.spec)
-        tail = MetricsTail(Path(launch.checkpoint_uri) / "metrics.jsonl") if launch.checkpoint_uri else None
-        if tail is not None:
-            tail.poll(time.time())  # skip what earlier attempts wrote; keep their last step
-        total = _total_steps_from_spec(launch.spec)
-        attempt_started = time.time()
-        for role in launch.roles:
-            group = ProcessGroup(self._process_specs(launch, role, state))
-            group.start()
-            state.pids = group.pids
-            state.status = next_status(state.status, dc.Decision(Transition.ATTEMPT_RUNNING,
-                                                                 message=f"attempt {launch.attempt} is running"),
-                                       now=time.time())
-            self.workdir.save_state(state)
+        try:
+            while True:
+                if self._stop.is_set():
+                    backend.stop_all()
+                    self._record_interrupt(state)
+                    raise Interrupted()
+                step = asyncio.run(run_pass(backend, resource, state.status, time.time(), settings=settings))
+                t = step.decision.transition
+                if t is Transition.SUCCEED:
+                    seconds = time.monotonic() - started
+                    self.ui.finish(ui_key, True, _done_detail(state.status, seconds))
+                    result = outcome("Succeeded", "")
+                    result.results = dict(state.status.results)
+                    result.output_uri = state.status.output_uri
+                    return result
+                if t is Transition.FAIL:
+                    self.ui.finish(ui_key, False, state.status.message or step.decision.reason)
+                    if step.decision.message and "\n" in step.decision.message:
+                        self.ui.info(step.decision.message)
+                    return outcome("Failed", step.decision.message)
+                if t is Transition.STAY_SUSPENDED:
+                    self.ui.finish(ui_key, False, "suspended (spec.suspend is true)")
+                    return outcome("Suspended", step.decision.message)
+                if t is Transition.RESTART:
+                    self.ui.warn(f"{label}: attempt {step.decision.attempt - 1} failed ({step.decision.reason}: "
+                                 f"{step.decision.message}); restarting from the latest checkpoint "
+                                 f"(restart {state.status.restarts} of {policy.max_restarts})")
+                    continue
+                if t is Transition.BACKOFF:
+                    self.ui.update(ui_key, None, None, f"restart {state.status.restarts} in "
+                                                       f"{step.decision.delay_seconds or 0:.0f}s")
+                    self._stop.wait(timeout=max(0.0, step.requeue_after or 0.0))
+                    continue
+                self.ui.update(ui_key, state.status.progress.step, total, self._detail(backend, total))
+                self._stop.wait(timeout=self.options.poll_seconds)  # Ctrl-C: handled at the top
+        finally:
+            backend.stop_all()
 
-            def tick(role: Role = role) -> None:
-                now = time.time()
-                detail = ""
-                if tail is not None and tail.poll(now):
-                    state.status.progress = tail.progress(state.status.progress, total)
-                    ckpt = latest_checkpoint(Path(launch.checkpoint_uri or ""))
-                    if ckpt is not None:
-                        state.status.last_checkpoint = CheckpointRef(step=ckpt[0], uri=str(ckpt[1]), time=rfc3339(now))
-                    self.workdir.save_state(state)
-                p = state.status.progress
-                if p.step is not None:
-                    detail = f"step {p.step}" + (f"/{total}" if total else "")
-                    if p.loss is not None:
-                        detail += f"  loss {p.loss:.3f}"
-                    if p.tokens_per_second:
-                        detail += f"  {p.tokens_per_second:,.0f} tok/s"
-                else:
-                    detail = _last_line(self.workdir.log_path(*key, launch.attempt))
-                if len(launch.roles) > 1:
-                    detail = f"[{role.name}] {detail}"
-                self.ui.update(ui_key, p.step, total, detail)
+    def _detail(self, backend: LocalBackend, total: int | None) -> str:
+        p = backend.state.status.progress
+        if p.step is not None:
+            detail = f"step {p.step}" + (f"/{total}" if total else "")
+            if p.loss is not None:
+                detail += f"  loss {p.loss:.3f}"
+            if p.tokens_per_second:
+                detail += f"  {p.tokens_per_second:,.0f} tok/s"
+        else:
+            detail = _last_line(self.workdir.log_path(*backend.key, backend.state.status.attempt))
+        if backend.plan is not None and len(backend.plan.roles) > 1 and backend.current_role:
+            detail = f"[{backend.current_role}] {detail}"
+        return detail
 
-            def last_progress() -> float:
-                return (tail.last_advance if tail is not None and tail.last_advance else None) or attempt_started
-
-            outcome = group.watch(
-                should_stop=self._stop.is_set,
-                last_progress=last_progress,
-                hang_timeout=float(launch.hang_timeout_seconds) if launch.hang_timeout_seconds else None,
-                on_tick=tick,
-            )
-            if outcome.interrupted:
-                self._record_interrupt(state, launch)
-                raise Interrupted()
-            if not outcome.succeeded:
-                return "failed", self._classify(launch, role, outcome)
-        if read_success(Path(launch.output_uri)) is None:
-            return "failed", _no_success_failure(launch, self.workdir.log_path(*key, launch.attempt))
-        return "succeeded", None
-
-    def _classify(self, launch: LaunchPlan, role: Role, outcome: GroupOutcome) -> Any:
-        key = (launch.namespace, launch.kind, launch.name)
-        ends = []
-        for result in outcome.results:
-            # Processes we stopped because a peer failed are not evidence of anything.
-            if result.stopped_by_us and not outcome.hang:
-                continue
-            log = self.workdir.log_path(*key, launch.attempt, result.rank if role.distributed or role.sharded else 0)
-            ends.append(ProcessEnd(
-                name=f"{launch.name} {role.name} rank {result.rank} (pid {result.pid})",
-                exit_code=result.returncode if result.returncode is not None and result.returncode >= 0 else None,
-                signal=result.signal,
-                log_tail=_tail(log),
-            ))
-        hang_message = (f"no step progress for {launch.hang_timeout_seconds}s (failurePolicy.hangTimeout); "
-                        "the processes were killed") if outcome.hang else ""
-        if outcome.hang:
-            ends = [e for e in ends if e.signal is None]  # the SIGKILL was ours
-        return classify(ends, hung=outcome.hang, hang_message=hang_message)
-
-    def _record_interrupt(self, state: RunState, launch: LaunchPlan) -> None:
+    def _record_interrupt(self, state: RunState) -> None:
         step = state.status.progress.step
         where = f" at step {step}" if step is not None else ""
-        state.status.phase = "Pending"
-        state.status.attempt = launch.attempt + 1
+        if state.status.phase in ("Pending", "Running"):
+            state.status.phase = "Pending"
+            state.status.attempt += 1
         state.status.message = f"stopped by Ctrl-C{where}; run crucible run again to resume from the latest checkpoint"
         state.pids = []
         self.workdir.save_state(state)
 
-    def _process_specs(self, launch: LaunchPlan, role: Role, state: RunState) -> list[ProcessSpec]:
-        key = (launch.namespace, launch.kind, launch.name)
-        base_env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
-        if launch.metrics_port:
-            base_env["CRUCIBLE_METRICS_PORT"] = str(free_port())
-        base_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, role.world_size))))
-        specs = []
-        port = free_port()
-        for index in range(role.world_size):
-            argv = list(role.command_for(index))
-            if self.options.trainer_command is not None:
-                argv = [*self.options.trainer_command, *argv[3:]]
-            env = dict(base_env)
-            if role.distributed or role.world_size == 1:
-                env.update(torchrun_env(index, role.world_size, port))
-            log = self.workdir.log_path(*key, launch.attempt, index)
-            if role.sharded:
-                log = log.with_name(f"attempt-{launch.attempt}.{role.name}-{index}.log") if index else log
-            specs.append(ProcessSpec(argv, env, log, index))
-        return specs
-
-    def _sleep(self, seconds: float) -> None:
-        if self._stop.wait(timeout=max(0.0, seconds)):
-            raise Interrupted()
-
-    # ------------------------------------------------------------ inputs
     def _dependencies(self, dag: Dag, key: Key) -> tuple[dc.Dependency, ...]:
         deps = []
         for path, target in sorted(dag.upstream.get(key, {}).items()):
@@ -531,11 +422,14 @@ class Runner:
             if _is_relative_path(value):
                 parent[k] = str(self.workdir.root / value)
         base = self.options.base_model
-        if base:
-            if resource.kind == "PretrainRun" and not (spec.get("model") or {}).get("source"):
-                spec.setdefault("model", {})["source"] = {"uri": base}
-            if resource.kind == "DataPipeline" and not (spec.get("tokenizer") or {}).get("source"):
-                spec.setdefault("tokenizer", {})["source"] = {"uri": base}
+        target = kind_of(resource.kind).base_model_field
+        if base and target:
+            *head, last = target.split(".")
+            parent = spec
+            for part in head:
+                parent = parent.setdefault(part, {})
+            if not parent.get(last):
+                parent[last] = {"uri": base}
         wire.pop("status", None)
         return type(resource).model_validate(wire)
 
@@ -664,25 +558,6 @@ def _file_digest(path: str) -> bytes:
         return hashlib.sha256(fh.read()).digest()
 
 
-def _goodput(launch: LaunchPlan, state: RunState, now: float) -> float | None:
-    """Time spent on the steps the final model kept ÷ wall time since the first attempt started.
-
-    A step redone after a restart counts once (its last record wins), so time lost to faults,
-    restarts and backoff lowers goodput — the same definition the operator reports.
-    """
-    if not launch.checkpoint_uri or state.run_started is None:
-        return None
-    kept: dict[int, float] = {}
-    for record in read_jsonl(Path(launch.checkpoint_uri) / "metrics.jsonl"):
-        if "event" not in record and isinstance(record.get("step"), int):
-            seconds = record.get("stepSeconds")
-            if isinstance(seconds, int | float):
-                kept[record["step"]] = float(seconds)
-    if not kept:
-        return None
-    return status_goodput(sum(kept.values()), now - state.run_started)
-
-
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -710,12 +585,6 @@ def _total_steps(resource: Resource) -> int | None:
     return getattr(training, "max_steps", None) if training is not None else None
 
 
-def _total_steps_from_spec(spec: Mapping[str, Any]) -> int | None:
-    training = spec.get("training") or {}
-    value = training.get("maxSteps")
-    return int(value) if isinstance(value, int) else None
-
-
 def _done_detail(status: RunStatus, seconds: float) -> str:
     parts = [f"{seconds:.0f}s"]
     if status.restarts:
@@ -723,14 +592,6 @@ def _done_detail(status: RunStatus, seconds: float) -> str:
     if status.progress.loss is not None:
         parts.append(f"loss {status.progress.loss:.3f}")
     return ", ".join(parts)
-
-
-def _no_success_failure(launch: LaunchPlan, log: Path) -> Any:
-    from crucible.core.failure import APPLICATION, APPLICATION_ERROR, Failure
-
-    return Failure(APPLICATION, APPLICATION_ERROR,
-                   f"every process exited 0 but {launch.output_uri}/_SUCCESS was not written "
-                   "(the stage must write it last)", log_tail=_tail(log))
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""The closing summary of ``crucible run`` and the table of ``crucible status``."""
+"""The closing summary of ``crucible run`` and the table of ``crucible status``; the results
+shown per kind are the kind's ``Kind.results`` (crucible.api.registry)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from crucible.api.registry import kind_of
 from crucible.core.status import parse_time
 from crucible.local.workdir import RunState
 
-# Results worth a column in the summary, per kind, in order.
-KEY_RESULTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "DataPipeline": (("documentsOut", "docs kept {:,}"), ("tokensTrain", "{:,} train tokens")),
-    "PretrainRun": (("perplexity", "held-out ppl {:.1f}"), ("finalLoss", "loss {:.3f}")),
-    "FinetuneRun": (("evalLoss", "held-out loss {:.3f}"), ("finalLoss", "loss {:.3f}")),
-    "PreferenceRun": (("preferenceAccuracy", "pref. acc {:.2f}"), ("rewardMargin", "margin {:.3f}"),
-                      ("finalLoss", "loss {:.3f}")),
-    "QuantizeJob": (("sizeBytesAfter", "size {}"), ("perplexityIncrease", "ppl {:+.2%}")),
-}
-_ANY = (("documentsOut", "docs kept {:,}"), ("finalLoss", "loss {:.3f}"))
+_ANY: tuple[tuple[str, str], ...] = (("documentsOut", "docs kept {:,}"), ("finalLoss", "loss {:.3f}"))
 
 
 def human_bytes(n: float) -> str:
@@ -32,7 +25,11 @@ def human_bytes(n: float) -> str:
 
 def key_results(results: dict[str, Any], limit: int = 2, kind: str | None = None) -> str:
     parts = []
-    for key, fmt in KEY_RESULTS.get(kind or "", _ANY):
+    try:
+        formats = kind_of(kind or "").results or _ANY
+    except KeyError:
+        formats = _ANY
+    for key, fmt in formats:
         value = results.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             parts.append(fmt.format(human_bytes(value)) if key.startswith("sizeBytes") else fmt.format(value))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from crucible.api import GROUP, KIND_MODELS
+from crucible.api.registry import kinds
 
 PLURALS = sorted(m.PLURAL for m in KIND_MODELS.values())
 
@@ -43,6 +44,8 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
      "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+    # what a kind declares it needs beyond its own resource (Kind.rbac)
+    *(dict(rule) for kind in kinds() for rule in kind.rbac),
 ]
 
 
