@@ -87,3 +87,39 @@ def test_ci_runs_make_test_only(repo: Path) -> None:
     lines = [ln for ln in (repo / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines[-1].strip() == "make test"
     assert (repo / "README.md").read_text().count("make test") >= 1
+
+
+def test_the_control_plane_imports_no_torch(repo: Path) -> None:
+    """Every module under operator/ (API, core, both backends, CLI, report) imports without torch:
+    numbers that need a model are measured by trainer subprocesses."""
+    root = repo / "operator"
+    modules = sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "crucible").rglob("*.py")
+                     if p.name != "__main__.py")
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}:\n    importlib.import_module(m)\n"
+            "print(','.join(m for m in ('torch', 'transformers', 'crucible.trainer.evaluate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"the control plane pulls in {out}"
+
+
+def test_core_has_no_hidden_import_cycles(repo: Path) -> None:
+    """status <- transitions <- decide <- reconcile: no TYPE_CHECKING imports back up the chain."""
+    for path in (repo / "operator" / "crucible" / "core").glob("*.py"):
+        assert "TYPE_CHECKING" not in path.read_text(), f"{path.name} hides an import cycle behind TYPE_CHECKING"
+
+
+def test_kind_names_live_only_in_their_kind_modules(repo: Path) -> None:
+    """The registry of kinds: core, render, crdgen, the backends, the CLI, the summary and the report
+    name no kind; each kind's facts are in its module under crucible/api/ (issue 12 item 2)."""
+    kinds = ("QuantizeJob", "PreferenceRun", "FinetuneRun")
+    allowed = {"api"}
+    offenders = []
+    for path in (repo / "operator" / "crucible").rglob("*.py"):
+        rel = path.relative_to(repo / "operator" / "crucible")
+        if rel.parts[0] in allowed:
+            continue
+        code = "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
+        body = ast.get_docstring(ast.parse(code)) or ""
+        code = code.replace(body, "")
+        offenders += [f"{rel}: {k}" for k in kinds if f'"{k}"' in code or f"'{k}'" in code]
+    assert offenders == []

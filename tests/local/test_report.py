@@ -8,8 +8,21 @@ from pathlib import Path
 import pytest
 
 from crucible.api.common import RunStatus
-from crucible.local.report import _markdown_to_html, build_report, render_html, render_markdown, write_report
+from crucible.local.report import (
+    Measurements,
+    build_report,
+    load_checks,
+    markdown_to_html,
+    render_html,
+    render_markdown,
+    write_report,
+)
 from crucible.local.workdir import RunState, WorkDir
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "quickstart"
+MEASURED = Measurements(perplexity={"untrained": 900.0, "stdlib-lm": 40.0},
+                        rows=[["before training (step 0)", "900.00", "6.8", ""]], note="measured")
 
 
 def add_run(workdir: WorkDir, kind: str, name: str, results: dict | None = None, phase: str = "Succeeded") -> Path:
@@ -47,21 +60,22 @@ def workdir(tmp_path: Path) -> WorkDir:
                    {"step": "dedup", "documentsIn": 8, "documentsOut": 6, "dropped": {"exact_duplicate": 2}}],
         "pii": {"email": 3},
     }))
-    pre = add_run(wd, "PretrainRun", "lm", {"finalLoss": 4.0, "perplexity": 200.0})
+    pre = add_run(wd, "PretrainRun", "stdlib-lm", {"finalLoss": 4.0, "perplexity": 200.0})
     prompts(pre, ["", ""], ["gibberish", "more"], labels=("before", "after"))
-    metrics(wd, "PretrainRun", "lm", [8.0, 6.0, 4.0])
-    sft = add_run(wd, "FinetuneRun", "sft", {"finalLoss": 2.0})
+    metrics(wd, "PretrainRun", "stdlib-lm", [8.0, 6.0, 4.0])
+    sft = add_run(wd, "FinetuneRun", "stdlib-sft", {"finalLoss": 2.0})
     prompts(sft, ["x", "y"], ["In short, a: b.", "In short, c: d."])
-    metrics(wd, "FinetuneRun", "sft", [5.0, 3.0])
-    add_run(wd, "PreferenceRun", "dpo", {"preferenceAccuracy": 0.75, "rewardMargin": 1.5, "method": "dpo", "beta": 0.1})
-    add_run(wd, "QuantizeJob", "int8", {"method": "int8", "sizeBytesBefore": 4_000_000, "sizeBytesAfter": 2_000_000,
+    metrics(wd, "FinetuneRun", "stdlib-sft", [5.0, 3.0])
+    add_run(wd, "PreferenceRun", "stdlib-dpo", {"preferenceAccuracy": 0.75, "rewardMargin": 1.5, "method": "dpo", "beta": 0.1})
+    add_run(wd, "QuantizeJob", "stdlib-int8", {"method": "int8", "sizeBytesBefore": 4_000_000, "sizeBytesAfter": 2_000_000,
                                         "perplexityBefore": 100.0, "perplexityAfter": 101.0,
                                         "maxPerplexityIncrease": 0.05})
+    wd.save_pipeline([], [str(QUICKSTART / "01-data.yaml")])  # the quickstart's folder: its report-checks.toml
     return wd
 
 
 def test_checks_and_sections(workdir: WorkDir) -> None:
-    report = build_report(workdir)
+    report = build_report(workdir, measurements=MEASURED)
     checks = {c.what: c for c in report.checks}
     assert checks["Answers after SFT follow the instruction format"].ok is True
     assert checks["Answers after SFT follow the instruction format"].detail.startswith("2/2")
@@ -72,21 +86,22 @@ def test_checks_and_sections(workdir: WorkDir) -> None:
     assert "| language | 10 | 8 | language_de 2 |" in md
     assert "exact_duplicate 2" in md and "email 3" in md
     assert "loss 8.000 at step 1 → 4.000 at step 3" in md
-    assert "| after finetune (sft) | In short, a: b. |" in md
+    assert "| after finetune (stdlib-sft) | In short, a: b. |" in md
+    assert checks["Domain perplexity falls after pretraining"].detail == "900.0 → 40.00"
     assert "| 3.8 MiB | 1.9 MiB | 0.50× |" in md
 
 
 def test_failing_thresholds_are_marked(workdir: WorkDir) -> None:
-    state = workdir.load_state("default", "PreferenceRun", "dpo")
+    state = workdir.load_state("default", "PreferenceRun", "stdlib-dpo")
     assert state is not None
     state.status.results["preferenceAccuracy"] = 0.4
     workdir.save_state(state)
-    checks = {c.what: c.ok for c in build_report(workdir).checks}
+    checks = {c.what: c.ok for c in build_report(workdir, measurements=MEASURED).checks}
     assert checks["DPO preference accuracy on held-out pairs is above 0.5"] is False
 
 
 def test_html_is_self_contained(workdir: WorkDir) -> None:
-    paths = write_report(workdir.root)
+    paths = write_report(workdir.root, measurements=MEASURED)
     page = Path(paths["html"]).read_text()
     assert page.count("data:image/png;base64,") == 2  # funnel and loss curves
     assert "<link" not in page and 'src="http' not in page and "<script" not in page
@@ -96,17 +111,35 @@ def test_html_is_self_contained(workdir: WorkDir) -> None:
 @pytest.mark.parametrize(
     ("lines", "expected"),
     [
-        (["| a | b |", "| --- | --- |", "| 1 | x \\| y |"], "<tr><td>1</td><td>x | y</td></tr>"),
-        (["- **bold** item"], "<li><b>bold</b> item</li>"),
-        (["*note*"], "<p><i>note</i></p>"),
-        (["<script>"], "<p>&lt;script&gt;</p>"),
+        (["| a | b |", "| --- | --- |", "| 1 | x \\| y |"], "<td>x | y</td>"),
+        (["- **bold** item"], "<li><strong>bold</strong> item</li>"),
+        (["*note*"], "<p><em>note</em></p>"),
+        (["<script>"], "&lt;script&gt;"),
     ],
 )
-def test_markdown_subset(lines: list[str], expected: str) -> None:
-    assert expected in _markdown_to_html(lines)
+def test_markdown_is_rendered_by_markdown_it(lines: list[str], expected: str) -> None:
+    assert expected in markdown_to_html(lines)
+
+
+def test_a_pipeline_without_checks_gets_none(workdir: WorkDir, tmp_path: Path) -> None:
+    """A user's own pipeline is not judged by the quickstart's checks (issue 12 item 6)."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    workdir.save_pipeline([], [str(folder / "sft.yaml")])
+    report = build_report(workdir, measurements=MEASURED)
+    assert report.checks == []
+    assert "What changed" not in render_markdown(report, "now")
+
+
+def test_bad_check_declarations_are_named(tmp_path: Path) -> None:
+    (tmp_path / "report-checks.toml").write_text('[[check]]\nname = "x"\n')
+    specs, problems = load_checks([tmp_path])
+    assert specs == [] and "check[0]: needs a string name and a string expect" in problems[0]
+    (tmp_path / "report-checks.toml").write_text("[[check]\n")
+    assert "fix the TOML" in load_checks([tmp_path])[1][0]
 
 
 def test_render_html_escapes_titles(workdir: WorkDir) -> None:
-    report = build_report(workdir)
+    report = build_report(workdir, measurements=MEASURED)
     report.title = "<b>x</b>"
     assert "&lt;b&gt;x&lt;/b&gt;" in render_html(report, "now")

@@ -59,6 +59,6 @@ KIND = Kind(
         {"name": "Docs-Out", "type": "integer", "jsonPath": ".status.results.documentsOut"},
     ),
     results=(("documentsOut", "docs kept {:,}"), ("tokensTrain", "{:,} train tokens")),
-    report_section="crucible.local.report:data_section",
+    report_section="crucible.local.report:funnel_section",
     base_model_field="tokenizer.source",
 )

@@ -51,5 +51,4 @@ KIND = Kind(
     produces_model=True,
     printer_columns=TRAINING_COLUMNS,
     results=(("evalLoss", "held-out loss {:.3f}"), ("finalLoss", "loss {:.3f}")),
-    report_section="crucible.local.report:training_section",
 )

@@ -76,6 +76,5 @@ KIND = Kind(
     produces_model=True,
     printer_columns=TRAINING_COLUMNS,
     results=(("perplexity", "held-out ppl {:.1f}"), ("finalLoss", "loss {:.3f}")),
-    report_section="crucible.local.report:training_section",
     base_model_field="model.source",
 )

@@ -175,3 +175,9 @@ def load_plugins() -> None:
         if not _loaded.get(key):
             _loaded[key] = True
             ep.load()
+
+
+def unregister(name: str) -> None:
+    """Remove a kind (tests that register a kind for one scenario clean up with this)."""
+    _KINDS.pop(name, None)
+    MODELS.pop(name, None)

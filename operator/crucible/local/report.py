@@ -1,56 +1,67 @@
 """The report of an embedded pipeline: ``report.md`` and a self-contained ``report.html``.
 
-It reads only what the runs left in the work directory — no stage-specific hooks:
+    write_report(workdir) -> {"markdown", "html", "checks"}
+    build_report(workdir) -> Report        # sections + checks, no rendering
 
-* the data funnel from each DataPipeline's ``output/manifest.json`` (documents in, dropped
-  per step and reason, out) and its ``_SUCCESS`` results;
-* loss curves from each training run's ``checkpoints/metrics.jsonl`` (matplotlib, Agg);
-* held-out perplexity after each stage, measured here with the same evaluation code the
-  stages use (``crucible.trainer.evaluate``) on the DataPipeline's validation split, for the
-  untrained model (rebuilt from the PretrainRun's spec and seed), then every model the
-  pipeline produced; the QuantizeJob's own before/after numbers are shown beside them;
-* the evaluation prompts answered before training and after every stage, side by side
-  (``output/eval/prompts.json`` of each stage);
-* preference accuracy and the quantization's size and perplexity change, from the ``_SUCCESS``
-  results that the runner copied into each run's status.
+What goes in, all read from what the runs left in the work directory:
 
-Missing pieces (a stage that failed, torch not installed) leave a note in their section
-instead of failing the report.
+* generic sections: the runs (phase, time, goodput, each kind's declared results), the loss
+  curves of every kind that keeps checkpoints (``metrics.jsonl``), held-out perplexity after
+  each stage and the evaluation prompts answered before training and after every stage;
+* each kind's own section, named by its ``Kind.report_section`` (``module:function``, called
+  with the run states, returning a :class:`Section` or a mapping ``{"title", "markdown",
+  "table": {"header", "rows"}}``) — the data funnel, preference metrics, quantization here;
+* the "What changed" checks the pipeline itself declares: ``report-checks.toml`` in the folder
+  of its YAML files (see :func:`load_checks`). No check is built in: a user's pipeline gets
+  only the checks it asks for.
+
+The perplexities and the untrained model's answers are measured by a trainer subprocess
+(``python -m crucible.trainer.report_eval``) with the stages' own evaluation code: the control
+plane never imports torch. The pages come from Jinja2 templates (``templates/``); the HTML
+renders each section's Markdown with markdown-it-py. Missing pieces (a stage that failed, no
+torch) leave a note in their section instead of failing the report.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import html
+import importlib
 import io
 import json
 import math
 import os
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+from markdown_it import MarkdownIt
+
+from crucible.api.registry import kind_of, kinds, model_kinds, training_kinds
 from crucible.core.status import parse_time
 from crucible.local.metrics import read_jsonl, read_success
 from crucible.local.summary import duration, human_bytes, key_results
-from crucible.local.workdir import SPEC_FILE, RunState, WorkDir
+from crucible.local.workdir import PIPELINE_FILE, SPEC_FILE, RunState, WorkDir
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 LOSS_PNG = "report-loss.png"
 FUNNEL_PNG = "report-funnel.png"
-FORMAT_PREFIX = "In short"
-"""The quickstart's instruction data answers in this format; the report counts answers that follow it."""
-TRAINING_KINDS = ("PretrainRun", "FinetuneRun", "PreferenceRun")
+CHECKS_FILE = "report-checks.toml"
+"""The pipeline's own checks, next to its YAML files."""
 EVAL_BATCHES = 4
 """Held-out perplexity: 4 batches of 4 windows of 256 tokens per model, the same windows for every model."""
+EVAL_SEQ_LEN = 256
 UNTRAINED_ANSWER_TOKENS = 16
 """Random weights answer gibberish; a few tokens show it."""
-MODEL_KINDS = ("PretrainRun", "FinetuneRun", "PreferenceRun", "QuantizeJob")
+MEASURE_TIMEOUT_SECONDS = 900
+TEMPLATES = Path(__file__).with_name("templates")
 
 
 @dataclass
@@ -72,6 +83,8 @@ class Report:
     title: str
     sections: list[Section] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    """What was wrong with the pipeline's check declarations (printed; the report is still written)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -141,9 +154,9 @@ def overview_section(workdir: WorkDir, states: list[RunState]) -> Section:
     return sec
 
 
-def funnel_section(workdir: WorkDir, states: list[RunState]) -> Section:
+def funnel_section(states: list[RunState]) -> Section:
     sec = Section("Data pipeline: what each step removed")
-    for s in (s for s in states if s.kind == "DataPipeline"):
+    for s in states:  # the runs of this section's kind
         out = _output_dir(s)
         manifest: dict[str, Any] = {}
         if out is not None:
@@ -191,7 +204,7 @@ def funnel_section(workdir: WorkDir, states: list[RunState]) -> Section:
             if png:
                 sec.images.append((FUNNEL_PNG if not sec.images else f"report-funnel-{s.name}.png", png))
     if not sec.markdown:
-        sec.markdown.append("*No DataPipeline in this pipeline.*")
+        sec.markdown.append("*No data pipeline in this pipeline.*")
     return sec
 
 
@@ -227,7 +240,7 @@ def _funnel_png(name: str, docs_in: int, steps: list[tuple[str, int, dict[str, i
 def loss_section(workdir: WorkDir, states: list[RunState]) -> Section:
     sec = Section("Training loss")
     curves: list[tuple[str, list[tuple[int, float]], list[tuple[int, float]]]] = []
-    for s in (s for s in states if s.kind in TRAINING_KINDS):
+    for s in (s for s in states if s.kind in training_kinds()):
         records = read_jsonl(workdir.run_dir(s.namespace, s.kind, s.name) / "checkpoints" / "metrics.jsonl")
         train: dict[int, float] = {}
         evals: dict[int, float] = {}
@@ -286,186 +299,9 @@ def _loss_png(curves: list[tuple[str, list[tuple[int, float]], list[tuple[int, f
     return buf.getvalue()
 
 
-def _eval_tokens_uri(states: list[RunState]) -> str | None:
-    for s in states:
-        if s.kind == "DataPipeline" and s.status.phase == "Succeeded" and s.status.output_uri:
-            return s.status.output_uri
-    return None
-
-
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null: torch and torchao print optional-kernel and deprecation
-    notices straight to stderr while they import and load models; the report has nothing to say
-    about them (failures still surface as exceptions)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)
-
-
-def _quiet_imports() -> None:
-    """Keep library chatter (progress bars, optional-kernel warnings) out of the terminal summary."""
-    import logging
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("torchao", "torch", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with quiet_stderr():
-        from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _untrained_model(workdir: WorkDir, states: list[RunState]) -> tuple[Any, Any] | None:
-    """The PretrainRun's model at step 0 (same shape and seed), with its tokenizer, or None."""
-    pre = next((s for s in states if s.kind == "PretrainRun" and s.status.phase == "Succeeded"), None)
-    if pre is None:
-        return None
-    spec = _spec(workdir, pre)
-    out = _output_dir(pre)
-    if not spec or out is None:
-        return None
-    from crucible.trainer import evaluate
-    from crucible.trainer.config.stages import PretrainConfig, parse_stage_spec
-    from crucible.trainer.model import build_model
-
-    config = parse_stage_spec("pretrain", spec)
-    assert isinstance(config, PretrainConfig)
-    if config.model.source is not None:
-        return evaluate.load_model(config.model.source.uri or "")
-    trained, tokenizer = evaluate.load_model(out)
-    eos = getattr(trained.config, "eos_token_id", None)
-    model = build_model(config.model, int(trained.config.vocab_size), config.training.seed, eos_id=eos)
-    return model, tokenizer
-
-
-def perplexity_section(workdir: WorkDir, states: list[RunState], report: Report) -> tuple[Section, dict[str, float]]:
-    sec = Section("Held-out perplexity after each stage")
-    measured: dict[str, float] = {}
-    uri = _eval_tokens_uri(states)
-    if uri is None:
-        sec.markdown.append("*No DataPipeline output to evaluate on.*")
-        return sec, measured
-    try:
-        _quiet_imports()
-        import torch
-
-        from crucible.trainer import evaluate
-    except ImportError as exc:
-        sec.markdown.append(f"*Not measured: {exc}.*")
-        return sec, measured
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))  # small models; robust on a busy machine
-    seq_len, batches = 256, EVAL_BATCHES
-    try:
-        tokens = evaluate.load_eval_tokens(uri)
-    except Exception as exc:
-        sec.markdown.append(f"*Not measured: {exc}.*")
-        return sec, measured
-    seq_len = min(seq_len, max(8, len(tokens) // 4 - 1))
-    rows: list[list[Any]] = []
-    with torch.no_grad():
-        untrained = _untrained_model(workdir, states)
-        if untrained is not None:
-            result = evaluate.perplexity(untrained[0], tokens, seq_len, batches)
-            measured["untrained"] = result.perplexity
-            rows.append(["before training (step 0)", _fmt(result.perplexity, 2), _fmt(result.loss), ""])
-        for s in states:
-            if s.kind not in TRAINING_KINDS or s.status.phase != "Succeeded" or _output_dir(s) is None:
-                continue
-            model, _ = evaluate.load_model(_output_dir(s))  # type: ignore[arg-type]
-            result = evaluate.perplexity(model, tokens, seq_len, batches)
-            measured[s.name] = result.perplexity
-            rows.append([f"after {s.kind} {s.name}", _fmt(result.perplexity, 2), _fmt(result.loss), ""])
-        for s in states:
-            if s.kind == "QuantizeJob" and s.status.phase == "Succeeded":
-                r = s.status.results
-                after = r.get("perplexityAfter")
-                if isinstance(after, int | float):
-                    rows.append([f"after {s.kind} {s.name}", _fmt(float(after), 2), "",
-                                 f"measured by the job on its own windows (before: {_fmt(r.get('perplexityBefore'), 2)})"])
-    sec.markdown.append(f"Measured on the validation split of the DataPipeline ({len(tokens):,} tokens; "
-                        f"{batches * 4} windows of {seq_len} tokens, the same windows for every model).")
-    sec.markdown.append("")
-    sec.markdown += _md_table(["model", "perplexity", "loss (nats/token)", "note"], rows)
-    pre = next((s for s in states if s.kind == "PretrainRun" and s.name in measured), None)
-    if "untrained" in measured and pre is not None:
-        before, after = measured["untrained"], measured[pre.name]
-        report.checks.append(Check("Domain perplexity falls after pretraining", after < before,
-                                   f"{before:,.1f} → {after:,.2f}"))
-    return sec, measured
-
-
-def answers_section(workdir: WorkDir, states: list[RunState], report: Report) -> Section:
-    sec = Section("The same questions before training and after each stage")
-    columns: list[tuple[str, dict[str, str]]] = []
-    prompts: list[str] = []
-    first = True
-    for s in states:
-        if s.kind not in MODEL_KINDS or _output_dir(s) is None:
-            continue
-        try:
-            data = json.loads((_output_dir(s) / "eval" / "prompts.json").read_text())  # type: ignore[operator]
-        except (OSError, ValueError):
-            continue
-        labels = data.get("labels") or ["before", "after"]
-        records = data.get("prompts") or []
-        if first:
-            before = {r["prompt"]: r.get(labels[0], "") for r in records}
-            if not any(before.values()):
-                before = _untrained_answers(workdir, states, [r["prompt"] for r in records]) or before
-            columns.append(("before training", before))
-            first = False
-        columns.append((f"after {s.kind.removesuffix('Run').removesuffix('Job').lower()} ({s.name})",
-                        {r["prompt"]: r.get(labels[-1], "") for r in records}))
-        for r in records:
-            if r["prompt"] not in prompts:
-                prompts.append(r["prompt"])
-    if not columns:
-        sec.markdown.append("*No stage has answered the evaluation prompts yet (spec.eval.prompts).*")
-        return sec
-    for prompt in prompts:
-        sec.markdown.append(f"**{prompt}**")
-        sec.markdown.append("")
-        sec.markdown += _md_table(["model", "answer"], [[label, answers.get(prompt, "").strip() or "*(empty answer)*"]
-                                                        for label, answers in columns])
-        sec.markdown.append("")
-    for label, answers in columns:
-        if "finetune" in label:
-            following = sum(1 for a in answers.values() if a.strip().startswith(FORMAT_PREFIX))
-            report.checks.append(Check("Answers after SFT follow the instruction format",
-                                       following >= max(1, (len(answers) + 1) // 2),
-                                       f"{following}/{len(answers)} answers start with “{FORMAT_PREFIX}”"))
-    return sec
-
-
-def _untrained_answers(workdir: WorkDir, states: list[RunState], prompts: list[str]) -> dict[str, str] | None:
-    try:
-        import torch
-
-        from crucible.trainer import evaluate
-
-        model = _untrained_model(workdir, states)
-        if model is None or model[1] is None:
-            return None
-        with torch.no_grad():
-            answers = evaluate.answer_prompts(model[0], model[1], prompts, UNTRAINED_ANSWER_TOKENS)
-        return dict(zip(prompts, answers, strict=True))
-    except Exception:
-        return None
-
-
-def preference_section(states: list[RunState], report: Report) -> Section:
+def preference_section(states: list[RunState]) -> Section:
     sec = Section("Preference tuning")
-    for s in (s for s in states if s.kind == "PreferenceRun"):
+    for s in states:  # the runs of this section's kind
         r = s.status.results
         shown = {k: v for k, v in r.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)
@@ -476,19 +312,15 @@ def preference_section(states: list[RunState], report: Report) -> Section:
         sec.markdown.append(f"**{s.name}** ({r.get('method', 'dpo')}, beta {r.get('beta', '-')}), on held-out pairs:")
         sec.markdown.append("")
         sec.markdown += _md_table(["metric", "value"], [[k, _fmt(float(v), 3)] for k, v in sorted(shown.items())])
-        acc = r.get("preferenceAccuracy")
-        if isinstance(acc, int | float):
-            report.checks.append(Check("DPO preference accuracy on held-out pairs is above 0.5", acc > 0.5,
-                                       f"{acc:.2f}"))
     if not sec.markdown:
-        sec.markdown.append("*No PreferenceRun in this pipeline.*")
+        sec.markdown.append("*No preference tuning in this pipeline.*")
     return sec
 
 
-def quantize_section(states: list[RunState], report: Report) -> Section:
+def quantize_section(states: list[RunState]) -> Section:
     sec = Section("Quantization")
     rows = []
-    for s in (s for s in states if s.kind == "QuantizeJob"):
+    for s in states:  # the runs of this section's kind
         r = s.status.results
         sb, sa = r.get("sizeBytesBefore"), r.get("sizeBytesAfter")
         pb, pa = r.get("perplexityBefore"), r.get("perplexityAfter")
@@ -497,141 +329,307 @@ def quantize_section(states: list[RunState], report: Report) -> Section:
             continue
         sb, sa, pb, pa = float(sb), float(sa), float(pb), float(pa)  # type: ignore[arg-type]
         increase = (pa - pb) / pb if pb else float("nan")
-        threshold = r.get("maxPerplexityIncrease")
         rows.append([s.name, r.get("method", ""), human_bytes(sb), human_bytes(sa), f"{sa / sb:.2f}×",
                      _fmt(pb, 3), _fmt(pa, 3), f"{increase * 100:+.2f} %"])
-        if isinstance(threshold, int | float):
-            report.checks.append(Check(f"{str(r.get('method', 'quantized')).upper()} stays within its perplexity threshold",
-                                       increase <= threshold, f"{increase * 100:+.2f} % (limit {threshold * 100:.0f} %)"))
-        else:
-            report.checks.append(Check("Quantized model stays within its perplexity threshold", True,
-                                       f"{increase * 100:+.2f} % (the job enforces spec.maxPerplexityIncrease)"))
     if rows:
         sec.markdown += _md_table(["job", "method", "size before", "size after", "ratio", "perplexity before",
                                    "perplexity after", "change"], rows)
     elif not sec.markdown:
-        sec.markdown.append("*No QuantizeJob in this pipeline.*")
+        sec.markdown.append("*Nothing quantized in this pipeline.*")
     return sec
 
 
-# ---------------------------------------------------------------------------- render
-def build_report(workdir: WorkDir) -> Report:
-    states = workdir.all_states()
-    report = Report(title=f"Crucible pipeline report — {workdir.root.name}")
-    report.sections.append(overview_section(workdir, states))
-    report.sections.append(funnel_section(workdir, states))
-    report.sections.append(loss_section(workdir, states))
-    with quiet_stderr():
-        ppl, _ = perplexity_section(workdir, states, report)
-        report.sections.append(ppl)
-        report.sections.append(answers_section(workdir, states, report))
-    report.sections.append(preference_section(states, report))
-    report.sections.append(quantize_section(states, report))
-    return report
+
+# ------------------------------------------------------------------------ measurements
+@dataclass
+class Measurements:
+    perplexity: dict[str, float] = field(default_factory=dict)
+    """label ("untrained" or a run name) -> held-out perplexity."""
+    rows: list[list[Any]] = field(default_factory=list)
+    untrained_answers: dict[str, str] = field(default_factory=dict)
+    note: str = ""
 
 
-def _checks_md(report: Report) -> list[str]:
-    if not report.checks:
-        return []
-    mark = {True: "✅", False: "❌", None: "–"}
-    return ["## What changed", ""] + [f"- {mark[c.ok]} {c.what}: {c.detail}" for c in report.checks] + [""]
+def _eval_tokens_uri(states: list[RunState]) -> str | None:
+    for s in states:
+        if s.kind == _data_kind() and s.status.phase == "Succeeded" and s.status.output_uri:
+            return s.status.output_uri
+    return None
 
 
-def render_markdown(report: Report, generated: str) -> str:
-    lines = [f"# {report.title}", "", f"Generated {generated}.", ""]
-    lines += _checks_md(report)
-    for sec in report.sections:
-        lines += [f"## {sec.title}", "", *sec.markdown, ""]
-        lines += [f"![{sec.title}]({name})" for name, _ in sec.images]
-        if sec.images:
-            lines.append("")
-    return "\n".join(lines)
+def _data_kind() -> str:
+    """The kind whose output holds token shards (the one with a ``tokenizer.source`` base model)."""
+    return next((k.name for k in kinds() if k.base_model_field == "tokenizer.source"), "")
 
 
-def render_html(report: Report, generated: str) -> str:
-    """One self-contained page: the Markdown rendered by a tiny converter, images inlined as base64."""
-    body: list[str] = [f"<h1>{html.escape(report.title)}</h1>", f"<p class=meta>Generated {html.escape(generated)}.</p>"]
-    if report.checks:
-        body.append("<h2>What changed</h2><ul class=checks>")
-        for c in report.checks:
-            cls = {True: "ok", False: "bad", None: "na"}[c.ok]
-            sign = {True: "✔", False: "✘", None: "–"}[c.ok]
-            body.append(f"<li class={cls}><b>{sign}</b> {html.escape(c.what)}: {html.escape(c.detail)}</li>")
-        body.append("</ul>")
-    for sec in report.sections:
-        body.append(f"<h2>{html.escape(sec.title)}</h2>")
-        body.append(_markdown_to_html(sec.markdown))
-        for name, png in sec.images:
-            data = base64.b64encode(png).decode()
-            body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
-    style = (
-        "body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
-        "vertical-align:top;text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}"
-        "code{background:#f3f3f3;padding:0 .2em}.meta{color:#777}.checks{list-style:none;padding:0}"
-        ".ok b{color:#1a7f37}.bad b{color:#cf222e}"
-    )
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(report.title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+def _pretrain_kind() -> str:
+    return next((k.name for k in kinds() if k.base_model_field == "model.source"), "")
 
 
-def _inline(text: str) -> str:
-    out = html.escape(text)
-    parts = out.split("**")
-    out = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-    parts = out.split("*")
-    if len(parts) % 2 == 1:
-        out = "".join(f"<i>{p}</i>" if i % 2 else p for i, p in enumerate(parts))
+def _prompts(states: list[RunState]) -> list[str]:
+    out: list[str] = []
+    for s in states:
+        data = _prompts_json(s)
+        for r in data.get("prompts") or []:
+            if r.get("prompt") not in out:
+                out.append(r["prompt"])
     return out
 
 
-def _markdown_to_html(lines: list[str]) -> str:
-    """The subset of Markdown the sections use: paragraphs, bullet lists, pipe tables."""
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("| "):
-            rows = []
-            while i < len(lines) and lines[i].startswith("| "):
-                rows.append(lines[i])
-                i += 1
-            cells = [[c.strip().replace("\\|", "|") for c in _split_row(r)] for r in rows]
-            head, body = cells[0], cells[2:]
-            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
-            out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body]
-            out.append("</table>")
+def _prompts_json(state: RunState) -> dict[str, Any]:
+    out = _output_dir(state)
+    if out is None or state.kind not in model_kinds():
+        return {}
+    try:
+        data = json.loads((out / "eval" / "prompts.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def measure(workdir: WorkDir, states: list[RunState]) -> Measurements:
+    """Perplexity of every trained model and the untrained one's answers, from a trainer subprocess."""
+    m = Measurements()
+    uri = _eval_tokens_uri(states)
+    if uri is None:
+        m.note = f"No {_data_kind()} output to evaluate on."
+        return m
+    pre = next((s for s in states if s.kind == _pretrain_kind() and s.status.phase == "Succeeded"), None)
+    models = [{"label": s.name, "uri": s.status.output_uri} for s in states
+              if s.kind in training_kinds() and s.status.phase == "Succeeded" and s.status.output_uri]
+    spec = workdir.run_dir(pre.namespace, pre.kind, pre.name) / SPEC_FILE if pre is not None else None
+    request = {
+        "tokens": uri, "seqLen": EVAL_SEQ_LEN, "batches": EVAL_BATCHES, "models": models,
+        "untrained": {"spec": str(spec), "output": pre.status.output_uri} if pre and spec and spec.exists() else None,
+        "prompts": _prompts(states), "answerTokens": UNTRAINED_ANSWER_TOKENS,
+    }
+    try:
+        proc = subprocess.run([sys.executable, "-m", "crucible.trainer.report_eval"], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=MEASURE_TIMEOUT_SECONDS, check=False,
+                              env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        answer = json.loads(proc.stdout or "{}")
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        m.note = f"Not measured: {exc}."
+        return m
+    if answer.get("error") or not answer:
+        m.note = f"Not measured: {answer.get('error') or proc.stderr.strip()[-300:]}."
+        return m
+    for row in answer.get("perplexity") or []:
+        m.perplexity[row["label"]] = float(row["perplexity"])
+        label = "before training (step 0)" if row["label"] == "untrained" else \
+            f"after {next((s.kind for s in states if s.name == row['label']), '')} {row['label']}"
+        m.rows.append([label, _fmt(float(row["perplexity"]), 2), _fmt(float(row["loss"])), ""])
+    m.untrained_answers = dict(answer.get("untrainedAnswers") or {})
+    m.note = (f"Measured on the validation split of the {_data_kind()} ({answer.get('tokens', 0):,} tokens; "
+              f"{int(answer.get('batches', EVAL_BATCHES)) * 4} windows of {answer.get('seqLen')} tokens, "
+              "the same windows for every model).")
+    return m
+
+
+def perplexity_section(m: Measurements) -> Section:
+    sec = Section("Held-out perplexity after each stage")
+    sec.markdown.append(f"*{m.note}*" if not m.rows else m.note)
+    if m.rows:
+        sec.markdown.append("")
+        sec.markdown += _md_table(["model", "perplexity", "loss (nats/token)", "note"], m.rows)
+    return sec
+
+
+def stage_answers(states: list[RunState], m: Measurements) -> list[tuple[str, str, dict[str, str]]]:
+    """(column label, run name or "untrained", prompt -> answer): before training, then after each stage."""
+    columns: list[tuple[str, str, dict[str, str]]] = []
+    for s in states:
+        data = _prompts_json(s)
+        if not data:
             continue
-        if line.startswith("- "):
-            out.append("<ul>")
-            while i < len(lines) and lines[i].startswith("- "):
-                out.append(f"<li>{_inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("</ul>")
+        labels = data.get("labels") or ["before", "after"]
+        records = data.get("prompts") or []
+        if not columns:
+            before = {r["prompt"]: r.get(labels[0], "") for r in records}
+            if not any(before.values()):
+                before = {p: m.untrained_answers.get(p, "") for p in before} if m.untrained_answers else before
+            columns.append(("before training", "untrained", before))
+        label = s.kind.removesuffix("Run").removesuffix("Job").lower()
+        columns.append((f"after {label} ({s.name})", s.name, {r["prompt"]: r.get(labels[-1], "") for r in records}))
+    return columns
+
+
+def answers_section(columns: list[tuple[str, str, dict[str, str]]]) -> Section:
+    sec = Section("The same questions before training and after each stage")
+    if not columns:
+        sec.markdown.append("*No stage has answered the evaluation prompts yet (spec.eval.prompts).*")
+        return sec
+    prompts: list[str] = []
+    for _, _, answers in columns:
+        prompts += [p for p in answers if p not in prompts]
+    for prompt in prompts:
+        sec.markdown += [f"**{prompt}**", ""]
+        sec.markdown += _md_table(["model", "answer"], [[label, answers.get(prompt, "").strip() or "*(empty answer)*"]
+                                                        for label, _, answers in columns])
+        sec.markdown.append("")
+    return sec
+
+
+# ------------------------------------------------------------------------------ checks
+@dataclass(frozen=True)
+class CheckSpec:
+    name: str
+    expect: str
+    detail: str = ""
+    source: str = ""
+
+
+def pipeline_folders(workdir: WorkDir) -> list[Path]:
+    """The folders of the YAML files the last ``crucible run`` loaded."""
+    try:
+        sources = json.loads((workdir.root / PIPELINE_FILE).read_text()).get("sources") or []
+    except (OSError, ValueError):
+        return []
+    return list(dict.fromkeys(Path(src).parent for src in sources))
+
+
+def load_checks(folders: list[Path]) -> tuple[list[CheckSpec], list[str]]:
+    """The checks a pipeline declares in ``report-checks.toml`` beside its YAML files.
+
+    Each ``[[check]]`` has a ``name``, an ``expect`` (a Jinja expression that must be true) and
+    an optional ``detail`` (a Jinja template shown beside it). They see ``runs`` (name ->
+    ``{"kind", "phase", "results"}``), ``perplexity`` (``"untrained"`` or a run name -> held-out
+    perplexity) and ``answers`` (``"untrained"`` or a run name -> its answers); the filter
+    ``count_starting(prefix)`` counts answers that start with a prefix. A check whose values
+    are missing (the stage did not run) is left out. Returns (checks, problems).
+    """
+    specs: list[CheckSpec] = []
+    problems: list[str] = []
+    for folder in folders:
+        path = folder / CHECKS_FILE
+        if not path.is_file():
             continue
-        if line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-        i += 1
-    return "\n".join(out)
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            problems.append(f"{path}: {exc}; fix the TOML")
+            continue
+        for i, raw in enumerate(doc.get("check") or []):
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not isinstance(raw.get("expect"), str):
+                problems.append(f"{path}: check[{i}]: needs a string name and a string expect")
+                continue
+            specs.append(CheckSpec(raw["name"], raw["expect"], str(raw.get("detail", "")), str(path)))
+    return specs, problems
 
 
-def _split_row(row: str) -> list[str]:
-    cells, current, escaped = [], "", False
-    for ch in row.strip()[1:-1]:
-        if ch == "|" and not escaped:
-            cells.append(current)
-            current = ""
-        else:
-            current += ch
-        escaped = ch == "\\"
-    cells.append(current)
-    return cells
+def _count_starting(answers: Any, prefix: str) -> int:
+    return sum(1 for a in (answers or []) if str(a).strip().startswith(prefix))
 
 
-def write_report(root: Path | str) -> dict[str, str]:
+def _check_env() -> SandboxedEnvironment:
+    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters["count_starting"] = _count_starting
+    return env
+
+
+def evaluate_checks(specs: list[CheckSpec], context: Mapping[str, Any]) -> tuple[list[Check], list[str]]:
+    env = _check_env()
+    checks: list[Check] = []
+    problems: list[str] = []
+    for spec in specs:
+        try:
+            ok = bool(env.compile_expression(spec.expect, undefined_to_none=False)(**context))
+            detail = env.from_string(spec.detail).render(**context) if spec.detail else ""
+        except jinja2.UndefinedError:
+            continue  # what it looks at was not produced by this pipeline run
+        except (jinja2.TemplateError, TypeError, ValueError, ZeroDivisionError) as exc:
+            problems.append(f"{spec.source}: check {spec.name!r}: {type(exc).__name__}: {exc}")
+            continue
+        checks.append(Check(spec.name, ok, detail))
+    return checks, problems
+
+
+def check_context(states: list[RunState], m: Measurements,
+                  columns: list[tuple[str, str, dict[str, str]]]) -> dict[str, Any]:
+    return {
+        "runs": {s.name: {"kind": s.kind, "phase": s.status.phase, "results": dict(s.status.results)} for s in states},
+        "perplexity": dict(m.perplexity),
+        "answers": {key: list(answers.values()) for _, key, answers in columns},
+    }
+
+
+# ---------------------------------------------------------------------------- assemble
+def kind_sections(states: list[RunState]) -> list[tuple[str, Section]]:
+    """(kind, its own section) of each kind present (``Kind.report_section``), in registry order."""
+    out: list[tuple[str, Section]] = []
+    present = {s.kind for s in states}
+    for k in kinds():
+        if k.name not in present or not k.report_section:
+            continue
+        module, _, function = k.report_section.partition(":")
+        try:
+            built = getattr(importlib.import_module(module), function)([s for s in states if s.kind == k.name])
+        except Exception as exc:  # one kind's broken section must not lose the report
+            out.append((k.name, Section(k.name, [f"*Section not built: {type(exc).__name__}: {exc}.*"])))
+            continue
+        out.append((k.name, built if isinstance(built, Section) else _section_from_mapping(built)))
+    return out
+
+
+def _section_from_mapping(data: Mapping[str, Any]) -> Section:
+    sec = Section(str(data.get("title", "")))
+    if data.get("markdown"):
+        sec.markdown += str(data["markdown"]).splitlines()
+    table = data.get("table")
+    if isinstance(table, Mapping):
+        sec.markdown += _md_table(list(table.get("header") or []), [list(r) for r in table.get("rows") or []])
+    return sec
+
+
+def build_report(workdir: WorkDir, *, measurements: Measurements | None = None) -> Report:
+    states = workdir.all_states()
+    report = Report(title=f"Crucible pipeline report — {workdir.root.name}")
+    m = measurements if measurements is not None else measure(workdir, states)
+    columns = stage_answers(states, m)
+    report.sections.append(overview_section(workdir, states))
+    own = kind_sections(states)
+    # sections of kinds that make inputs (data) come before training; those of model kinds after
+    report.sections += [sec for kind, sec in own if not kind_of(kind).produces_model]
+    report.sections.append(loss_section(workdir, states))
+    report.sections.append(perplexity_section(m))
+    report.sections.append(answers_section(columns))
+    report.sections += [sec for kind, sec in own if kind_of(kind).produces_model]
+    specs, problems = load_checks(pipeline_folders(workdir))
+    report.checks, more = evaluate_checks(specs, check_context(states, m, columns))
+    report.problems = problems + more
+    return report
+
+
+# ------------------------------------------------------------------------------ render
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html", "html.j2"]),
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+
+
+_MD = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+
+def markdown_to_html(lines: list[str]) -> str:
+    """A section's Markdown as HTML (markdown-it-py, CommonMark + tables; raw HTML is escaped)."""
+    return _MD.render("\n".join(lines))
+
+
+def render_markdown(report: Report, generated: str) -> str:
+    return _templates().get_template("report.md.j2").render(report=report, generated=generated)
+
+
+def render_html(report: Report, generated: str) -> str:
+    """One self-contained page: Markdown rendered by markdown-it-py, images inlined as base64."""
+    sections = [{"title": sec.title, "body": markdown_to_html(sec.markdown),
+                 "images": [(name, base64.b64encode(png).decode()) for name, png in sec.images]}
+                for sec in report.sections]
+    return _templates().get_template("report.html.j2").render(report=report, sections=sections, generated=generated)
+
+
+def write_report(root: Path | str, *, measurements: Measurements | None = None) -> dict[str, str]:
     """Write report.md (+ its PNGs) and a self-contained report.html into the work directory."""
     workdir = WorkDir(root)
-    report = build_report(workdir)
+    report = build_report(workdir, measurements=measurements)
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     for sec in report.sections:
         for name, png in sec.images:
@@ -640,6 +638,8 @@ def write_report(root: Path | str) -> dict[str, str]:
     md.write_text(render_markdown(report, generated), encoding="utf-8")
     page = workdir.root / REPORT_HTML
     page.write_text(render_html(report, generated), encoding="utf-8")
+    for problem in report.problems:
+        print(f"report: {problem}", file=sys.stderr)
     return {"markdown": str(md), "html": str(page), "checks": json.dumps([c.__dict__ for c in report.checks])}
 
 

@@ -15,9 +15,15 @@ from typing import Any
 from crucible.api import GROUP, KIND_MODELS
 from crucible.api.registry import kinds
 
-PLURALS = sorted(m.PLURAL for m in KIND_MODELS.values())
 
-RULES: list[dict[str, Any]] = [
+def rules() -> list[dict[str, Any]]:
+    """The operator's ClusterRole rules for the kinds registered now (plug-ins included)."""
+    plurals = sorted(m.PLURAL for m in KIND_MODELS.values())
+    return _rules(plurals)
+
+
+def _rules(PLURALS: list[str]) -> list[dict[str, Any]]:
+    return [
     # Kopf watches the five kinds (no finalizers, no annotations: see handlers.py);
     # reconcile reads referenced runs (get).
     {"apiGroups": [GROUP], "resources": PLURALS, "verbs": ["get", "list", "watch"]},
@@ -49,12 +55,16 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
+RULES: list[dict[str, Any]] = rules()
+PLURALS = sorted(m.PLURAL for m in KIND_MODELS.values())
+
+
 def cluster_role(name: str = "crucible-operator") -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "crucible"}},
-        "rules": RULES,
+        "rules": rules(),
     }
 
 
