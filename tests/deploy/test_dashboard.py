@@ -43,9 +43,9 @@ def _alert_exprs() -> list[str]:
 
 
 def _trainer_metric_names() -> set[str]:
-    from crucible.trainer.metrics import GAUGES
+    from crucible.trainer.metrics import GAUGES, MOE_GAUGES
 
-    return set(GAUGES)
+    return set(GAUGES) | set(MOE_GAUGES)
 
 
 def _operator_metric_names() -> set[str]:

@@ -90,3 +90,31 @@ def test_capacity_drops_and_counts_in_training_only() -> None:
     with torch.no_grad():
         block(x)  # inference never drops, and counts nothing
     assert take_stats(block, 4, torch.device("cpu")).sum() == 0
+
+
+def _train_block(aux_loss_coef: float, steps: int = 60) -> list[float]:
+    """A lone MoE block fitted to a target, its router skewed to expert 0 at the start."""
+    from crucible.trainer.config.training import MoEConfig
+    from crucible.trainer.moe import MoEBlock, summarize_stats, take_stats
+
+    torch.manual_seed(0)
+    block = MoEBlock(16, 32, MoEConfig(numExperts=4, topK=1, auxLossCoef=aux_loss_coef))
+    block.init_weights(0.2)
+    with torch.no_grad():
+        block.gate.weight[0] += 0.5 * torch.randn(16).abs()
+    x, target = torch.randn(1, 256, 16).abs(), 0.1 * torch.randn(1, 256, 16)
+    optimizer = torch.optim.AdamW(block.parameters(), lr=3e-3)
+    imbalance = []
+    for _ in range(steps):
+        ((block(x) - target) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        imbalance.append(summarize_stats(take_stats(block, 4, torch.device("cpu")).tolist(), 4)["moeImbalance"])
+    return imbalance
+
+
+def test_aux_loss_lowers_routing_imbalance_over_training() -> None:
+    without, with_aux = _train_block(0.0), _train_block(0.1)
+    assert without[0] == with_aux[0] == 4.0  # every token on expert 0 at the start
+    assert min(without[-10:]) > 3.5  # the task alone keeps the skew
+    assert max(with_aux[-10:]) < 2.0  # the load-balancing loss spreads the tokens

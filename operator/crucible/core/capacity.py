@@ -122,7 +122,7 @@ def estimate(
         notes.append(f"model.vocabSize is empty (taken from the tokenizer at run time); assumed {DEFAULT_VOCAB}")
     total, flop_params = llama_parameters(model, vocab)
     active: int | None = None
-    if model.moe is not None:  # FLOPs per token come from the active experts only
+    if model.moe_config is not None:  # FLOPs per token come from the active experts only
         from crucible.core.layout import model_parameters
 
         total, active, flop_params = model_parameters(model, vocab)

@@ -44,14 +44,15 @@ def model_parameters(model: ModelConfig, vocab: int) -> tuple[int, int, int]:
     head_dim = d // heads
     attention = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d
     dense_mlp = 3 * d * dense_width(model)
+    moe = model.moe_config
     total_body = active_body = 0
     for i in range(model.num_layers):
         norms = 2 * d
-        if model.moe is not None and (i + 1) % model.moe.every_n_layers == 0:
-            expert = 3 * d * (model.moe.expert_intermediate_size or dense_width(model))
-            router = model.moe.num_experts * d
-            total_body += attention + norms + router + model.moe.num_experts * expert
-            active_body += attention + norms + router + model.moe.top_k * expert
+        if moe is not None and (i + 1) % moe.every_n_layers == 0:
+            expert = 3 * d * (moe.expert_intermediate_size or dense_width(model))
+            router = moe.num_experts * d
+            total_body += attention + norms + router + moe.num_experts * expert
+            active_body += attention + norms + router + moe.top_k * expert
         else:
             total_body += attention + norms + dense_mlp
             active_body += attention + norms + dense_mlp
@@ -108,7 +109,7 @@ def suggest_layout(model: ModelConfig, vocab: int, training: Any, nodes: int, gp
     """
     world = nodes * gpus_per_node
     kv = model.num_kv_heads or model.num_heads
-    moe = model.moe is not None
+    moe = model.moe_config is not None
     options = []
     for tensor in _divisors(gpus_per_node):
         if model.num_heads % tensor or kv % tensor or training.seq_len % tensor or (moe and tensor > 1):

@@ -55,8 +55,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, eos_id: int | None
     if cfg.architecture == "mixtral":
         from crucible.trainer.moe import expert_width, install_moe
 
-        assert cfg.moe is not None
-        install_moe(model, cfg.moe, expert_width(cfg), cfg.initializer_range, seed)
+        moe = cfg.moe_config
+        assert moe is not None
+        install_moe(model, moe, expert_width(cfg), cfg.initializer_range, seed)
     return model
 
 
@@ -75,7 +76,7 @@ def adopt_source(model: torch.nn.Module, cfg: ModelConfig, uri: str) -> torch.nn
             )
         from crucible.trainer.moe import from_mixtral
 
-        return from_mixtral(model, cfg.moe if "moe" in cfg.model_fields_set else None)
+        return from_mixtral(model, cfg.moe)
     if cfg.architecture == "mixtral":
         raise SpecError(
             f"model.architecture: mixtral, but the source {uri} is a {family or 'non-Mixtral'} model; "

@@ -197,8 +197,9 @@ def is_moe_layer(index: int, every_n: int) -> bool:
 def expert_width(cfg: ModelConfig) -> int:
     from crucible.trainer.model import intermediate_size
 
-    assert cfg.moe is not None
-    return cfg.moe.expert_intermediate_size or intermediate_size(cfg)
+    moe = cfg.moe_config
+    assert moe is not None
+    return moe.expert_intermediate_size or intermediate_size(cfg)
 
 
 def install_moe(model: nn.Module, cfg: MoEConfig, width: int, std: float, seed: int | None = None) -> None:
@@ -281,9 +282,10 @@ def from_mixtral(model: nn.Module, cfg: MoEConfig | None) -> nn.Module:
     source_shape = {"numExperts": mc.num_local_experts, "topK": mc.num_experts_per_tok,
                     "expertIntermediateSize": mc.intermediate_size}
     if cfg is not None:
-        for name, value in (("numExperts", cfg.num_experts), ("topK", cfg.top_k),
-                            ("expertIntermediateSize", cfg.expert_intermediate_size)):
-            if value is not None and value != source_shape[name]:
+        for name, attr in (("numExperts", "num_experts"), ("topK", "top_k"),
+                           ("expertIntermediateSize", "expert_intermediate_size")):
+            value = getattr(cfg, attr)
+            if attr in cfg.model_fields_set and value is not None and value != source_shape[name]:
                 raise SpecError(
                     f"model.moe.{name}: {value} differs from the source model's {source_shape[name]}; "
                     "leave it empty to continue with the source's experts"

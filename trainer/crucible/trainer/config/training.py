@@ -97,12 +97,17 @@ class ModelConfig(StrictModel):
         default=None, description="Mixture-of-experts blocks (architecture mixtral); empty with mixtral: the defaults."
     )
 
+    @property
+    def moe_config(self) -> MoEConfig | None:
+        """The MoE settings in effect: ``moe``, or its defaults for architecture mixtral; None for llama."""
+        if self.architecture != "mixtral":
+            return None
+        return self.moe or MoEConfig()
+
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
         if self.moe is not None and self.architecture != "mixtral":
             raise ValueError("moe: set architecture: mixtral to train a mixture-of-experts model")
-        if self.architecture == "mixtral" and self.moe is None:
-            self.moe = MoEConfig()
         if self.moe is not None:
             if self.moe.every_n_layers > self.num_layers:
                 raise ValueError(
