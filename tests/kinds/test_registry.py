@@ -28,7 +28,7 @@ def test_a_second_model_for_a_registered_kind_is_refused() -> None:
         PLURAL = "impostors"
 
     roles, names = one_role("trainer")
-    with pytest.raises(ValueError, match="already registered by crucible.api.pretrainrun"):
+    with pytest.raises(ValueError, match=r"already registered by crucible\.api\.pretrainrun"):
         register(Kind(Impostor, entry=("-m", "x"), roles=roles, role_names=names))
     assert kind_of("PretrainRun").model.__module__ == "crucible.api.pretrainrun"
 
