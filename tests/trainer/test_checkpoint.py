@@ -14,6 +14,7 @@ from crucible.trainer.checkpoint import (
     MANIFEST,
     Checkpointer,
     CheckpointInvalid,
+    CheckpointMismatch,
     step_dir_name,
     young_daly_interval,
 )
@@ -51,7 +52,8 @@ def test_save_resume_restores_model_optimizer_data_and_rng(shards: Path, tmp_pat
     assert fresh.train_step()[0] == expected_next  # bit for bit
     manifest = json.loads((tmp_path / "checkpoints" / step_dir_name(3) / MANIFEST).read_text())
     assert manifest["step"] == 3 and manifest["tokens"] == 3 * 256 and manifest["configHash"]
-    assert set(manifest["files"]) >= {"model.pt", "optimizer.pt", "trainer.json", "rng-rank-00000.pt"}
+    assert set(manifest["files"]) >= {"state/.metadata", "state/__0_0.distcp", "trainer.json", "rng/rank-00000.json"}
+    assert manifest["version"] == 2 and all(meta["rank"] == 0 for meta in manifest["files"].values())
     engine.close()
     fresh.close()
 
@@ -63,20 +65,20 @@ def test_corrupt_and_torn_checkpoints_are_skipped_with_a_reason(shards: Path, tm
         engine.save()
     engine.checkpointer.wait()
     root = tmp_path / "checkpoints"
-    # step 4: a byte flipped in the model; step 3: no manifest (torn); step 2: a file missing
-    model = root / step_dir_name(4) / "model.pt"
+    # step 4: a byte flipped in the shards; step 3: no manifest (torn); step 2: a file missing
+    model = root / step_dir_name(4) / "state" / "__0_0.distcp"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0x01
     model.write_bytes(bytes(data))
     (root / step_dir_name(3) / MANIFEST).unlink()
-    (root / step_dir_name(2) / "optimizer.pt").unlink()
+    (root / step_dir_name(2) / "rng" / "rank-00000.json").unlink()
     LOG.clear()
     found = engine.checkpointer.latest_valid()
     assert found is not None and found[0].step == 1
     reasons = "\n".join(LOG)
-    assert "step-000000004 skipped: model.pt does not match its sha256" in reasons
+    assert "step-000000004 skipped: state/__0_0.distcp does not match its sha256" in reasons
     assert "step-000000003 skipped: no manifest.json" in reasons
-    assert "step-000000002 skipped: optimizer.pt is listed in the manifest but missing" in reasons
+    assert "step-000000002 skipped: rng/rank-00000.json is listed in the manifest but missing" in reasons
     fresh = make_engine(shards, tmp_path)
     assert fresh.resume() == 1
     engine.close()
@@ -148,7 +150,7 @@ def test_s3_checkpoint_manifest_is_the_last_object(
     assert order[-1] == f"{uri}/{step_dir_name(2)}/{MANIFEST}"
     store = st.Storage(S3Config(endpoint_url=s3_server, addressing_style="path"))
     keys = store.list(f"{uri}/{step_dir_name(2)}")
-    assert any(k.endswith("model.pt") for k in keys)
+    assert any(k.endswith("state/__0_0.distcp") for k in keys) and any(k.endswith("state/.metadata") for k in keys)
     saved = _params(engine)
     fresh = make_engine(shards, tmp_path, checkpoint={"uri": uri},
                         storage={"s3": {"endpointUrl": s3_server, "addressingStyle": "path"}})
@@ -156,8 +158,8 @@ def test_s3_checkpoint_manifest_is_the_last_object(
     for key, value in _params(fresh).items():
         assert torch.equal(value, saved[key])
     # a corrupted object on S3 is caught by the checksum as well
-    obj = store.read_bytes(f"{uri}/{step_dir_name(2)}/optimizer.pt")
-    store.write_bytes(f"{uri}/{step_dir_name(2)}/optimizer.pt", obj[:-1] + bytes([obj[-1] ^ 0xFF]))
+    obj = store.read_bytes(f"{uri}/{step_dir_name(2)}/state/__0_0.distcp")
+    store.write_bytes(f"{uri}/{step_dir_name(2)}/state/__0_0.distcp", obj[:-1] + bytes([obj[-1] ^ 0xFF]))
     checkpointer = Checkpointer(uri, store, fresh.env, 3, False, "x", LOG.append)
     assert checkpointer.latest_valid() is None
     engine.close()
@@ -175,3 +177,73 @@ def test_interval_auto_follows_young_daly(shards: Path, tmp_path: Path) -> None:
     assert any("checkpoint interval auto" in line and "Young/Daly" in line for line in LOG), LOG
     cost = max(engine.checkpointer.last_blocking_s, engine.checkpointer.last_total_s)
     assert engine.interval == young_daly_interval(cost, 3600.0, engine._median_step_s)
+
+
+class _RunsCode:
+    """What an attacker pickles: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _rehash(step_dir: Path) -> None:
+    """What an attacker with write access does after editing files: make the manifest agree again."""
+    import hashlib
+
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    for rel, meta in manifest["files"].items():
+        data = (step_dir / rel).read_bytes()
+        meta.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (step_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("target", ["metadata", "bytes_item", "rng"])
+def test_a_tampered_checkpoint_with_a_rehashed_manifest_cannot_run_code(
+    shards: Path, tmp_path: Path, target: str
+) -> None:
+    import io
+    import pickle
+
+    engine = make_engine(shards, tmp_path)
+    _train(engine, 1)
+    engine.save()
+    engine.checkpointer.wait()
+    step_dir = tmp_path / "checkpoints" / step_dir_name(1)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_RunsCode(marker))
+    if target == "metadata":  # DCP's .metadata is a pickle: swap it for one that runs a command
+        (step_dir / "state" / ".metadata").write_bytes(payload)
+    elif target == "bytes_item":  # a non-tensor item (optimizer hyper-parameters) inside the shard file
+        from crucible.trainer.checkpoint import read_dcp_metadata
+
+        metadata = read_dcp_metadata(step_dir / "state" / ".metadata")
+        shard = bytearray((step_dir / "state" / "__0_0.distcp").read_bytes())
+        buf = io.BytesIO()
+        torch.save(_RunsCode(marker), buf)
+        evil = buf.getvalue()
+        for index, info in metadata.storage_data.items():
+            if "param_groups" in index.fqn:  # append the evil item and point the metadata at it
+                info.offset, info.length = len(shard), len(evil)
+        shard += evil
+        (step_dir / "state" / "__0_0.distcp").write_bytes(bytes(shard))
+        (step_dir / "state" / ".metadata").write_bytes(pickle.dumps(metadata))
+    else:
+        (step_dir / "rng" / "rank-00000.json").write_bytes(payload)
+    _rehash(step_dir)
+    LOG.clear()
+    fresh = make_engine(shards, tmp_path)
+    if target == "bytes_item":  # found only while loading: a clear error, not a half-restored run
+        with pytest.raises(CheckpointMismatch, match=r"is not plain data.*refusing to load it"):
+            fresh.resume()
+    else:  # found while verifying: skipped like a corrupt checkpoint, with the reason
+        assert fresh.resume() is None
+        reason = "references posix.system" if target == "metadata" else "rng/rank-00000.json is not valid JSON"
+        assert any(reason in line for line in LOG), LOG
+    assert not marker.exists(), "loading a checkpoint ran a command"
+    engine.close()
+    fresh.close()

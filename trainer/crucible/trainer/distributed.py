@@ -12,14 +12,13 @@ A :class:`Strategy` owns the wrapped model and its optimizer:
 * ``deepspeed``: ZeRO stage 1/2/3 with our torch AdamW as client optimizer (no compiled op
   needed; on CPU the gloo backend, ``reduce_scatter`` off since stage 1/2 then all-reduce).
 
-Checkpoint format. ``ddp`` and ``fsdp`` save the *full* (unsharded) model and optimizer
-state, keyed by parameter name, from rank 0 (``torch.distributed.checkpoint.state_dict``),
-and every rank loads it and re-shards. That makes their checkpoints independent of the world
-size (and of the choice between the two): a run may resume on more or fewer ranks, and the
-engine logs that it resharded. ``deepspeed`` keeps DeepSpeed's own per-rank ZeRO files;
-resuming it on another world size is refused with a message (DeepSpeed's universal
-checkpoint conversion is the way out). Full-state saving costs a gather to rank 0 — for
-models beyond one host's memory use DeepSpeed ZeRO-3 or add a DCP sharded format.
+Checkpoint state. ``ddp`` and ``fsdp`` hand :mod:`crucible.trainer.checkpoint` their
+*sharded* state (:meth:`Strategy.state_dict`: FSDP2's DTensor shards, DDP's replicated
+tensors, keyed by parameter name) for ``torch.distributed.checkpoint``: every rank writes its
+own shards and nothing is gathered; the checkpoint records global shapes, so it loads on
+another world size and across the two strategies. ``deepspeed`` keeps DeepSpeed's own
+per-rank ZeRO files; resuming it on another world size is refused with a message (DeepSpeed's
+universal checkpoint conversion is the way out).
 """
 
 from __future__ import annotations
@@ -109,6 +108,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (a one-element list without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -182,28 +190,48 @@ class Strategy:
             out["optimizer"] = _detached_copy(optim_sd)
         return out
 
-    def load_full_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+    # -- sharded checkpoint state (DCP) ---------------------------------------------------------
 
-        missing = {name for name, _ in self.module.named_parameters()} - set(model_sd)
-        if missing - self.frozen_parameter_names():
-            raise RuntimeError(f"the checkpoint lacks trainable parameters, e.g. {sorted(missing)[:3]}")
-        # Frozen parameters (a LoRA base) are not in checkpoints: they stay as loaded from the base.
-        set_model_state_dict(self.module, model_sd, options=StateDictOptions(full_state_dict=True, strict=not missing))
-        opts = StateDictOptions(full_state_dict=True, strict=True)
-        if optim_sd is not None:
-            set_optimizer_state_dict(self.module, self.optimizer, optim_sd, options=opts)
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shards of model and optimizer state, for DCP; frozen parameters left out.
+
+        The tensors are the live ones (FSDP2: DTensors over the local shards), so a DCP load into
+        this dict followed by :meth:`load_state_dict` restores the training state in place.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=StateDictOptions())
+        frozen = self.frozen_parameter_names()
+        state: dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if k not in frozen},
+                                 "optimizer": optim_sd}
+        state.update(self.extra_state())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        frozen = self.frozen_parameter_names()
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(strict=not frozen))
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict[str, Any]:
+        """More state that travels in the checkpoint (the fp16 loss scaler)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
 
     def save_local(self, directory: Path) -> list[Path]:
-        """Strategy-owned per-rank checkpoint files (DeepSpeed); none for full-state strategies."""
+        """Strategy-owned per-rank checkpoint files (DeepSpeed); none for DCP strategies."""
         return []
 
     def load_local(self, directory: Path) -> None:
         raise NotImplementedError
+
+    def owns_checkpoint_file(self, name: str) -> bool:
+        """Whether this rank reads ``name`` of a strategy-owned (DeepSpeed) checkpoint."""
+        return True
 
     def export_state(self) -> dict[str, torch.Tensor] | None:
         """The full model weights on rank 0 (for the Hugging Face export); collective."""
@@ -354,6 +382,10 @@ class DeepSpeedStrategy(Strategy):
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+    def owns_checkpoint_file(self, name: str) -> bool:
+        owner = _rank_of(name)
+        return owner is None or owner == self.env.rank
 
     def export_state(self) -> dict[str, torch.Tensor] | None:
         import deepspeed

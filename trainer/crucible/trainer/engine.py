@@ -296,7 +296,7 @@ class Engine:
     def resume(self) -> int | None:
         if self.config.checkpoint.resume == "never":
             return None
-        found = self.checkpointer.latest_valid()
+        found = self.checkpointer.latest_valid(self.strategy)
         if found is None:
             return None
         ref, local = found
@@ -326,7 +326,7 @@ class Engine:
                 f"({self.config.loss_spike.max_rollbacks}); lower optimizer.lr or raise warmupSteps"
             )
         self.checkpointer.wait()
-        found = self.checkpointer.latest_valid()
+        found = self.checkpointer.latest_valid(self.strategy)
         if found is None:
             self.log(f"loss spike ({spike.describe()}) but no checkpoint to roll back to; continuing")
             return
@@ -439,11 +439,14 @@ class Engine:
     def fit(self) -> FitResult:
         cfg = self.config
         watchdog = Watchdog(float(cfg.failure_policy.hang_timeout_seconds)).start()
+        # checkpoint download, verification and load beat as they make progress: a long restore is not a hang
+        self.checkpointer.progress = watchdog.beat
         previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             return self._fit(watchdog)
         finally:
             watchdog.stop()
+            self.checkpointer.progress = None
             signal.signal(signal.SIGTERM, previous_sigterm)
             self.metrics.close()
 

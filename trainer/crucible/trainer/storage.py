@@ -21,10 +21,11 @@ Local writes are atomic (temporary file + rename), so a reader never sees half a
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,12 +188,26 @@ class Storage:
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))
 
-    def upload_file(self, local: str | os.PathLike[str], uri: str) -> None:
-        """Copy a local file to ``uri``; multipart above 64 MiB on S3, atomic rename locally."""
+    def upload_file(self, local: str | os.PathLike[str], uri: str, sha256: str | None = None) -> None:
+        """Copy a local file to ``uri``; multipart above 64 MiB on S3, atomic rename locally.
+
+        With ``sha256`` (the file's hex digest) S3 checks the object against it on arrival (one
+        part), or every part against its own SHA-256 checksum (multipart), so a byte flipped on
+        the wire fails the upload instead of landing in a checkpoint.
+        """
         if is_s3(uri):
             loc = S3Location.parse(uri)
+            size = Path(local).stat().st_size
+            if sha256 is not None and size < MULTIPART_THRESHOLD:
+                checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+                with open(local, "rb") as body:
+                    self._s3_call(uri, self.client.put_object, Bucket=loc.bucket, Key=loc.key, Body=body,
+                                  ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum)
+                return
+            extra = {"ChecksumAlgorithm": "SHA256"} if sha256 is not None else None
             self._s3_call(
-                uri, self.client.upload_file, str(local), loc.bucket, loc.key, Config=self._transfer_config()
+                uri, self.client.upload_file, str(local), loc.bucket, loc.key, Config=self._transfer_config(),
+                ExtraArgs=extra,
             )
             return
         dest = Path(uri)
@@ -205,12 +220,16 @@ class Storage:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
 
-    def download_file(self, uri: str, local: str | os.PathLike[str]) -> None:
+    def download_file(
+        self, uri: str, local: str | os.PathLike[str], progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Copy ``uri`` to the local file ``local``; ``progress(bytes)`` is called as the bytes arrive."""
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         if is_s3(uri):
             loc = S3Location.parse(uri)
             self._s3_call(
-                uri, self.client.download_file, loc.bucket, loc.key, str(local), Config=self._transfer_config()
+                uri, self.client.download_file, loc.bucket, loc.key, str(local), Config=self._transfer_config(),
+                Callback=progress,
             )
             return
         if not Path(uri).is_file():
