@@ -644,6 +644,10 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException
 
         state = strategy.state_dict()
+        saved = read_dcp_metadata(directory / ".metadata").state_dict_metadata
+        if "scaler" in state and not any(k.startswith("scaler.") for k in saved):
+            state.pop("scaler")  # written by an fp32/bf16 run: the fp16 loss scale starts fresh
+            self.log("note: the checkpoint has no fp16 loss-scaler state; the loss scale starts fresh")
         reader, planner = _dcp_reader_and_planner(directory, self._beat)
         try:
             with warnings_quiet():

@@ -108,6 +108,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def _flat_optimizer() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """``obj`` from every rank, in rank order (a one-element list without a process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -130,27 +136,57 @@ class Strategy:
     world_size_bound = False
 
     def __init__(self, module: torch.nn.Module, env: DistEnv, training: TrainingConfig) -> None:
+        from crucible.trainer.precision import LossScaler, resolve
+
         self.module = module  # the unwrapped Hugging Face model
         self.env = env
         self.training = training
         self.model: Any = module  # what forward is called on
         self.optimizer: torch.optim.Optimizer
+        self.precision = resolve(training.precision, env.device, self.name)
+        #: True when the low precision lives in the parameters (FSDP2 MixedPrecisionPolicy), not autocast
+        self.precision_in_params = False
+        self.scaler = LossScaler() if self.precision.loss_scaling else None
+        #: whether the last optimizer step was skipped because fp16 gradients overflowed
+        self.skipped_last_step = False
 
     @contextlib.contextmanager
     def micro_step(self, last: bool) -> Iterator[None]:
         yield
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        loss.backward()
+        (loss * self.scaler.scale if self.scaler is not None else loss).backward()
 
     def optimizer_step(self, lr: float, grad_clip: float) -> float:
-        """Clip, step, zero grads; the global grad norm before clipping."""
+        """Clip, step, zero grads; the global grad norm before clipping (NaN for a skipped fp16 step)."""
         set_lr(self.optimizer, lr)
         params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            return self._scaled_step(params, grad_clip)
         max_norm = grad_clip if grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _scaled_step(self, params: list[torch.nn.Parameter], grad_clip: float) -> float:
+        """fp16: the global norm of the scaled gradients decides (on every rank alike) whether to skip."""
+        assert self.scaler is not None
+        grads = [p.grad for p in params if p.grad is not None]
+        norm: Any = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        scale = self.scaler.scale
+        self.skipped_last_step = self.scaler.update(float(norm))
+        if self.skipped_last_step:
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
+        torch._foreach_mul_(grads, 1.0 / scale)
+        norm = norm / scale
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -198,9 +234,11 @@ class Strategy:
         The tensors are the live ones (FSDP2: DTensors over the local shards), so a DCP load into
         this dict followed by :meth:`load_state_dict` restores the training state in place.
         """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=StateDictOptions())
+        # optimizer state flattened to parameter names, so layouts that split the model (pipeline
+        # stages) and those that do not hold the same keys and load each other's checkpoints
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=_flat_optimizer())
         frozen = self.frozen_parameter_names()
         state: dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if k not in frozen},
                                  "optimizer": optim_sd}
@@ -212,15 +250,17 @@ class Strategy:
 
         frozen = self.frozen_parameter_names()
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=StateDictOptions(strict=not frozen))
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(strict=not frozen, flatten_optimizer_state_dict=True))
         self.load_extra_state(state)
 
     def extra_state(self) -> dict[str, Any]:
         """More state that travels in the checkpoint (the fp16 loss scaler)."""
-        return {}
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def save_local(self, directory: Path) -> list[Path]:
         """Strategy-owned per-rank checkpoint files (DeepSpeed); none for DCP strategies."""
@@ -288,11 +328,10 @@ class FSDPStrategy(Strategy):
 
         module.to(env.device)
         mesh = init_device_mesh(env.device.type, (env.world_size,))
-        bf16 = env.device.type == "cuda" and training.precision != "fp32"
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
         kwargs: dict[str, Any] = {"mesh": mesh}
-        if mp is not None:
-            kwargs["mp_policy"] = mp
+        if env.device.type == "cuda" and self.precision.dtype is not None:  # on CPU: autocast (gloo)
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.precision.dtype, reduce_dtype=torch.float32)
+            self.precision_in_params = True
         for layer in _decoder_layers(module):
             fully_shard(layer, **kwargs)
         fully_shard(module, **kwargs)
@@ -329,8 +368,9 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(module, env, training)
         import deepspeed
 
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
+
         module.to(env.device)
-        bf16 = env.device.type == "cuda" and training.precision != "fp32"
         zero: dict[str, Any] = {"stage": training.zero_stage}
         if env.device.type == "cpu":
             zero["reduce_scatter"] = False  # gloo has no reduce_scatter for stage 1/2 buckets
@@ -342,7 +382,8 @@ class DeepSpeedStrategy(Strategy):
             "train_batch_size": training.micro_batch_size * grad_accum * env.world_size,
             "gradient_clipping": optim.grad_clip,
             "zero_optimization": zero,
-            "bf16": {"enabled": bf16},
+            "bf16": {"enabled": self.precision.name == "bf16"},
+            "fp16": {"enabled": self.precision.name == "fp16"},  # DeepSpeed's own dynamic loss scaling
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**12,
             "wall_clock_breakdown": False,

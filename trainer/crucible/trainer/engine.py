@@ -21,9 +21,9 @@ An objective knows its data and its loss; the engine owns everything else::
 
 The engine: process group and strategy (ddp / FSDP2 / DeepSpeed ZeRO; only parameters with
 ``requires_grad`` are optimized, so LoRA works unchanged), gradient accumulation up to
-``training.globalBatchTokens``, clipping, the LR schedule, bf16 autocast on CUDA, atomic
-checkpoints with resume (model, optimizer, RNG, data position, skipped windows), loss-spike
-rollback/alert, the hang watchdog, Prometheus + metrics.jsonl, and held-out evaluation.
+``training.globalBatchTokens``, clipping, the LR schedule, ``training.precision`` (bf16/fp16
+autocast, fp16 loss scaling), sharded checkpoints with resume (model, optimizer, RNG, data
+position, skipped windows), loss-spike rollback/alert, the hang watchdog, Prometheus + metrics.jsonl, and held-out evaluation.
 ``Engine(...).fit()`` returns the measured results; :meth:`Engine.export` writes the final
 Hugging Face model and :mod:`crucible.trainer.output` the ``_SUCCESS`` receipt.
 """
@@ -54,6 +54,7 @@ from crucible.trainer.flops import count_params, flops_per_token, mfu, peak_flop
 from crucible.trainer.loss_spike import LossSpikeDetector, Spike
 from crucible.trainer.metrics import Metrics, StepLog
 from crucible.trainer.optim import lr_at
+from crucible.trainer.precision import autocast
 from crucible.trainer.sampler import ResumableIterator
 from crucible.trainer.watchdog import Watchdog
 
@@ -92,6 +93,8 @@ class FitResult:
     tokens_per_second: float = 0.0
     mfu: float | None = None
     resumed_from: int | None = None
+    precision: str = "fp32"
+    overflow_steps: int | None = None
 
     def results(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -110,6 +113,9 @@ class FitResult:
         out.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in self.eval.items() if k not in ("loss", "perplexity")})
         if self.resumed_from is not None:
             out["resumedFromStep"] = self.resumed_from
+        out["precision"] = self.precision  # what `precision: auto` chose, or what was asked for
+        if self.overflow_steps is not None:
+            out["overflowSteps"] = self.overflow_steps
         return out
 
 
@@ -205,9 +211,8 @@ class Engine:
         self.ctx = TrainContext(
             config, data_env, self.store, tokenizer, tr.seq_len, tr.micro_batch_size, self.grad_accum, tr.seed
         )
-        self.bf16_autocast = (
-            env.device.type == "cuda" and tr.precision != "fp32" and self.strategy.name == "ddp"
-        )
+        self.precision = self.strategy.precision
+        self.use_autocast = self.precision.dtype is not None and not self.strategy.precision_in_params
         ckpt_uri = config.checkpoint.uri or st.join(config.output.uri or "", "checkpoints")
         self.checkpointer = Checkpointer(
             ckpt_uri, self.store, env, config.checkpoint.keep, config.checkpoint.async_save,
@@ -252,8 +257,8 @@ class Engine:
                 for k, v in batch.items()}
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.bf16_autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.use_autocast:
+            return autocast(self.precision, self.env.device)
         return contextlib.nullcontext()
 
     def trainer_state(self) -> dict[str, Any]:
@@ -462,6 +467,7 @@ class Engine:
             f"{self.data_size} data-parallel ranks × {cfg.training.micro_batch_size} × {cfg.training.seq_len} tokens "
             f"× {self.grad_accum} accumulation, strategy {self.strategy.name}, device {self.env.device}"
             + (f", layout {self.strategy.layout.describe()}" if hasattr(self.strategy, "layout") else "")
+            + f", precision {self.precision.name} ({self.precision.reason})"
         )
         step_times: list[float] = []
         last_eval: dict[str, float] = {}
@@ -496,6 +502,13 @@ class Engine:
             )
             record = {"step": self.step, "loss": loss, "lr": lr, "gradNorm": grad_norm, "tokens": self.tokens,
                       "tokensPerSecond": round(tps, 2), "mfu": util, "stepSeconds": round(elapsed, 5), **extras}
+            scaler = self.strategy.scaler
+            if scaler is not None:  # fp16: the scale, and whether this step's update was skipped (overflow)
+                record.update(lossScale=scaler.scale, overflowSteps=scaler.overflows)
+                if self.strategy.skipped_last_step:
+                    record["overflowSkipped"] = True
+                    self.log(f"step {self.step}: fp16 gradients overflowed; update skipped, loss scale now "
+                             f"{scaler.scale:g} ({scaler.overflows} skipped so far)")
             if self.moe_experts:
                 self.metrics.set_moe(extras["moeExpertShare"], extras["moeDroppedFraction"], extras["moeAuxLoss"],
                                      extras["moeImbalance"])
@@ -528,6 +541,8 @@ class Engine:
             tokens_per_second=tps,
             mfu=mfu(tps, self.flops_per_token, self.peak, self.env.world_size),
             resumed_from=resumed,
+            precision=self.precision.name,
+            overflow_steps=self.strategy.scaler.overflows if self.strategy.scaler is not None else None,
         )
 
     def _eval_and_record(self) -> dict[str, float]:

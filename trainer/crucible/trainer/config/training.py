@@ -227,9 +227,14 @@ class TrainingConfig(StrictModel):
         default=None, ge=1, description="Alternative to maxSteps: stop after this many tokens."
     )
     seed: int = Field(default=1234, ge=0, description="Seed for init, data order and dropout.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto",
-        description="auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU.",
+        description=(
+            "bf16: bf16 autocast, fp32 master weights; fp16: fp16 autocast with dynamic loss scaling "
+            "(overflow steps skipped and counted); fp32; auto: bf16 on GPUs that have it, else fp16, "
+            "fp32 on CPU (the choice is recorded in the results). A precision the device cannot run "
+            "is an error at start."
+        ),
     )
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         default="ddp", description="Data parallelism: DDP, FSDP2 fully_shard, or DeepSpeed ZeRO."

@@ -11,10 +11,10 @@ Built from ``training.parallelism`` on a :func:`~crucible.trainer.parallel.mesh.
    step's accumulation micro-batches (they are the pipeline's microbatches).
 
 The gradient norm is the norm over every stage (DTensor norms, then an all-reduce of squares over
-the pipeline dimension), clipped as one. Checkpoints use the engine's full-state format: every
-stage's leader gathers its chunk's model and optimizer state (Hugging Face names), rank 0 collects
-the chunks, and on load each rank takes its own keys — so a checkpoint of any layout resumes in any
-other layout, or under ddp/fsdp, and vice versa.
+the pipeline dimension), clipped as one. Checkpoints are the engine's sharded DCP format: every
+rank hands its stages' own shards (Hugging Face names, optimizer state flattened to parameter
+names) to :mod:`crucible.trainer.checkpoint`, nothing is gathered, and DCP's global metadata lets a
+checkpoint of any layout resume in any other layout, or under ddp/fsdp, and vice versa.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ class ParallelStrategy(Strategy):
         kwargs: dict[str, Any] = {"mesh": data_mesh(self.mesh, self.layout)}
         if self.env.device.type == "cuda" and self.training.precision != "fp32":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            self.precision_in_params = True
         for layer in stage.model.layers.values():
             fully_shard(layer, **kwargs)
         fully_shard(stage, **kwargs)
@@ -219,6 +220,38 @@ class ParallelStrategy(Strategy):
             if with_optimizer:
                 _merge_optimizer(out["optimizer"], part["optimizer"])
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every stage's own shards (DTensors over tp and data dims) for the sharded DCP checkpoint."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)  # keyed by parameter name, as ddp/fsdp
+        model_sd: dict[str, Any] = {}
+        optim_sd: dict[str, Any] = {}
+        for stage, optimizer in zip(self.stages, self.optimizers, strict=True):
+            model_sd.update(get_model_state_dict(stage))
+            optim_sd.update(get_optimizer_state_dict(stage, optimizer, options=flat))
+        return {"model": model_sd, "optimizer": optim_sd, **self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        for stage, optimizer in zip(self.stages, self.optimizers, strict=True):
+            names = set(stage.state_dict().keys())
+            set_model_state_dict(stage, {k: v for k, v in state["model"].items() if k in names})
+            prefixes = tuple(f"{kind}.{n}." for n in names for kind in ("state", "param_groups"))
+            own = {k: v for k, v in state["optimizer"].items() if k.startswith(prefixes)}
+            set_optimizer_state_dict(stage, optimizer, own, options=flat)
+        self.load_extra_state(state)
 
     def load_full_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
         from torch.distributed.checkpoint.state_dict import (
