@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# GPU checks for a session that has a GPU: each section bounded by `timeout`, figures as JSON
+# under "$OUT" (default ./out/gpu). Run from the repository root:  bash bench/gpu/run.sh
+# Sections append below; keep each one at most ~2 minutes.
+set -u
+OUT="${OUT:-out/gpu}"
+mkdir -p "$OUT"
+PY="${PYTHON:-.venv/bin/python}"
+export PYTHONPATH="operator:trainer${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+
+section() {  # section NAME SECONDS CMD...: run CMD bounded, record its exit status in $OUT/NAME.rc
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (at most ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$rc" >"$OUT/$name.rc"
+  [ "$rc" -eq 0 ] || { echo "   $name failed (exit $rc), see $OUT/$name.log"; status=1; }
+}
+
+# -- par3d (#14): MoE vs dense step time on one GPU, same active parameters --------------------
+section moe_vs_dense 120 "$PY" bench/gpu/moe_vs_dense.py --out "$OUT/moe_vs_dense.json" --steps 20
+
+exit $status
