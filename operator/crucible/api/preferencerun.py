@@ -1,4 +1,4 @@
-"""PreferenceRun: DPO (sigmoid, IPO, hinge) against a frozen reference, or a reward model."""
+"""PreferenceRun: DPO (sigmoid, IPO, hinge), a reward model, online RL (GRPO, RLOO, PPO), critique-revision pairs."""
 
 from __future__ import annotations
 
@@ -22,8 +22,14 @@ class PreferenceRun(Resource):
     KIND: ClassVar[str] = "PreferenceRun"
     PLURAL: ClassVar[str] = "preferenceruns"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("prr",)
-    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {"model": MODEL_KINDS, "reference": MODEL_KINDS}
-    IMMUTABLE: ClassVar[tuple[str, ...]] = ("model", "reference", "dataset", "method")
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": MODEL_KINDS,
+        "reference": MODEL_KINDS,
+        "dataset": ("PreferenceRun",),  # pairs written by a critique-revision run
+        "prompts": ("PreferenceRun",),  # the prompts of a critique-revision run's pairs
+        "reward.model": ("PreferenceRun",),  # a reward-model run (checked by the trainer)
+    }
+    IMMUTABLE: ClassVar[tuple[str, ...]] = ("model", "reference", "dataset", "prompts", "reward", "method")
     EXTRA_CEL: ClassVar[list] = []
 
     spec: PreferenceRunSpec = Field(description="What to align and where.")

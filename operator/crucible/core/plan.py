@@ -126,7 +126,8 @@ def resolve_spec(resource: Resource, inputs: Mapping[str, str]) -> dict[str, Any
         *head, last = path.split(".")
         for part in head:
             parent = parent[part]
-        parent[last] = {"uri": uri}
+        # keep the node's other fields (a dataset's promptField, validationFraction, ...)
+        parent[last] = {**{k: v for k, v in parent[last].items() if k != "fromRun"}, "uri": uri}
     return spec
 
 

@@ -122,7 +122,7 @@ class FitResult:
 def config_hash(config: TrainStageConfig) -> str:
     """Hash of what decides the training math (not max steps, checkpoint or metrics settings)."""
     wire = config.to_wire()
-    relevant = {k: wire.get(k) for k in ("model", "optimizer", "method", "lora", "dpo")}
+    relevant = {k: wire.get(k) for k in ("model", "optimizer", "method", "lora", "dpo", "rl", "reward", "prompts")}
     training = dict(wire.get("training", {}))
     for volatile in ("maxSteps", "maxTokens", "evalEvery", "evalBatches", "compile"):
         training.pop(volatile, None)
@@ -500,6 +500,11 @@ class Engine:
                 train_tokens_per_second=tps, train_mfu_ratio=util or 0.0, train_grad_norm=grad_norm,
                 train_learning_rate=lr, train_loss_spikes_total=self.detector.spikes,
             )
+            step_metrics = getattr(self.objective, "step_metrics", None)  # e.g. RL: generation share, its gauges
+            if step_metrics is not None:
+                more, gauges = step_metrics(extras, elapsed)
+                extras = {**extras, **more}
+                self.metrics.set(**gauges)
             record = {"step": self.step, "loss": loss, "lr": lr, "gradNorm": grad_norm, "tokens": self.tokens,
                       "tokensPerSecond": round(tps, 2), "mfu": util, "stepSeconds": round(elapsed, 5), **extras}
             scaler = self.strategy.scaler

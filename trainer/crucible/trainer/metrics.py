@@ -25,6 +25,13 @@ GAUGES = {
     "crucible_train_learning_rate": "Learning rate of the last step.",
     "crucible_train_loss_spikes_total": "Loss spikes detected.",
     "crucible_train_eval_loss": "Held-out loss of the last evaluation.",
+    "crucible_rl_reward_mean": "RL: mean reward of the last batch of samples.",
+    "crucible_rl_reward_std": "RL: standard deviation of that reward.",
+    "crucible_rl_kl": "RL: mean per-token KL estimate to the frozen reference.",
+    "crucible_rl_entropy": "RL: mean per-token entropy of the policy on its samples.",
+    "crucible_rl_clip_fraction": "RL: share of tokens (sequences for RLOO) whose probability ratio was clipped.",
+    "crucible_rl_response_length": "RL: mean completion length in tokens.",
+    "crucible_rl_generation_share": "RL: share of the last step's wall time spent sampling.",
     "crucible_checkpoint_save_seconds": "Wall time of the last checkpoint save (blocking + background).",
     "crucible_checkpoint_last_step": "Step of the newest complete checkpoint.",
 }

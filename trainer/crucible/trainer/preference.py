@@ -294,7 +294,24 @@ def build_policy(config: PreferenceConfig, ws: Workspace, pad_id: int) -> Any:
     return lora.wrap(model, config.lora, task, seed=config.training.seed)
 
 
-def build_reference(config: PreferenceConfig, ws: Workspace, policy: Any, device: torch.device) -> Reference:
+def check_same_tokenizer(tokenizer: Any, ref_dir: Any) -> None:
+    """The reference's token log-probs are compared with the policy's token by token: same vocabulary."""
+    from transformers import AutoTokenizer
+
+    try:
+        ref_tok = AutoTokenizer.from_pretrained(str(ref_dir))
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"spec.reference.uri: {ref_dir} has no usable tokenizer ({exc})") from exc
+    if ref_tok.get_vocab() != tokenizer.get_vocab() or ref_tok.eos_token_id != tokenizer.eos_token_id:
+        raise SpecError(
+            f"spec.reference.uri: the reference's tokenizer differs from the policy's ({len(ref_tok)} vs "
+            f"{len(tokenizer)} tokens, EOS {ref_tok.eos_token_id} vs {tokenizer.eos_token_id}); the KL compares "
+            "their log-probs token by token, so use a reference trained from the same base"
+        )
+
+
+def build_reference(config: PreferenceConfig, ws: Workspace, policy: Any, device: torch.device,
+                    tokenizer: Any = None) -> Reference:
     from crucible.trainer import lora
     from crucible.trainer.posttrain_io import local_model
 
@@ -306,6 +323,8 @@ def build_reference(config: PreferenceConfig, ws: Workspace, policy: Any, device
     ref_dir = ws.base_dir if ref_uri in (None, ws.base_uri) else local_model(
         ws.store, str(ref_uri), "spec.reference.uri", ws.cache / "reference"
     )
+    if tokenizer is not None:
+        check_same_tokenizer(tokenizer, ref_dir)
     frozen = lora.load_base(ref_dir, "lora").to(device)
     if frozen.config.vocab_size != policy.config.vocab_size:
         raise SpecError(
@@ -317,9 +336,22 @@ def build_reference(config: PreferenceConfig, ws: Workspace, policy: Any, device
 
 def run(config: PreferenceConfig) -> int:
     from crucible.trainer import evaluate, lora
+    from crucible.trainer.config.stages import RL_METHODS
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
     from crucible.trainer.sft_data import pad_id_of
 
+    if config.method in RL_METHODS:
+        from crucible.trainer.rl.stage import run as run_rl
+
+        return run_rl(config)
+    if config.method == "critique-revision":
+        from crucible.trainer.rl.critique import run as run_critique
+
+        return run_critique(config)
+    dataset = config.dataset
+    assert dataset is not None  # the config requires it for dpo and reward-model
+    if not dataset.uri:
+        raise SpecError("spec.dataset.fromRun was not resolved to spec.dataset.uri")
     if config.method == "reward-model" and config.eval.harness_tasks:
         raise SpecError("eval.harnessTasks: a reward model scores text, it is not a causal LM the harness can run; "
                         "remove harnessTasks or use method dpo")
@@ -330,7 +362,7 @@ def run(config: PreferenceConfig) -> int:
     env = init_distributed(timeout_s=float(config.failure_policy.hang_timeout_seconds))
     try:
         tokenizer = load_tokenizer(ws.base_dir)
-        data = build_preference_data(config.dataset, tokenizer, config.training.seq_len, config.training.seed, ws.store)
+        data = build_preference_data(dataset, tokenizer, config.training.seq_len, config.training.seed, ws.store)
         log(f"data: {data.stats.to_json()}")
         policy = build_policy(config, ws, pad_id_of(tokenizer))
         trainable, total = lora.trainable_parameters(policy)
@@ -339,7 +371,7 @@ def run(config: PreferenceConfig) -> int:
         objective: DpoObjective | RewardModelObjective
         policy.to(env.device)
         if config.method == "dpo":
-            reference = build_reference(config, ws, policy, env.device)
+            reference = build_reference(config, ws, policy, env.device, tokenizer)
             objective = DpoObjective(data, reference, config.dpo.beta, config.dpo.loss, config.dpo.label_smoothing)
             if config.dpo.precompute_reference:
                 for pairs in (data.train, data.validation):
@@ -397,7 +429,7 @@ def run(config: PreferenceConfig) -> int:
                                 "referencePrecomputed": config.dpo.precompute_reference})
             ref = config.reference.uri if config.reference is not None else None
             publish_and_succeed(ws, STAGE, input_receipts(ws, model=ws.base_uri, reference=ref,
-                                                          dataset=config.dataset.uri), results)
+                                                          dataset=dataset.uri), results)
             log(f"wrote {written} to {ws.out_uri}; held-out preference accuracy "
                 f"{before.get('preferenceAccuracy')} -> {after.get('preferenceAccuracy')}")
         barrier()

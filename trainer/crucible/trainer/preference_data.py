@@ -185,6 +185,8 @@ def build_preference_data(
 ) -> PreferenceData:
     """Read, tokenize and split the pairs of a PreferenceRun."""
     store = store or Storage()
+    if not spec.uri:
+        raise SpecError("spec.dataset.fromRun was not resolved to spec.dataset.uri")
     records = read_jsonl(jsonl_files(spec.uri, store, "spec.dataset.uri"))
     if not records:
         raise SpecError(f"spec.dataset.uri: {spec.uri} holds no records")

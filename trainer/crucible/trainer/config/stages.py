@@ -15,10 +15,12 @@ from crucible.trainer.config.common import (
     InputRef,
     MetricsConfig,
     OutputConfig,
+    RunRef,
     StorageConfig,
     StrictModel,
 )
 from crucible.trainer.config.data import DataPipelineConfig
+from crucible.trainer.config.rl import CritiqueConfig, PromptDataset, RewardConfig, RlConfig
 from crucible.trainer.config.training import (
     CheckpointConfig,
     LossSpikeConfig,
@@ -114,11 +116,20 @@ class FinetuneConfig(TrainStageConfig):
 
 
 class PreferenceDataset(StrictModel):
-    uri: str = Field(min_length=1, description="jsonl of {prompt, chosen, rejected}; local path or s3://.")
+    uri: str | None = Field(default=None, min_length=1, description="jsonl of {prompt, chosen, rejected}; local path or s3://.")
+    from_run: RunRef | None = Field(
+        default=None, description="The pairs a critique-revision PreferenceRun wrote (its output's jsonl files)."
+    )
     prompt_field: str = Field(default="prompt", description="Prompt field.")
     chosen_field: str = Field(default="chosen", description="Preferred response field.")
     rejected_field: str = Field(default="rejected", description="Dispreferred response field.")
     validation_fraction: float = Field(default=0.1, ge=0, lt=1, description="Held-out fraction.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PreferenceDataset:
+        if (self.uri is None) == (self.from_run is None):
+            raise ValueError("uri: set exactly one of fromRun or uri")
+        return self
 
 
 class DpoConfig(StrictModel):
@@ -130,16 +141,73 @@ class DpoConfig(StrictModel):
     )
 
 
+RL_METHODS = ("grpo", "rloo", "ppo")
+PAIR_METHODS = ("dpo", "reward-model")
+
+
 class PreferenceConfig(TrainStageConfig):
-    """Preference optimization (DPO variants) or a Bradley-Terry reward model."""
+    """Preference optimization: DPO variants, a Bradley-Terry reward model, online RL against a reward
+    (GRPO, RLOO, PPO), or critique-revision pairs for DPO written by the model itself."""
 
     model: InputRef = Field(description="Policy to start from (Hugging Face format).")
     reference: InputRef | None = Field(default=None, description="Frozen reference; empty: the starting policy.")
-    dataset: PreferenceDataset = Field(description="Preference pairs.")
-    method: Literal["dpo", "reward-model"] = Field(default="dpo", description="What to train.")
+    dataset: PreferenceDataset | None = Field(default=None, description="Preference pairs (dpo, reward-model).")
+    method: Literal["dpo", "reward-model", "grpo", "rloo", "ppo", "critique-revision"] = Field(
+        default="dpo", description="What to train (or, critique-revision, which pairs to write)."
+    )
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="DPO settings.")
+    prompts: PromptDataset | None = Field(default=None, description="Prompts (grpo, rloo, ppo, critique-revision).")
+    reward: RewardConfig | None = Field(default=None, description="What a completion scores (grpo, rloo, ppo).")
+    rl: RlConfig = Field(default_factory=RlConfig, description="Sampling and optimisation (grpo, rloo, ppo).")
+    critique: CritiqueConfig | None = Field(default=None, description="Principles and prompts (critique-revision).")
     lora: LoraConfig | None = Field(default=None, description="Train a LoRA adapter; the reference is the base with it disabled.")
     merge_adapter: bool = Field(default=True, description="Write the merged model instead of the adapter.")
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> PreferenceConfig:
+        rl, pairs = self.method in RL_METHODS, self.method in PAIR_METHODS
+        wants = {
+            "dataset": pairs, "prompts": not pairs, "reward": rl, "critique": self.method == "critique-revision",
+        }
+        for name, needed in wants.items():
+            present = getattr(self, name) is not None
+            if needed and not present:
+                raise ValueError(f"{name}: method {self.method} needs {name}")
+            if present and not needed:
+                raise ValueError(f"{name}: method {self.method} does not use {name}; remove it")
+        if "dpo" in self.model_fields_set and self.method != "dpo":
+            raise ValueError(f"dpo: method {self.method} does not use dpo settings; remove them")
+        if "rl" in self.model_fields_set and not rl:
+            raise ValueError(f"rl: method {self.method} does not use rl settings; remove them")
+        if rl:
+            self._check_rl()
+        return self
+
+    def _check_rl(self) -> None:
+        group = self.rl.group_size
+        if group < 2 and self.method in ("grpo", "rloo"):
+            what = "normalises rewards within a group" if self.method == "grpo" else "uses the other samples as baseline"
+            raise ValueError(f"rl.groupSize: {self.method} {what}, so 1 sample per prompt learns nothing; use 2 or more")
+        sequences = self.training.global_batch_tokens // self.training.seq_len
+        if sequences % group:
+            raise ValueError(
+                f"training.globalBatchTokens: {self.training.global_batch_tokens} // seqLen {self.training.seq_len} = "
+                f"{sequences} completions per step, not a multiple of rl.groupSize ({group}); use a multiple of "
+                f"{group * self.training.seq_len}"
+            )
+        if self.rl.max_new_tokens >= self.training.seq_len:
+            raise ValueError(
+                f"rl.maxNewTokens: {self.rl.max_new_tokens} leaves no room for the prompt in training.seqLen "
+                f"{self.training.seq_len}; seqLen bounds prompt + completion"
+            )
+        spike = self.loss_spike
+        if spike.enabled and spike.action == "rollback":
+            if "action" in spike.model_fields_set:
+                raise ValueError(
+                    "lossSpike.action: rollback replays the same samples after a policy-gradient loss spike "
+                    f"(the {self.method} loss is not a likelihood); use action: alert or enabled: false"
+                )
+            self.loss_spike = spike.model_copy(update={"action": "alert"})
 
 
 class QuantEval(StrictModel):
