@@ -200,4 +200,7 @@ def preference_spec(base: Path, data_file: Path, out_dir: Path, /, **overrides) 
         "metrics": {"port": 0},
         "output": {"uri": str(out_dir)},
     }
-    return merge(spec, overrides)
+    spec = merge(spec, overrides)
+    if spec.get("method", "dpo") != "dpo" and "dpo" not in overrides:
+        spec.pop("dpo")  # dpo settings on another method are rejected
+    return spec

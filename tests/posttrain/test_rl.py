@@ -103,16 +103,16 @@ def test_step_metrics_become_prometheus_gauges() -> None:
 def test_sigkill_then_resume_repeats_samples_rewards_and_losses_bit_for_bit(
     method: str, overrides: dict, trained_model_dir: Path, prompts_file: Path, tmp_path: Path
 ) -> None:
-    common = {"method": method, "training": {"maxSteps": 6}, "checkpoint": {"interval": 1, "keep": 2,
-                                                                          "asyncSave": False}, **overrides}
-    reference = rl_spec(trained_model_dir, prompts_file, tmp_path / "ref", **json.loads(json.dumps(common)))
-    assert launch("preference", reference, tmp_path / "ref-job").wait(timeout=300) == 0
+    common = {"method": method, "training": {"maxSteps": 5},
+              "checkpoint": {"interval": 3, "keep": 2, "asyncSave": False}, **overrides}
+    assert _run(rl_spec(trained_model_dir, prompts_file, tmp_path / "ref", **json.loads(json.dumps(common))),
+                tmp_path) == 0  # uninterrupted, in this process
     spec = rl_spec(trained_model_dir, prompts_file, tmp_path / "run", **json.loads(json.dumps(common)))
     proc = launch("preference", spec, tmp_path / "job")
-    kill_at_step(proc, tmp_path / "run" / "checkpoints", step=3)  # mid-rollout when epochs is 2
+    kill_at_step(proc, tmp_path / "run" / "checkpoints", step=4)  # step 3's checkpoint is inside a rollout (epochs 2)
     assert proc.returncode != 0 and not (tmp_path / "run" / "_SUCCESS").exists()
     assert launch("preference", spec, tmp_path / "job").wait(timeout=300) == 0, (tmp_path / "job" / "log.txt").read_text()[-2000:]
-    assert _results(tmp_path / "run")["resumedFromStep"] >= 3
+    assert _results(tmp_path / "run")["resumedFromStep"] == 3
 
     def by_step(out: Path) -> dict[int, tuple[str, ...]]:
         steps, _ = _records(out)
