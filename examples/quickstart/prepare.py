@@ -40,7 +40,7 @@ def main() -> int:
     path, n_clean, n_noise = build(inputs)
     print(f"corpus: {n_clean + n_noise} raw documents ({n_clean} from the standard library of Python "
           f"{sys.version.split()[0]}, {n_noise} planted noise) -> {path}")
-    for name in ("instructions.jsonl", "preferences.jsonl"):
+    for name in ("instructions.jsonl", "preferences.jsonl", "rl-prompts.jsonl"):
         copy_if_changed(HERE / "data" / name, inputs / name)
     print(f"instructions and preference pairs -> {inputs}")
     return 0

@@ -173,3 +173,65 @@ def test_bad_rl_input_exits_2_naming_the_field(overrides: dict, message: str, ti
     assert _run(spec, tmp_path) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_critique_revision_pairs_feed_a_dpo_run_through_from_run(trained_model_dir: Path, prompts_file: Path,
+                                                                 tmp_path: Path) -> None:
+    from crucible.api.preferencerun import PreferenceRun
+    from crucible.core.plan import resolve_spec
+
+    pairs_out = tmp_path / "critique"
+    spec = {"model": {"uri": str(trained_model_dir)}, "method": "critique-revision",
+            "prompts": {"uri": str(prompts_file)},
+            "critique": {"principles": ["be brief", "count on"], "maxNewTokens": 5, "temperature": 1.0},
+            "training": {"seqLen": 512, "microBatchSize": 16}, "metrics": {"port": 0},
+            "output": {"uri": str(pairs_out)}}
+    assert _run(spec, tmp_path) == 0
+    results = _results(pairs_out)
+    records = [json.loads(line) for line in (pairs_out / "pairs.jsonl").read_text().splitlines()]
+    assert results["pairs"] == len(records) > 40 and results["method"] == "critique-revision"
+    assert {"prompt", "chosen", "rejected", "principle", "critique"} <= records[0].keys()
+    assert {r["principle"] for r in records} == {"be brief", "count on"}
+    assert all(r["chosen"] != r["rejected"] for r in records)
+
+    dpo = PreferenceRun.model_validate({
+        "apiVersion": "crucible.dev/v1alpha1", "kind": "PreferenceRun", "metadata": {"name": "dpo"},
+        "spec": {**preference_spec(trained_model_dir, Path("unused"), tmp_path / "dpo", training={"maxSteps": 3}),
+                 "dataset": {"fromRun": {"kind": "PreferenceRun", "name": "pairs"}, "validationFraction": 0.2}}})
+    resolved = resolve_spec(dpo, {"dataset": str(pairs_out)})  # what both backends hand the trainer
+    assert resolved["dataset"]["uri"] == str(pairs_out) and "fromRun" not in resolved["dataset"]
+    assert resolved["dataset"]["validationFraction"] == 0.2  # the node keeps its other fields
+    assert _run(resolved, tmp_path) == 0
+    dpo_results = _results(tmp_path / "dpo")
+    assert dpo_results["steps"] == 3 and dpo_results["dataRecords"] == len(records)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"training": {"seqLen": 128, "maxSteps": 3}}, "training.maxSteps: critique-revision trains nothing"),
+    ({"lora": LORA}, "lora: critique-revision only generates pairs"),
+    ({"critique": {"principles": []}}, "principles"),
+    ({"critique": {"principles": ["x"], "critiquePrompt": "{who}"}}, "critiquePrompt: only {principle}"),
+])
+def test_bad_critique_specs_exit_2(overrides: dict, message: str, tiny_model_dir: Path, prompts_file: Path,
+                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = merge({"model": {"uri": str(tiny_model_dir)}, "method": "critique-revision",
+                  "prompts": {"uri": str(prompts_file)}, "critique": {"principles": ["x"]},
+                  "training": {"seqLen": 128}, "output": {"uri": str(tmp_path / "out")}}, overrides)
+    assert _run(spec, tmp_path) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo", "critique-revision"])
+def test_a_resolved_spec_parses_again(method: str) -> None:
+    """Both backends hand the trainer ``spec.to_wire()`` with every default filled in: it must still validate."""
+    from crucible.trainer.config.stages import PreferenceConfig
+
+    spec: dict = {"model": {"uri": "m"}, "method": method, "prompts": {"uri": "p.jsonl"},
+                  "training": {"seqLen": 64, "globalBatchTokens": 512, "maxSteps": 3}}
+    if method == "critique-revision":
+        spec.update(critique={"principles": ["x"]}, training={"seqLen": 64})
+    else:
+        spec["reward"] = {"rules": [{"type": "regex", "pattern": "a"}, {"type": "length", "targetTokens": 3},
+                                    {"type": "format", "format": "prefix", "value": "In short"}]}
+    config = PreferenceConfig.model_validate(spec)
+    assert PreferenceConfig.model_validate(config.to_wire()) == config

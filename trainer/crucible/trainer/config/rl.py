@@ -71,8 +71,9 @@ class RewardRule(StrictModel):
         allowed = {"regex": {"pattern", "ignore_case"}, "exact": {"field", "ignore_case"},
                    "contains": {"field", "ignore_case"}, "length": {"target_tokens"},
                    "format": {"format", "value"}}[self.type]
+        # a resolved spec carries every default, so "set" means "not its default"
         extra = sorted(f for f in ("pattern", "field", "ignore_case", "target_tokens", "format", "value")
-                       if f in self.model_fields_set and f not in allowed)
+                       if getattr(self, f) not in (None, False) and f not in allowed)
         if extra:
             raise ValueError(f"type: a {self.type} rule does not use {', '.join(extra)}; remove them")
         if self.type == "regex":
@@ -99,7 +100,7 @@ class RewardConfig(StrictModel):
     def _something(self) -> RewardConfig:
         if self.model is None and not self.rules:
             raise ValueError("model: give a reward model (fromRun a reward-model PreferenceRun), rules, or both")
-        if self.model is None and "model_weight" in self.model_fields_set:
+        if self.model is None and self.model_weight != 1.0:
             raise ValueError("modelWeight: set but there is no reward model; remove it or add model")
         names = [r.name for r in self.rules if r.name]
         if len(names) != len(set(names)):

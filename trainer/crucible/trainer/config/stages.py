@@ -163,6 +163,20 @@ class PreferenceConfig(TrainStageConfig):
     lora: LoraConfig | None = Field(default=None, description="Train a LoRA adapter; the reference is the base with it disabled.")
     merge_adapter: bool = Field(default=True, description="Write the merged model instead of the adapter.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _critique_trains_nothing(cls, data: Any) -> Any:
+        """critique-revision only generates: it needs no length of training (and takes none)."""
+        if isinstance(data, dict) and data.get("method") == "critique-revision":
+            training = data.get("training")
+            if isinstance(training, dict):
+                for name in ("maxSteps", "maxTokens", "max_steps", "max_tokens"):
+                    if training.get(name) not in (None, 1):  # 1: what this validator fills in (a resolved spec)
+                        raise ValueError(f"training.{name}: critique-revision trains nothing; remove it (seqLen, "
+                                         "microBatchSize and seed are what it uses)")
+                data = {**data, "training": {**training, "maxSteps": 1}}
+        return data
+
     @model_validator(mode="after")
     def _method_fields(self) -> PreferenceConfig:
         rl, pairs = self.method in RL_METHODS, self.method in PAIR_METHODS
@@ -175,13 +189,24 @@ class PreferenceConfig(TrainStageConfig):
                 raise ValueError(f"{name}: method {self.method} needs {name}")
             if present and not needed:
                 raise ValueError(f"{name}: method {self.method} does not use {name}; remove it")
-        if "dpo" in self.model_fields_set and self.method != "dpo":
+        if self._changed("dpo") and self.method != "dpo":
             raise ValueError(f"dpo: method {self.method} does not use dpo settings; remove them")
-        if "rl" in self.model_fields_set and not rl:
+        if self._changed("rl") and not rl:
             raise ValueError(f"rl: method {self.method} does not use rl settings; remove them")
         if rl:
             self._check_rl()
+        if self.method == "critique-revision":
+            unused = [f for f in ("reference", "lora", "optimizer", "checkpoint", "loss_spike", "eval")
+                      if self._changed(f)]
+            if unused:
+                wire = {"loss_spike": "lossSpike"}.get(unused[0], unused[0])
+                raise ValueError(f"{wire}: critique-revision only generates pairs and does not use it; remove it")
         return self
+
+    def _changed(self, name: str) -> bool:
+        """Set to something else than its default (a resolved spec carries every default, so "was it set" is not
+        the question)."""
+        return bool(getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True))
 
     def _check_rl(self) -> None:
         group = self.rl.group_size
