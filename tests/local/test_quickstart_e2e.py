@@ -69,6 +69,14 @@ def shorten(folder: Path) -> None:
     edit("04-preference.yaml", post(4))
     edit("05-quantize.yaml", quantize)
 
+    def rl(spec: dict[str, Any]) -> None:
+        spec["training"].update(seqLen=64, microBatchSize=4, globalBatchTokens=512, maxSteps=2)
+        spec["rl"]["maxNewTokens"] = 8
+        spec["checkpoint"]["interval"] = 2
+        short_prompts(spec)
+
+    edit("06-rl.yaml", rl)
+
 
 def alive(pid: int) -> bool:
     try:
@@ -131,7 +139,7 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
     out = second.stdout + second.stderr
     assert second.returncode == 0, out
     assert "DataPipeline stdlib-corpus: already succeeded" in out
-    assert "5/5 run(s) succeeded" in out
+    assert "6/6 run(s) succeeded" in out
 
     logs = {p.name: p.read_text()[-3000:] for p in (pre_dir / "logs").glob("*.log")}
     assert "attempt-1.log" in logs, (state_at_kill, first_output[-3000:], logs, out[-3000:])
@@ -144,10 +152,12 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
     status = subprocess.run([*CRUCIBLE, "status", "-w", str(workdir), "-o", "json"], env=env,
                             capture_output=True, text=True, check=True)
     phases = {s["name"]: s["status"]["phase"] for s in json.loads(status.stdout)}
-    assert phases == dict.fromkeys(["stdlib-corpus", "stdlib-lm", "stdlib-sft", "stdlib-dpo", "stdlib-int8"], "Succeeded")
+    assert phases == dict.fromkeys(
+        ["stdlib-corpus", "stdlib-lm", "stdlib-sft", "stdlib-dpo", "stdlib-int8", "stdlib-grpo"], "Succeeded")
 
     report = (workdir / "report.md").read_text()
-    for heading in ("Data pipeline", "Training loss", "Held-out perplexity", "The same questions", "Quantization"):
+    for heading in ("Data pipeline", "Training loss", "Held-out perplexity", "The same questions", "Quantization",
+                    "Reinforcement learning", "GRPO raises the held-out reward"):
         assert heading in report
     assert "exact_duplicate" in report and "language_de" in report  # the planted noise was caught
     assert "Domain perplexity falls after pretraining" in report

@@ -299,22 +299,106 @@ def _loss_png(curves: list[tuple[str, list[tuple[int, float]], list[tuple[int, f
     return buf.getvalue()
 
 
+RL_METHODS = ("grpo", "rloo", "ppo")
+REWARD_PNG = "report-reward.png"
+
+
 def preference_section(states: list[RunState]) -> Section:
     sec = Section("Preference tuning")
+    curves: list[tuple[str, list[tuple[int, float]]]] = []
     for s in states:  # the runs of this section's kind
         r = s.status.results
+        method = str(r.get("method", "dpo"))
+        if method in RL_METHODS:
+            curve = _reward_curve(s)
+            if curve:
+                curves.append((f"{s.name} ({method.upper()})", curve))
+            sec.markdown += _rl_lines(s)
+            continue
+        if method == "critique-revision":
+            if isinstance(r.get("pairs"), int):
+                sec.markdown.append(f"**{s.name}** (critique-revision): {r['pairs']} pairs (chosen = the model's "
+                                    f"revision, rejected = its first answer) from {r.get('prompts')} prompts and "
+                                    f"{r.get('principles')} principles, in `pairs.jsonl`.")
+                sec.markdown.append("")
+            continue
         shown = {k: v for k, v in r.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)
                  and any(w in k.lower() for w in ("accuracy", "margin", "reward", "heldoutloss"))}
         if not shown:
             sec.markdown.append(f"*{s.name}: no preference metrics recorded ({s.status.phase}).*")
             continue
-        sec.markdown.append(f"**{s.name}** ({r.get('method', 'dpo')}, beta {r.get('beta', '-')}), on held-out pairs:")
+        sec.markdown.append(f"**{s.name}** ({method}, beta {r.get('beta', '-')}), on held-out pairs:")
         sec.markdown.append("")
         sec.markdown += _md_table(["metric", "value"], [[k, _fmt(float(v), 3)] for k, v in sorted(shown.items())])
+        sec.markdown.append("")
     if not sec.markdown:
         sec.markdown.append("*No preference tuning in this pipeline.*")
+    png = _reward_png(curves)
+    if png:
+        sec.images.append((REWARD_PNG, png))
     return sec
+
+
+def _reward_curve(state: RunState) -> list[tuple[int, float]]:
+    """Mean reward of each step's samples, from the run's metrics.jsonl (beside its output folder)."""
+    output = _output_dir(state)
+    if output is None:
+        return []
+    reward = {int(r["step"]): float(r["rewardMean"]) for r in read_jsonl(output.parent / "checkpoints" / "metrics.jsonl")
+              if "event" not in r and isinstance(r.get("step"), int) and isinstance(r.get("rewardMean"), int | float)}
+    return sorted(reward.items())
+
+
+def _rl_lines(state: RunState) -> list[str]:
+    """An online-RL run: held-out reward before/after, win rate, and a few held-out answers before/after."""
+    r = state.status.results
+    before, after, win = r.get("rewardBefore"), r.get("rewardAfter"), r.get("winRate")
+    if not all(isinstance(v, int | float) for v in (before, after, win)):
+        return [f"*{state.name}: no held-out reward recorded ({state.status.phase}).*", ""]
+    method = str(r.get("method")).upper()
+    lines = [f"**{state.name}** ({method} against its reward, {r.get('groupSize')} samples per prompt, KL weight "
+             f"{r.get('klCoef')}), on {r.get('heldOutPrompts')} held-out prompts:", ""]
+    lines += _md_table(["metric", "value"], [
+        ["reward before", _fmt(before, 3)], ["reward after", _fmt(after, 3)],
+        [f"win rate after vs before (under the {r.get('winRateUnder', 'reward')})", _fmt(win, 3)],
+    ])
+    output = _output_dir(state)
+    try:
+        rows = json.loads((output / "eval" / "rl.json").read_text())[:5] if output else []
+    except (OSError, ValueError):
+        rows = []
+    if rows:
+        lines += ["", f"Held-out prompts, a sample before and after {method}:", ""]
+        lines += _md_table(["prompt", "before", "after"],
+                           [[row["prompt"].strip(), row["before"].strip() or "*(empty)*",
+                             row["after"].strip() or "*(empty)*"] for row in rows])
+    return [*lines, ""]
+
+
+def _reward_png(curves: list[tuple[str, list[tuple[int, float]]]]) -> bytes | None:
+    if not curves:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.2), dpi=110)
+    for label, points in curves:
+        ax.plot([p for p, _ in points], [v for _, v in points], label=label, linewidth=1.2)
+    ax.set_title("reward during RL", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward of the samples")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def quantize_section(states: list[RunState]) -> Section:
