@@ -157,7 +157,7 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
 
     report = (workdir / "report.md").read_text()
     for heading in ("Data pipeline", "Training loss", "Held-out perplexity", "The same questions", "Quantization",
-                    "Reinforcement learning", "GRPO raises the held-out reward"):
+                    "win rate after vs before", "GRPO raises the held-out reward"):
         assert heading in report
     assert "exact_duplicate" in report and "language_de" in report  # the planted noise was caught
     assert "Domain perplexity falls after pretraining" in report

@@ -17,7 +17,8 @@ class PreferenceRunSpec(PreferenceConfig, PlacementMixin):
 
 
 class PreferenceRun(Resource):
-    """Preference optimization (DPO, IPO, hinge) against a frozen reference, or a reward model."""
+    """Preference optimization (DPO, IPO, hinge), a reward model, online RL (GRPO, RLOO, PPO) against a reward,
+    or critique-revision pairs for DPO."""
 
     KIND: ClassVar[str] = "PreferenceRun"
     PLURAL: ClassVar[str] = "preferenceruns"
@@ -45,6 +46,7 @@ KIND = Kind(
     produces_model=True,
     printer_columns=TRAINING_COLUMNS,
     results=(("preferenceAccuracy", "pref. acc {:.2f}"), ("rewardMargin", "margin {:.3f}"),
+             ("rewardAfter", "reward {:.3f}"), ("winRate", "win rate {:.2f}"), ("pairs", "{} pairs"),
              ("finalLoss", "loss {:.3f}")),
     report_section="crucible.local.report:preference_section",
 )
