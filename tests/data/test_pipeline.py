@@ -206,7 +206,7 @@ def test_cli_reports_bad_specs(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"sources": [{"name": "web", "uri": "/x", "weight": -1}], "output": {"uri": "/tmp/x"}}))
     assert main(["--spec", str(bad)]) == EXIT_BAD_INPUT
-    assert "sources.0.weight" in caplog.text and str(bad) in caplog.text
+    assert "spec.sources[0].weight" in caplog.text and str(bad) in caplog.text
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps({"sources": [{"name": "web", "uri": str(tmp_path / "nothing")}],
                                    "output": {"uri": str(tmp_path / "o")}}))

@@ -21,19 +21,17 @@ anything else (a bug)                         1
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
 
 from crucible.trainer.config.common import EXIT_APPLICATION_ERROR, EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRIABLE
 
+# The stage I/O contract owns these; they are re-exported for the stages that import them from here.
+from crucible.trainer.stage_io import SpecError, write_success_message, write_termination_message
 
-class SpecError(ValueError):
-    """The spec or an input is wrong; the message names the file, the dotted field and the fix."""
+__all__ = ["RetriableError", "SpecError", "classify", "run_guarded", "write_success_message", "write_termination_message"]
 
 
 class RetriableError(RuntimeError):
@@ -76,45 +74,6 @@ def classify(exc: BaseException) -> tuple[int, str]:
         if _COMMUNICATION.search(str(exc)) and isinstance(exc, RuntimeError | ConnectionError):
             return EXIT_RETRIABLE, text
     return EXIT_APPLICATION_ERROR, text
-
-
-def write_termination_message(code: int, reason: str) -> None:
-    """Leave the exit reason where Kubernetes reads it (the container's terminationMessagePath).
-
-    Under torchrun the pod's exit status is torchrun's (1 on any worker failure), so the
-    backends read this message to see that a rank exited retriable. Path: env
-    ``CRUCIBLE_TERMINATION_LOG``, else ``/dev/termination-log`` when it exists.
-    """
-    path = os.environ.get("CRUCIBLE_TERMINATION_LOG") or "/dev/termination-log"
-    if not os.environ.get("CRUCIBLE_TERMINATION_LOG") and not os.path.exists(path):
-        return
-    kind = {EXIT_RETRIABLE: "retriable", EXIT_BAD_INPUT: "bad-input"}.get(code, "application-error")
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps({"exitCode": code, "kind": kind, "reason": reason[:2000]}) + "\n")
-    except OSError:
-        pass
-
-
-def write_success_message(receipt: dict[str, Any]) -> None:
-    """Leave a finished stage's results where Kubernetes reads them (rank 0's termination message).
-
-    The operator copies ``results`` into ``status.results`` from this line, so a run whose
-    output is on S3 still reports its numbers without the operator reading storage. Kubernetes
-    keeps 4 KiB of the message: results are numbers and short strings, and a receipt too large
-    is cut to its stage and a note rather than written torn.
-    """
-    path = os.environ.get("CRUCIBLE_TERMINATION_LOG") or "/dev/termination-log"
-    if not os.environ.get("CRUCIBLE_TERMINATION_LOG") and not os.path.exists(path):
-        return
-    line = json.dumps({"stage": receipt.get("stage"), "results": receipt.get("results", {})}, default=str)
-    if len(line) > 3500:
-        line = json.dumps({"stage": receipt.get("stage"), "results": {"note": "results too large; see _SUCCESS"}})
-    try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    except OSError:
-        pass
 
 
 def run_guarded(fn: Callable[[], int], log: Callable[[str], None] | None = None) -> int:

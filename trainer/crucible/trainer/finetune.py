@@ -7,51 +7,40 @@ instruction data (:mod:`crucible.trainer.sft_data`: chat template, prompt tokens
 export merged model or adapter (:mod:`crucible.trainer.lora`) → held-out loss and answers after
 → ``_SUCCESS``. Methods: ``full`` (every weight), ``lora``, ``qlora`` (adapters over a 4-bit base).
 
-The helpers below :class:`SftObjective` are shared with the preference stage.
+What it shares with the other post-training stages lives in :mod:`crucible.trainer.posttrain`.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from crucible.trainer import storage as st
-from crucible.trainer.config.stages import FinetuneConfig, LoraConfig
+from crucible.trainer.config.stages import FinetuneConfig
 from crucible.trainer.engine import Batch, Engine, TrainContext
-from crucible.trainer.faults import SpecError
+from crucible.trainer.posttrain import (
+    Workspace,
+    check_seq_len,
+    export_trained,
+    fixed_eval_batches,
+    input_receipts,
+    load_exported_lm,
+    load_tokenizer,
+    log,
+    open_workspace,
+    publish_and_succeed,
+    write_prompts,
+)
 from crucible.trainer.sampler import BatchIterator, GlobalSampler
 from crucible.trainer.sft_data import IGNORE_INDEX, SftBatches, SftData, build_sft_data
 
 STAGE = "finetune"
 
 
-def log(msg: str) -> None:
-    print(f"[crucible post-train] {msg}", file=sys.stderr, flush=True)
-
-
 # -- the objective ---------------------------------------------------------------------------
-
-
-def fixed_eval_batches(items: int, fetch: Callable[[list[int]], Batch], ctx: TrainContext) -> Iterable[Batch] | None:
-    """The same held-out micro-batches at every evaluation, the same count on every rank."""
-    mbs = min(ctx.micro_batch_size, items // ctx.env.world_size)
-    if mbs < 1:
-        log(f"held-out split has {items} items, fewer than {ctx.env.world_size} ranks: no held-out evaluation")
-        return None
-    sampler = GlobalSampler(items, mbs, ctx.env.rank, ctx.env.world_size, ctx.seed, shuffle=False)
-
-    def batches() -> Iterator[Batch]:
-        while True:
-            yield fetch(sampler.next_indices())
-
-    return batches()
 
 
 class SftObjective:
@@ -111,120 +100,6 @@ def held_out_loss(model: Any, batches: SftBatches | None, micro_batch_size: int)
     finally:
         model.train(was_training)
     return total / count if count else None
-
-
-# -- shared by the post-training stages ------------------------------------------------------
-
-
-@dataclass
-class Workspace:
-    store: st.Storage
-    cache: Path
-    out_uri: str
-    base_dir: Path
-    base_uri: str
-    config: Any = None
-    """The stage's parsed spec: its hash goes into ``_SUCCESS``."""
-
-    @property
-    def staging(self) -> Path:
-        return Path(self.out_uri) if not st.is_s3(self.out_uri) else self.cache / "export"
-
-
-def open_workspace(config: Any, stage: str) -> Workspace | None:
-    """Resolve output and base model; None when ``_SUCCESS`` already exists."""
-    from crucible.trainer.output import success_exists
-    from crucible.trainer.posttrain_io import local_model, require_uri
-
-    store = st.Storage.from_config(config.storage)
-    out_uri = require_uri(config.output.uri, "spec.output.uri", "where the model goes")
-    base_uri = require_uri(config.model.uri, "spec.model.uri", "the base model (fromRun is resolved to it)")
-    if success_exists(out_uri, store, config):
-        log(f"{out_uri}/_SUCCESS exists: nothing to do")
-        return None
-    cache = Path(tempfile.mkdtemp(prefix=f"crucible-{stage}-"))
-    base_dir = local_model(store, base_uri, "spec.model.uri", cache)
-    return Workspace(store, cache, out_uri, base_dir, base_uri, config)
-
-
-def load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise SpecError(
-            f"spec.model.uri: {model_dir} has no usable tokenizer ({exc}); fine-tuning needs the tokenizer "
-            "files beside the model"
-        ) from exc
-
-
-def check_seq_len(model: Any, seq_len: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise SpecError(f"training.seqLen ({seq_len}) exceeds the model's maxPositionEmbeddings ({limit}); lower it")
-
-
-def export_trained(
-    engine: Engine,
-    ws: Workspace,
-    lora: LoraConfig | None,
-    merge: bool,
-    tokenizer: Any,
-    model_class: Any = None,
-    task_type: str = "CAUSAL_LM",
-    config_overrides: dict[str, Any] | None = None,
-) -> str | None:
-    """Gather the trained weights (collective) and write them on rank 0; what was written."""
-    from crucible.trainer import lora as lora_mod
-
-    state = engine.strategy.export_state()
-    if not engine.env.is_main:
-        return None
-    assert state is not None
-    return lora_mod.export(
-        state, ws.staging, ws.base_dir, ws.base_uri, lora, merge, tokenizer,
-        model_class=model_class, task_type=task_type, config_overrides=config_overrides,
-    )
-
-
-def load_exported_lm(out_dir: Path, written: str, base_dir: Path) -> Any:
-    """The exported causal LM for after-training prompts (the local base + the adapter when only the
-    adapter was written: its recorded base may be an s3:// URI)."""
-    from transformers import AutoModelForCausalLM
-
-    if written != "adapter":
-        return AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
-    from peft import PeftModel
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(out_dir))
-
-
-def write_prompts(config: Any, out_dir: Path, tokenizer: Any, before: list[str], after_model: Any,
-                  template: str | None, stage_title: str) -> None:
-    from crucible.trainer import evaluate
-
-    after = evaluate.answer_prompts(after_model, tokenizer, config.eval.prompts, config.eval.max_new_tokens, template)
-    evaluate.write_side_by_side(out_dir, config.eval.prompts, before, after, ("base", "tuned"),
-                                title=f"Prompts before and after {stage_title}", references=config.eval.references)
-
-
-def publish_and_succeed(ws: Workspace, stage: str, inputs: dict[str, Any], results: dict[str, Any]) -> None:
-    from crucible.trainer.output import publish, write_success
-
-    publish(ws.staging, ws.out_uri, ws.store)
-    write_success(ws.out_uri, ws.store, stage, inputs, results, ws.config)
-
-
-def input_receipts(ws: Workspace, **uris: str | None) -> dict[str, Any]:
-    from crucible.trainer.posttrain_io import receipt_sha256
-
-    out: dict[str, Any] = {}
-    for name, uri in uris.items():
-        if uri:
-            out[name] = {"uri": uri, "sha256": receipt_sha256(ws.store, uri)}
-    return out
 
 
 # -- the stage -------------------------------------------------------------------------------
@@ -302,7 +177,7 @@ def run(config: FinetuneConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crucible.trainer.posttrain_io import stage_main
+    from crucible.trainer.stage_io import stage_main
 
     return stage_main(STAGE, FinetuneConfig, run, argv)
 

@@ -1,29 +1,23 @@
-"""The stage's artefact: a Hugging Face model folder and the ``_SUCCESS`` lineage receipt.
+"""A training stage's artefact: a Hugging Face model folder.
 
 ``<output.uri>`` holds ``config.json``, ``model.safetensors``, ``generation_config.json``
-and the tokenizer files, loadable by ``AutoModelForCausalLM.from_pretrained``. ``_SUCCESS``
-is written LAST: ``{"stage", "finishedAt", "inputs": {...}, "results": {...}}`` where
-``inputs`` records each input URI and the sha256 of the input's ``manifest.json`` (the
-DataPipeline receipt), so a model names exactly the data it was trained on.
+and the tokenizer files, loadable by ``AutoModelForCausalLM.from_pretrained``. The
+``_SUCCESS`` receipt is written last by :func:`crucible.trainer.stage_io.write_success`;
+its ``inputs`` record the sha256 of the input's ``manifest.json`` (the DataPipeline receipt,
+:func:`manifest_sha256`), so a model names exactly the data it was trained on.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 
 from crucible.trainer import storage as st
-from crucible.trainer.config.receipt import check_existing, identity
-from crucible.trainer.faults import write_success_message
 
-SUCCESS = "_SUCCESS"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -67,37 +61,8 @@ def manifest_sha256(uri: str, store: st.Storage) -> str | None:
         return None
 
 
-def success_exists(out_uri: str, store: st.Storage, config: BaseModel) -> bool:
-    """True when ``out_uri`` holds this run's ``_SUCCESS``; ForeignResultError when another's."""
-    where = st.join(out_uri, SUCCESS)
-    if not store.exists(where):
-        return False
-    check_existing(store.read_bytes(where), config, where)
-    return True
-
-
 def publish(local_dir: str | Path, out_uri: str, store: st.Storage) -> None:
     """Copy a finished local folder to ``out_uri`` (nothing to do when it is the same path)."""
     if not st.is_s3(out_uri) and Path(out_uri).resolve() == Path(local_dir).resolve():
         return
     store.upload_dir(local_dir, out_uri)
-
-
-def write_success(
-    out_uri: str,
-    store: st.Storage,
-    stage: str,
-    inputs: dict[str, Any],
-    results: dict[str, Any],
-    config: BaseModel,
-) -> dict[str, Any]:
-    receipt = {
-        "stage": stage,
-        **identity(config),
-        "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": inputs,
-        "results": results,
-    }
-    store.write_bytes(st.join(out_uri, SUCCESS), json.dumps(receipt, indent=2, allow_nan=False, default=str).encode())
-    write_success_message(receipt)
-    return receipt

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from crucible.trainer.config.stages import PreferenceConfig
 from crucible.trainer.engine import Batch, Engine, TrainContext
 from crucible.trainer.faults import SpecError
-from crucible.trainer.finetune import (
+from crucible.trainer.posttrain import (
     Workspace,
     check_seq_len,
     export_trained,
@@ -313,7 +313,7 @@ def check_same_tokenizer(tokenizer: Any, ref_dir: Any) -> None:
 def build_reference(config: PreferenceConfig, ws: Workspace, policy: Any, device: torch.device,
                     tokenizer: Any = None) -> Reference:
     from crucible.trainer import lora
-    from crucible.trainer.posttrain_io import local_model
+    from crucible.trainer.posttrain import local_model
 
     ref_uri = config.reference.uri if config.reference is not None else None
     if config.reference is not None and not ref_uri:
@@ -440,7 +440,7 @@ def run(config: PreferenceConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crucible.trainer.posttrain_io import stage_main
+    from crucible.trainer.stage_io import stage_main
 
     return stage_main(STAGE, PreferenceConfig, run, argv)
 

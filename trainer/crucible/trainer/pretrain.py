@@ -133,7 +133,8 @@ def run(config: PretrainConfig) -> int:
     from crucible.trainer import gguf_import
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
     from crucible.trainer.model import adopt_source, build_model, load_pretrained
-    from crucible.trainer.output import manifest_sha256, publish, success_exists, write_success
+    from crucible.trainer.output import manifest_sha256, publish
+    from crucible.trainer.stage_io import SUCCESS, finished, write_success
 
     store = st.Storage.from_config(config.storage)
     out_uri = config.output.uri
@@ -141,8 +142,8 @@ def run(config: PretrainConfig) -> int:
         raise SpecError("output.uri is empty: set it (the backends fill it in from the storage root)")
     if config.data.uri is None:
         raise SpecError("data.fromRun was not resolved to data.uri; run through crucible run or the operator")
-    if success_exists(out_uri, store, config):
-        log(f"{out_uri}/_SUCCESS exists: nothing to do")
+    if finished(store, out_uri, config):
+        log(f"{out_uri}/{SUCCESS} exists: nothing to do")
         return 0
     # collectives time out after the hang watchdog, so a stuck peer is reported as a hang with its step
     env = init_distributed(timeout_s=float(config.failure_policy.hang_timeout_seconds) + 60.0)
@@ -205,7 +206,7 @@ def run(config: PretrainConfig) -> int:
                     inputs["modelSourceGguf"] = gguf
             if config.tokenizer is not None:
                 inputs["tokenizer"] = config.tokenizer.uri
-            write_success(out_uri, store, STAGE, inputs, results, config)
+            write_success(store, out_uri, STAGE, inputs, results, config)
             log(f"wrote {out_uri} ({result.steps} steps, final loss {result.final_loss:.4f})")
         barrier()
         return 0
@@ -217,6 +218,6 @@ def run(config: PretrainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crucible.trainer.posttrain_io import stage_main
+    from crucible.trainer.stage_io import stage_main
 
     return stage_main(STAGE, PretrainConfig, run, argv)

@@ -51,16 +51,15 @@ from crucible.trainer.evaluate import (
     write_side_by_side,
 )
 from crucible.trainer.faults import SpecError
-from crucible.trainer.posttrain_io import (
-    already_done,
-    local_model,
-    model_size_bytes,
+from crucible.trainer.posttrain import local_model, model_size_bytes, staged_output
+from crucible.trainer.stage_io import (
+    SUCCESS,
+    finished,
     receipt_sha256,
     require_uri,
     stage_main,
-    staged_output,
-    success_record,
     write_success,
+    write_termination_message,
 )
 from crucible.trainer.storage import Storage
 
@@ -298,8 +297,8 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
 def run(config: QuantizeConfig) -> int:
     store = Storage.from_config(config.storage)
     out_uri = require_uri(config.output.uri, "spec.output.uri", "where the quantized model goes")
-    if already_done(store, out_uri, config):
-        log(f"{out_uri} already has _SUCCESS; nothing to do")
+    if finished(store, out_uri, config):
+        log(f"{out_uri} already has {SUCCESS}; nothing to do")
         return EXIT_OK
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="crucible-quantize-"))
@@ -318,15 +317,16 @@ def run(config: QuantizeConfig) -> int:
                     f"({config.max_perplexity_increase:.2%}); raise spec.maxPerplexityIncrease, use a smaller "
                     "spec.groupSize, or method int8"
                 )
-            inputs = {"model": {"uri": config.model.uri, "sha256": receipt_sha256(store, str(config.model.uri))}}
-            assert config.evaluation.data is not None
-            inputs["evaluation"] = {
-                "uri": config.evaluation.data.uri,
-                "sha256": receipt_sha256(store, str(config.evaluation.data.uri)),
-            }
-            write_success(out_dir, success_record(STAGE, inputs, res, config))
+        inputs = {"model": {"uri": config.model.uri, "sha256": receipt_sha256(store, str(config.model.uri))}}
+        assert config.evaluation.data is not None
+        inputs["evaluation"] = {
+            "uri": config.evaluation.data.uri,
+            "sha256": receipt_sha256(store, str(config.evaluation.data.uri)),
+        }
+        write_success(store, out_uri, STAGE, inputs, res, config)
     except ThresholdExceeded as exc:
         log(f"failed: {exc}")
+        write_termination_message(EXIT_APPLICATION_ERROR, f"ThresholdExceeded: {exc}")
         return EXIT_APPLICATION_ERROR
     finally:
         shutil.rmtree(work, ignore_errors=True)

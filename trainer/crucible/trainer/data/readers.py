@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from crucible.trainer.config.data import SourceConfig
 from crucible.trainer.data.document import Document
+from crucible.trainer.stage_io import SpecError
 from crucible.trainer.storage import Storage, StorageError, StorageUnavailable, is_s3
 
 log = logging.getLogger("crucible.data")
@@ -51,7 +52,7 @@ _LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 MAX_LOGGED_PER_REASON = 20
 
 
-class SourceError(ValueError):
+class SourceError(SpecError):
     """A source that names nothing readable: a spec error (exit 2); the message names the field."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from crucible.trainer.config.data import TokenizerConfig
+from crucible.trainer.stage_io import SpecError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -28,7 +29,7 @@ SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-class TokenizerSourceError(ValueError):
+class TokenizerSourceError(SpecError):
     """The tokenizer named by ``tokenizer.source`` cannot be used; the message says why."""
 
 

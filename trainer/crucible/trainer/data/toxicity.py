@@ -14,11 +14,12 @@ from pathlib import Path
 from crucible.trainer.config.data import ToxicityStep
 from crucible.trainer.data.document import Document
 from crucible.trainer.data.step import KEEP, Filter
+from crucible.trainer.stage_io import SpecError
 
 _WORDS = re.compile(r"\w+(?:['’]\w+)*")
 
 
-class WordListError(ValueError):
+class WordListError(SpecError):
     """A configured word list cannot be read; the message names the spec field."""
 
 

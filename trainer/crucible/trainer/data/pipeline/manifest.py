@@ -1,0 +1,223 @@
+"""The last step, manifest: once every tokenize part is done, merge them into the receipt.
+
+Writes the split indexes, ``manifest.json`` (the receipt: funnel, per-source and per-domain
+counts, shards with hashes, tokenizer, config; its shape is in
+:mod:`crucible.trainer.data.pipeline`) and ``_SUCCESS`` last, then deletes the bulky
+intermediates. Whichever worker finds every part done does it; a rerun finds ``_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from crucible.trainer.data.pipeline import dedup as dedup_stage
+from crucible.trainer.data.pipeline import filter as filter_stage
+from crucible.trainer.data.pipeline import tokenize as tokenize_stage
+from crucible.trainer.data.pipeline.state import NothingLeftError, PipelineState, part_dir
+from crucible.trainer.data.shards import ShardInfo, write_index
+from crucible.trainer.stage_io import write_success
+
+log = logging.getLogger("crucible.data")
+
+STAGE = "data"  # the stage name in _SUCCESS
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "crucible-data-manifest"
+
+
+@dataclass
+class Manifest:
+    """The receipt of a finished run (see the module docstring for :attr:`data`'s shape)."""
+
+    data: dict[str, Any]
+    uri: str
+    sha256: str
+
+    @property
+    def documents_in(self) -> int:
+        return int(self.data["documentsIn"])
+
+    @property
+    def documents_out(self) -> int:
+        return int(self.data["documentsOut"])
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return dict(self.data["tokens"])
+
+
+def finalize(pipe: PipelineState) -> Manifest | None:
+    """Merge every part's results once all are done; None while parts are missing."""
+    if pipe.finished():
+        return load(pipe)
+    if pipe.missing(tokenize_stage.STAGE):
+        return None
+    info = pipe.ws.read_json(dedup_stage.TOKENIZER_INFO)
+    vocab, eos = int(info["vocabSize"]), int(info["eosId"])
+    filter_stats = [pipe.ws.read_json(f"{part_dir(filter_stage.STAGE, p)}/stats.json") for p in range(pipe.num_parts)]
+    token_stats = [pipe.ws.read_json(f"{part_dir(tokenize_stage.STAGE, p)}/stats.json") for p in range(pipe.num_parts)]
+    splits: dict[str, Any] = {}
+    for split in ("train", "validation"):
+        infos = [ShardInfo(**s) for ts in token_stats for s in ts["shards"][split]]
+        index = write_index(pipe.ws.path(f"{split}/index.json").parent, infos, vocab, eos)
+        pipe.ws.publish(f"{split}/index.json")
+        splits[split] = {k: index[k] for k in ("tokens", "documents", "dtype", "shards")}
+    ids_hash = hashlib.sha256()
+    for p in range(pipe.num_parts):
+        with open(pipe.ws.fetch(f"{part_dir(tokenize_stage.STAGE, p)}/{tokenize_stage.KEPT_IDS}"), "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):  # type: ignore[misc]
+                ids_hash.update(block)
+    data = build(pipe, filter_stats, token_stats, splits, info, ids_hash.hexdigest())
+    raw = pipe.ws.write_json(MANIFEST, data)
+    manifest_sha = hashlib.sha256(raw).hexdigest()
+    if pipe.config.shards.validation_fraction and not data["tokens"]["validation"]:
+        log.warning("validation split is empty: %d documents kept and shards.validationFraction %.4g; "
+                    "raise it for an evaluation set", data["documentsOut"], pipe.config.shards.validation_fraction)
+    if not data["tokens"]["train"]:
+        biggest = sorted(((n, f"{row['step']}:{r}") for row in data["funnel"] for r, n in row["dropped"].items()),
+                         reverse=True)[:3]
+        raise NothingLeftError(
+            f"no training tokens: all {data['documentsIn']} input documents were dropped (most by "
+            f"{', '.join(f'{name} ({n})' for n, name in biggest) or 'nothing - the sources are empty'}); "
+            f"see the funnel in {pipe.ws.uri_of(MANIFEST)} and loosen the matching steps or check sources[*].textField"
+        )
+    dropped = {f"{row['step']}:{r}": n for row in data["funnel"] for r, n in row["dropped"].items()}
+    inputs = {
+        "sources": {s.name: s.uri for s in pipe.config.sources},
+        "tokenizer": pipe.config.tokenizer.source.uri if pipe.config.tokenizer.source else None,
+    }
+    results = {
+        "documentsIn": data["documentsIn"],
+        "documentsOut": data["documentsOut"],
+        "tokensTrain": data["tokens"]["train"],
+        "tokensValidation": data["tokens"]["validation"],
+        "manifestSha256": manifest_sha,
+        "dropped": dropped,
+    }
+    write_success(pipe.storage, pipe.ws.uri, STAGE, inputs, results, pipe.config)
+    # The bulky intermediates go; stats, markers and the kept ids (an audit trail) stay.
+    for p in range(pipe.num_parts):
+        for name in filter_stage.OUTPUTS:
+            pipe.ws.delete(f"{part_dir(filter_stage.STAGE, p)}/{name}")
+        pipe.ws.delete(f"{part_dir(dedup_stage.STAGE, p)}/links.npz")
+    if not pipe.ws.remote:  # temporary files of killed attempts (never uploaded to S3)
+        for stray in pipe.ws.local.rglob(".*.tmp"):
+            stray.unlink(missing_ok=True)
+    log.info("data pipeline done: %d -> %d documents, %d train / %d validation tokens, manifest %s",
+             data["documentsIn"], data["documentsOut"], data["tokens"]["train"], data["tokens"]["validation"],
+             pipe.ws.uri_of(MANIFEST))
+    return Manifest(data, pipe.ws.uri_of(MANIFEST), manifest_sha)
+
+
+def load(pipe: PipelineState) -> Manifest:
+    raw = pipe.ws.fetch(MANIFEST).read_bytes() if pipe.ws.remote else (pipe.ws.local / MANIFEST).read_bytes()
+    return Manifest(json.loads(raw), pipe.ws.uri_of(MANIFEST), hashlib.sha256(raw).hexdigest())
+
+
+def build(
+    pipe: PipelineState,
+    filter_stats: list[dict[str, Any]],
+    token_stats: list[dict[str, Any]],
+    splits: dict[str, Any],
+    tokenizer_info: dict[str, Any],
+    ids_sha: str,
+) -> dict[str, Any]:
+    records: Counter[str] = Counter()
+    files: Counter[str] = Counter()
+    read_dropped: Counter[str] = Counter()
+    src_dropped: dict[str, Counter[str]] = {s.name: Counter() for s in pipe.config.sources}
+    for fs in filter_stats:
+        records.update(fs["recordsBySource"])
+        files.update(fs["filesBySource"])
+        read_dropped.update(fs["read"]["dropped"])
+        for src, reasons in fs["read"]["droppedBySource"].items():
+            src_dropped[src].update({f"read:{r}": n for r, n in reasons.items()})
+    funnel: list[dict[str, Any]] = []
+    total_in = sum(records.values())
+    funnel.append({"step": "read", "documentsIn": total_in,
+                   "documentsOut": total_in - sum(read_dropped.values()),
+                   "dropped": dict(sorted(read_dropped.items()))})
+    step_names = [row["step"] for row in filter_stats[0]["steps"]] if filter_stats else []
+    pii: Counter[str] = Counter()
+    for i, name in enumerate(step_names):
+        row: dict[str, Any] = {"step": name, "documentsIn": 0, "documentsOut": 0, "dropped": Counter(),
+                               "changes": Counter()}
+        for fs in filter_stats:
+            st = fs["steps"][i]
+            row["documentsIn"] += st["documentsIn"]
+            row["documentsOut"] += st["documentsOut"]
+            row["dropped"].update(st["dropped"])
+            row["changes"].update(st.get("changes", {}))
+            for src, reasons in st["droppedBySource"].items():
+                src_dropped[src].update({f"{name}:{r}": n for r, n in reasons.items()})
+        if name == "pii":
+            pii = Counter({k: v for k, v in row["changes"].items() if k != "documents"})
+        row["dropped"] = dict(sorted(row["dropped"].items()))
+        row["changes"] = dict(sorted(row["changes"].items()))
+        if not row["changes"]:
+            del row["changes"]
+        funnel.append(row)
+    tok_src: dict[str, Counter[str]] = {s.name: Counter() for s in pipe.config.sources}
+    for ts in token_stats:
+        for src, c in ts["sources"].items():
+            tok_src[src].update(c)
+    for src, c in tok_src.items():
+        for reason in ("exact_duplicate", "near_duplicate"):
+            if c[reason]:
+                src_dropped[src][f"dedup:{reason}"] += c[reason]
+        if c["downweighted"]:
+            src_dropped[src]["mixture:downweighted"] += c["downweighted"]
+    tot: Counter[str] = Counter()
+    for c in tok_src.values():
+        tot.update(c)
+    funnel.append({"step": "dedup", "documentsIn": tot["in"], "documentsOut": tot["out"],
+                   "dropped": {k: tot[k] for k in ("exact_duplicate", "near_duplicate") if tot[k]}})
+    funnel.append({"step": "mixture", "documentsIn": tot["mixture_in"],
+                   "documentsOut": tot["written_train"],
+                   "dropped": {"downweighted": tot["downweighted"]} if tot["downweighted"] else {},
+                   "changes": {"repeats": tot["repeats"]}})
+
+    def entry(names: list[str]) -> dict[str, Any]:
+        dropped: Counter[str] = Counter()
+        for n in names:
+            dropped.update(src_dropped[n])
+        c: Counter[str] = Counter()
+        for n in names:
+            c.update(tok_src[n])
+        return {
+            "files": sum(files[n] for n in names),
+            "documentsIn": sum(records[n] for n in names),
+            "documentsOut": c["out"],
+            "dropped": dict(sorted(dropped.items())),
+            "documentsWritten": {"train": c["written_train"], "validation": c["written_validation"]},
+            "tokens": {"train": c["tokens_train"], "validation": c["tokens_validation"]},
+        }
+
+    sources = {s.name: {"domain": s.domain, "weight": s.weight, **entry([s.name])} for s in pipe.config.sources}
+    domains: dict[str, Any] = {}
+    for domain in sorted({s.domain for s in pipe.config.sources}):
+        domains[domain] = entry([s.name for s in pipe.config.sources if s.domain == domain])
+    data: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "documentsIn": total_in,
+        "documentsOut": tot["out"],
+        "documentsWritten": {"train": splits["train"]["documents"], "validation": splits["validation"]["documents"]},
+        "tokens": {"train": splits["train"]["tokens"], "validation": splits["validation"]["tokens"]},
+        "funnel": funnel,
+        "sources": sources,
+        "domains": domains,
+        "pii": dict(sorted(pii.items())),
+        "splits": splits,
+        "keptDocumentIdsSha256": ids_sha,
+        "tokenizer": tokenizer_info,
+        "config": {k: v for k, v in pipe.config.to_wire().items() if k != "output"},  # where it lives is not what it is
+    }
+    if pipe.config.dropped.keep:
+        data["droppedSamples"] = [f"dropped/{kind}part-{p:05d}.jsonl.zst"
+                                  for kind in ("", "dedup-") for p in range(pipe.num_parts)]
+    return data
