@@ -66,6 +66,7 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from crucible.trainer.config.data import DataPipelineConfig
 from crucible.trainer.data.pipeline import dedup, manifest, tokenize
@@ -78,7 +79,9 @@ from crucible.trainer.storage import Storage
 
 log = logging.getLogger("crucible.data")
 
-STAGES = (filter_stage.STAGE, dedup.STAGE, tokenize.STAGE)
+# The stages in order: each module has STAGE (its name, --stage) and run(pipe, part).
+RUNNERS: dict[str, Callable[[PipelineState, int], None]] = {m.STAGE: m.run for m in (filter_stage, dedup, tokenize)}
+STAGES = tuple(RUNNERS)
 WAIT_POLL_SECONDS = 5.0
 
 __all__ = [
@@ -110,7 +113,7 @@ class DataPipeline(PipelineState):
         tokenize.run(self, part)
 
     def run_stage(self, stage: str, part: int) -> None:
-        {filter_stage.STAGE: filter_stage.run, dedup.STAGE: dedup.run, tokenize.STAGE: tokenize.run}[stage](self, part)
+        RUNNERS[stage](self, part)
 
     def finalize(self) -> Manifest | None:
         """Merge every part's results once all are done; None while parts are missing."""

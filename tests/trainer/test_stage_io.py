@@ -1,0 +1,80 @@
+"""The stage I/O contract (crucible.trainer.stage_io): torch-free, one _SUCCESS writer, the
+termination message from every stage, the data stage included."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crucible.trainer import stage_io
+from crucible.trainer.config.common import EXIT_BAD_INPUT, EXIT_OK
+from crucible.trainer.storage import Storage
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_contract_imports_no_torch() -> None:
+    code = ("import sys, crucible.trainer.stage_io, crucible.trainer.faults; "
+            "print(','.join(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+def test_success_is_written_once_whole_and_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("CRUCIBLE_TERMINATION_LOG", str(log))
+    out = tmp_path / "out"
+    record = stage_io.write_success(Storage(), str(out), "quantize", {"model": {"uri": "/m"}},
+                                    {"perplexityAfter": math.nan, "sizeBytesAfter": 10})
+    on_disk = json.loads((out / stage_io.SUCCESS).read_text())
+    assert on_disk == record and on_disk["stage"] == "quantize" and set(on_disk) == {"stage", "finishedAt", "inputs",
+                                                                                     "results"}
+    assert on_disk["results"] == {"perplexityAfter": None, "sizeBytesAfter": 10}  # JSON has no NaN
+    assert [p.name for p in out.iterdir()] == [stage_io.SUCCESS]  # no temporary file left beside it
+    assert json.loads(log.read_text()) == {"stage": "quantize", "results": on_disk["results"]}
+    assert stage_io.finished(Storage(), str(out)) and stage_io.read_success(Storage(), str(out)) == on_disk
+    assert stage_io.read_success(Storage(), str(tmp_path / "elsewhere")) is None
+
+
+def test_no_stage_spells_the_success_file_itself() -> None:
+    offenders = []
+    for path in (REPO / "trainer").rglob("*.py"):
+        if path.name == "stage_io.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value == "_SUCCESS":
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == [], "use crucible.trainer.stage_io.SUCCESS / write_success"
+
+
+def test_the_data_stage_leaves_its_failure_in_the_termination_message(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from crucible.trainer.data.pipeline import main
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("CRUCIBLE_TERMINATION_LOG", str(log))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"sources": [{"name": "web", "uri": str(tmp_path / "nothing-here")}],
+                                "output": {"uri": str(tmp_path / "out")}}))
+    assert main(["--spec", str(spec)]) == EXIT_BAD_INPUT
+    message = json.loads(log.read_text().splitlines()[-1])
+    assert message["exitCode"] == EXIT_BAD_INPUT and message["kind"] == "bad-input"
+    assert "sources[0].uri" in message["reason"]
+    assert not (tmp_path / "out" / stage_io.SUCCESS).exists()
+
+
+def test_every_stage_main_goes_through_the_contract(tmp_path: Path) -> None:
+    """A bad spec gets the same exit code and file-naming message from each of the five stages."""
+    from crucible.trainer.__main__ import STAGES, main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for stage in STAGES:
+        assert main([stage, "--spec", str(bad)]) == EXIT_BAD_INPUT, stage
+    assert main(["data", "--help"]) == EXIT_OK
