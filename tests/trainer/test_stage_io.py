@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from crucible.trainer import stage_io
+from crucible.trainer.config import parse_stage_spec
 from crucible.trainer.config.common import EXIT_BAD_INPUT, EXIT_OK
+from crucible.trainer.config.receipt import ForeignResultError
 from crucible.trainer.storage import Storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,16 +31,21 @@ def test_the_contract_imports_no_torch() -> None:
 def test_success_is_written_once_whole_and_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "termination-log"
     monkeypatch.setenv("CRUCIBLE_TERMINATION_LOG", str(log))
+    monkeypatch.delenv("CRUCIBLE_RUN", raising=False)
     out = tmp_path / "out"
+    config = parse_stage_spec("quantize", {"model": {"uri": "/m"}})
     record = stage_io.write_success(Storage(), str(out), "quantize", {"model": {"uri": "/m"}},
-                                    {"perplexityAfter": math.nan, "sizeBytesAfter": 10})
+                                    {"perplexityAfter": math.nan, "sizeBytesAfter": 10}, config)
     on_disk = json.loads((out / stage_io.SUCCESS).read_text())
-    assert on_disk == record and on_disk["stage"] == "quantize" and set(on_disk) == {"stage", "finishedAt", "inputs",
-                                                                                     "results"}
+    assert on_disk == record and on_disk["stage"] == "quantize"
+    assert set(on_disk) == {"stage", "specHash", "finishedAt", "inputs", "results"}
     assert on_disk["results"] == {"perplexityAfter": None, "sizeBytesAfter": 10}  # JSON has no NaN
     assert [p.name for p in out.iterdir()] == [stage_io.SUCCESS]  # no temporary file left beside it
     assert json.loads(log.read_text()) == {"stage": "quantize", "results": on_disk["results"]}
-    assert stage_io.finished(Storage(), str(out)) and stage_io.read_success(Storage(), str(out)) == on_disk
+    assert stage_io.finished(Storage(), str(out), config) and stage_io.read_success(Storage(), str(out)) == on_disk
+    other = parse_stage_spec("quantize", {"model": {"uri": "/another"}})
+    with pytest.raises(ForeignResultError, match="written for a different spec"):
+        stage_io.finished(Storage(), str(out), other)  # an edited spec's output is not taken as done
     assert stage_io.read_success(Storage(), str(tmp_path / "elsewhere")) is None
 
 
