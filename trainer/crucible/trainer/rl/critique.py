@@ -87,14 +87,14 @@ def critique_pairs(model: Any, tokenizer: Any, prompts: list[Prompt], config: Pr
 
 def run(config: PreferenceConfig) -> int:
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
-    from crucible.trainer.finetune import (
+    from crucible.trainer.lora import load_base
+    from crucible.trainer.posttrain import (
         input_receipts,
         load_tokenizer,
         log,
         open_workspace,
         publish_and_succeed,
     )
-    from crucible.trainer.lora import load_base
     from crucible.trainer.rl.prompts import read_prompts
 
     assert config.prompts is not None and config.critique is not None

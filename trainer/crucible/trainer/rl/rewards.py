@@ -20,6 +20,7 @@ import torch
 
 from crucible.trainer.config.rl import RewardConfig, RewardRule
 from crucible.trainer.faults import SpecError
+from crucible.trainer.stage_io import SUCCESS
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def _format_ok(rule: RewardRule, text: str) -> bool:
 def check_reward_model(directory: Path, uri: str) -> None:
     """``uri`` must be a reward-model run's output: a one-label sequence classifier."""
     field = "spec.reward.model"
-    success = directory / "_SUCCESS"
+    success = directory / SUCCESS
     if success.is_file():
         try:
             method = json.loads(success.read_text()).get("results", {}).get("method")

@@ -28,7 +28,7 @@ STAGE = "preference"
 
 
 def build_reward(config: PreferenceConfig, ws: Any, device: torch.device) -> Reward:
-    from crucible.trainer.posttrain_io import local_model
+    from crucible.trainer.posttrain import local_model
 
     assert config.reward is not None
     scorer = None
@@ -115,7 +115,8 @@ def run(config: PreferenceConfig) -> int:
     from crucible.trainer import evaluate
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
     from crucible.trainer.engine import Engine
-    from crucible.trainer.finetune import (
+    from crucible.trainer.lora import trainable_parameters
+    from crucible.trainer.posttrain import (
         input_receipts,
         load_exported_lm,
         load_tokenizer,
@@ -124,7 +125,6 @@ def run(config: PreferenceConfig) -> int:
         publish_and_succeed,
         write_prompts,
     )
-    from crucible.trainer.lora import trainable_parameters
     from crucible.trainer.preference import build_reference
     from crucible.trainer.rl.prompts import read_prompts
     from crucible.trainer.sft_data import pad_id_of
