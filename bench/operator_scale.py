@@ -33,6 +33,7 @@ from kmock import ResourceInfo, Server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "operator"))
+sys.path.insert(0, str(REPO / "tests"))  # simcluster imports tests/waits.py
 
 from simcluster import RealisticEmulator  # noqa: E402
 
