@@ -38,6 +38,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~350M: the H100 goal (≥ 50% MFU, ≥ 1.5× Trainer); bf16 autocast with fp32 master weights
     "h100-350m": {"hidden": 1024, "layers": 24, "heads": 16, "ff": 2816, "vocab": 32000, "seq": 2048, "mbs": 8,
                   "accum": 1, "threads": 8, "precision": "bf16"},
+    # ~1.0B: the H100/H200 goal of #13 (≥ 55% MFU, ≥ 1.5× Trainer)
+    "h100-1b": {"hidden": 2048, "layers": 18, "heads": 16, "ff": 5632, "vocab": 32000, "seq": 2048, "mbs": 4,
+                "accum": 1, "threads": 8, "precision": "bf16"},
 }
 
 

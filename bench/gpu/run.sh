@@ -22,4 +22,13 @@ section() {  # section NAME SECONDS CMD...: run CMD bounded, record its exit sta
 # -- par3d (#14): MoE vs dense step time on one GPU, same active parameters --------------------
 section moe_vs_dense 120 "$PY" bench/gpu/moe_vs_dense.py --out "$OUT/moe_vs_dense.json" --steps 20
 
+# -- state (#13): sharded async checkpoints and MFU ------------------------------------------------
+# time blocked per save of a ~1B model (goal < 100 ms), step time with a save in flight (goal ≤ 2% slower)
+section checkpoint_1b 120 "$PY" bench/gpu/checkpoint_gpu.py --json "$OUT/checkpoint_1b.json"
+# MFU of the 350M and 1B presets against transformers.Trainer in the same run (goals ≥ 50% / ≥ 55%, ≥ 1.5×)
+section mfu_350m 120 "$PY" bench/train_throughput.py --preset h100-350m --steps 6 --warmup 2 --rounds 1 \
+  --json "$OUT/mfu_350m.json"
+section mfu_1b 120 "$PY" bench/train_throughput.py --preset h100-1b --steps 6 --warmup 2 --rounds 1 \
+  --json "$OUT/mfu_1b.json"
+
 exit $status

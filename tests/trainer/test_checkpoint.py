@@ -247,3 +247,40 @@ def test_a_tampered_checkpoint_with_a_rehashed_manifest_cannot_run_code(
     assert not marker.exists(), "loading a checkpoint ran a command"
     engine.close()
     fresh.close()
+
+
+def test_a_slow_checkpoint_restore_is_progress_not_a_hang(shards: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verification and download beat the watchdog as they go: a restore longer than hangTimeout
+    whose bytes keep arriving is not reported as a hang (it was timed as a step before)."""
+    import time
+
+    from crucible.trainer import checkpoint as ck
+    from crucible.trainer.watchdog import Watchdog
+
+    engine = make_engine(shards, tmp_path)
+    _train(engine, 1)
+    engine.save()
+    engine.checkpointer.wait()
+    hangs: list[str] = []
+    monkeypatch.setattr(ck, "_HASH_BLOCK", 16 * 1024)  # many blocks, each a slow read
+    real_hash = ck._sha256_file
+
+    def slow_hash(path, progress=None):  # type: ignore[no-untyped-def]
+        def slow(what: str) -> None:
+            time.sleep(0.3)
+            if progress is not None:
+                progress(what)
+        return real_hash(path, slow)
+
+    monkeypatch.setattr(ck, "_sha256_file", slow_hash)
+    fresh = make_engine(shards, tmp_path)
+    watchdog = Watchdog(2.0, on_hang=hangs.append, poll_s=0.05).start()
+    fresh.checkpointer.progress = watchdog.beat
+    started = time.monotonic()
+    assert fresh.resume() == 1
+    watchdog.stop()
+    assert time.monotonic() - started > 4.0, "the restore should outlast the hang timeout"
+    assert hangs == []
+    engine.close()
+    fresh.close()
