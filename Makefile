@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on disk here; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install demo demo-real test lint typecheck pytest crds bench clean
+.PHONY: install demo demo-real test lint typecheck pytest stress crds bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@# Prometheus server + promtool (Debian) for the alert-rule and scrape tests.
@@ -38,7 +38,7 @@ demo-real: install $(SMOL_GGUF)
 	CRUCIBLE_CACHE_DIR=$(CURDIR)/.crucible/cache $(BIN)/crucible run examples/real-model/ --workdir .crucible/real-model
 
 test: install
-	$(MAKE) lint typecheck pytest
+	$(MAKE) lint typecheck pytest stress
 
 lint: install
 	$(BIN)/ruff check operator trainer tests bench
@@ -48,6 +48,10 @@ typecheck: install
 
 pytest: install $(SMOL_GGUF)
 	$(BIN)/pytest -q tests
+
+# The timing-sensitive tests again, beside two CPU-bound processes: the suite holds under load.
+stress: install
+	$(BIN)/python tests/stress.py
 
 crds: install
 	$(BIN)/crucible crds --out crds/

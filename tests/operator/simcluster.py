@@ -27,6 +27,7 @@ import kopf
 import yaml
 from aiohttp import web
 from kmock import KubernetesEmulator, KubernetesError, ResourceInfo, Server, action
+from simkubelet import RealKubelet
 
 from crucible.api import GROUP, KIND_MODELS, VERSION
 from crucible.operator import kube as k
@@ -156,10 +157,15 @@ class RealisticEmulator(KubernetesEmulator):
 
 
 class SimCluster:
-    def __init__(self, *, nodes: int = 4, interval: float = 0.2, tick: float = 0.05) -> None:
+    def __init__(self, *, nodes: int = 4, interval: float = 0.2, tick: float = 0.05,
+                 real: RealKubelet | None = None, storage_root: str = "s3://bucket/runs") -> None:
+        """``real``: pods run the rendered command as local processes (simkubelet.py) instead of
+        the stand-in trainers; ``storage_root`` is the operator's ``--storage-root``."""
         self.node_names = [f"node-{i}" for i in range(1, nodes + 1)]
         self.interval = interval
         self.tick = tick
+        self.real = real
+        self.storage_root = storage_root
         self.trainers: dict[str, Trainer] = {}
         self.kueue_admits: set[str] = set()  # queues whose workloads the simulated Kueue admits
         self.metrics_servers: dict[int, web.AppRunner] = {}
@@ -192,6 +198,8 @@ class SimCluster:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
                 for runner in self.metrics_servers.values():
                     await runner.cleanup()
+                if self.real is not None:
+                    await asyncio.to_thread(self.real.close)
                 await self.kube.close()
 
     def _register_resources(self) -> None:
@@ -226,7 +234,7 @@ class SimCluster:
                              ) -> tuple[threading.Thread, threading.Event]:
         """The real operator, in its own thread and event loop (as in a pod of its own): Kopf
         cancels every task created in its loop after it started when it stops."""
-        config = OperatorConfig(storage_root="s3://bucket/runs", interval=self.interval, resync=30.0,
+        config = OperatorConfig(storage_root=self.storage_root, interval=self.interval, resync=30.0,
                                 scrape_timeout=1.0, user_agent=f"crucible-operator/{replica}")
         registry = build_registry(config, server=self.url, metrics=self.operator_metrics)
         stop = threading.Event()
@@ -313,7 +321,10 @@ class SimCluster:
         return self.trainers[run]
 
     async def kill_node(self, name: str) -> None:
-        """The node goes NotReady: its pods stop making progress (their status goes stale)."""
+        """The node goes NotReady: its pods stop making progress (their status goes stale); with
+        real pods their process groups are SIGKILLed."""
+        if self.real is not None:
+            self.real.kill_node(name)
         self.emulator.objects["v1/nodes", None, name].patch({"status": {"conditions": [
             {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}})
 
@@ -328,9 +339,12 @@ class SimCluster:
                 pods = await self.kube.list(k.PODS, NAMESPACE)
                 nodes = {n["metadata"]["name"]: n for n in await self.kube.list(k.NODES, None)}
                 await self._job_controller(jobs, pods, nodes)
-                await self._kubelet(pods, nodes)
+                if self.real is not None:
+                    await self.real.sync(self.kube, pods, {n for n, node in nodes.items() if _ready(node)})
+                else:
+                    await self._kubelet(pods, nodes)
                 if loop % 4 == 0:
-                    await self._garbage_collector(jobs, pods)
+                    await self._garbage_collector(jobs, pods, nodes)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep simulating; a test will time out with a message
@@ -339,6 +353,8 @@ class SimCluster:
 
     async def _job_controller(self, jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
                               nodes: dict[str, dict[str, Any]]) -> None:
+        # one pod per node, across all Jobs of this pass (pods placed now are not in ``pods``)
+        busy = {p["spec"].get("nodeName") for p in pods if p["status"].get("phase") in ("Pending", "Running")}
         for job in jobs:
             jname = job["metadata"]["name"]
             spec = job["spec"]
@@ -358,7 +374,7 @@ class SimCluster:
             if any(ph == "Failed" for ph in phases):
                 for p in mine:
                     if p["status"].get("phase") in ("Pending", "Running"):
-                        await self.kube.delete(k.PODS, NAMESPACE, p["metadata"]["name"])
+                        await self._delete_pod(p, nodes)
                 await self._patch(k.JOBS, jname, {"status": {"active": 0, "failed": phases.count("Failed"), "conditions": [
                     {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}})
             elif phases.count("Succeeded") == spec["completions"]:
@@ -368,7 +384,6 @@ class SimCluster:
             if ready != job.get("status", {}).get("ready", 0) and not any(ph == "Failed" for ph in phases):
                 await self._patch(k.JOBS, jname, {"status": {"ready": ready}})
             # schedule pending pods: one per node, honour excluded nodes, only Ready nodes
-            busy = {p["spec"].get("nodeName") for p in pods if p["status"].get("phase") in ("Pending", "Running")}
             for p in mine:
                 if p["spec"].get("nodeName") or p["status"].get("phase") != "Pending":
                     continue
@@ -387,7 +402,7 @@ class SimCluster:
                          "labels": labels, "annotations": {JOB_INDEX_LABEL: str(index)},
                          "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
                                               "uid": job["metadata"].get("uid", ""), "controller": True}]},
-            "spec": json.loads(json.dumps(tmpl["spec"])),
+            "spec": _with_index_env(tmpl["spec"]),
             "status": {"phase": "Pending"},
         }
 
@@ -397,7 +412,8 @@ class SimCluster:
             by_run.setdefault(p["metadata"]["labels"][LABEL_RUN], []).append(p)
         for run, run_pods in by_run.items():
             trainer = self.trainers.get(run)
-            live = [p for p in run_pods if p["status"].get("phase") in ("Pending", "Running")]
+            live = [p for p in run_pods if p["status"].get("phase") in ("Pending", "Running")
+                    and not p["metadata"].get("deletionTimestamp")]  # not a Terminating pod of a lost node
             for p in live:
                 node = p["spec"].get("nodeName")
                 if p["status"]["phase"] == "Pending" and node and _ready(nodes.get(node)):
@@ -441,7 +457,8 @@ class SimCluster:
             "containerStatuses": [{"name": "trainer", "state": {"terminated": {
                 "exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message}}}]}})
 
-    async def _garbage_collector(self, all_jobs: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
+    async def _garbage_collector(self, all_jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
+                                 nodes: dict[str, dict[str, Any]]) -> None:
         """Owner references: a Job's pods go with it, a run's objects go with the run.
 
         As Kubernetes' garbage collector does, an object is deleted only once a fresh read shows
@@ -450,11 +467,23 @@ class SimCluster:
         jobs = {j["metadata"]["name"] for j in all_jobs}
         for p in pods:
             if p["metadata"]["labels"].get(JOB_NAME_LABEL) not in jobs and not await self._owner_exists(p):
-                await self.kube.delete(k.PODS, NAMESPACE, p["metadata"]["name"])
+                await self._delete_pod(p, nodes)
         for res in (k.JOBS, k.SERVICES, k.CONFIGMAPS):
             for obj in await self.kube.list(res, NAMESPACE):
                 if obj["metadata"].get("ownerReferences") and not await self._owner_exists(obj):
                     await self.kube.delete(res, NAMESPACE, obj["metadata"]["name"])
+
+    async def _delete_pod(self, pod: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> None:
+        """A pod on a Ready node (or none) goes at once. One on a NotReady node only gets a
+        deletionTimestamp: its kubelet cannot confirm, so it stays Terminating with its last
+        status, as on a real cluster (and the operator still sees where it ran)."""
+        node = pod["spec"].get("nodeName")
+        if node and not _ready(nodes.get(node)):
+            if not pod["metadata"].get("deletionTimestamp"):
+                await self._patch(k.PODS, pod["metadata"]["name"], {"metadata": {"deletionTimestamp": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
+            return
+        await self.kube.delete(k.PODS, NAMESPACE, pod["metadata"]["name"])
 
     async def _owner_exists(self, obj: dict[str, Any]) -> bool:
         for owner in obj["metadata"].get("ownerReferences") or []:
@@ -502,6 +531,16 @@ class SimCluster:
         except k.ApiError as exc:
             if exc.status != 404:
                 raise
+
+
+def _with_index_env(template_spec: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec of an Indexed Job's pod: each container gets JOB_COMPLETION_INDEX from the
+    pod's annotation, as the Job controller adds it."""
+    spec = json.loads(json.dumps(template_spec))
+    for container in spec.get("containers", []):
+        container.setdefault("env", []).insert(0, {"name": "JOB_COMPLETION_INDEX", "valueFrom": {
+            "fieldRef": {"fieldPath": f"metadata.annotations['{JOB_INDEX_LABEL}']"}}})
+    return spec
 
 
 def _node(name: str) -> dict[str, Any]:
