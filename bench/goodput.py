@@ -5,7 +5,8 @@
     python bench/goodput.py --smoke               # CI smoke: ~1 min, two faults, same checks
 
 What runs: one PretrainRun of a small Llama (one process, CPU) through the embedded runner with
-``checkpoint.interval: auto`` and the default ``failurePolicy`` except ``maxRestarts``. A fault
+``checkpoint.interval: auto`` and ``failurePolicy`` defaults except ``maxRestarts`` and
+``backoffSeconds: 0``. A fault
 injector SIGKILLs the trainer process (the pid the runner records in ``state.json``) after
 exponentially distributed delays (mean ``--mtbf`` seconds, seeded). The runner classifies each
 death (KilledBySignal), restarts the attempt, and the trainer resumes from its latest valid
@@ -72,15 +73,17 @@ def resource(data: Path, steps: int, max_restarts: int) -> dict[str, Any]:
         "apiVersion": "crucible.dev/v1alpha1", "kind": "PretrainRun", "metadata": {"name": NAME},
         "spec": {
             "data": {"uri": str(data)},
-            "model": {"hiddenSize": 128, "numLayers": 4, "numHeads": 4, "intermediateSize": 256,
-                      "vocabSize": VOCAB, "maxPositionEmbeddings": 256},
-            "training": {"seqLen": 128, "globalBatchTokens": 2048, "microBatchSize": 8, "maxSteps": steps,
+            "model": {"hiddenSize": 64, "numLayers": 2, "numHeads": 4, "intermediateSize": 128,
+                      "vocabSize": VOCAB, "maxPositionEmbeddings": 128},
+            "training": {"seqLen": 64, "globalBatchTokens": 512, "microBatchSize": 8, "maxSteps": steps,
                          "evalEvery": 0, "evalBatches": 1, "seed": 11},
             "optimizer": {"lr": 1e-3, "warmupSteps": 20},
             "checkpoint": {"interval": "auto", "keep": 2},
             "metrics": {"logEvery": 100},
             "lossSpike": {"enabled": False},
-            "failurePolicy": {"maxRestarts": max_restarts},
+            # a fault every 2 minutes is a crash-heavy regime: restart at once (the default
+            # backoffSeconds 30, doubling per restart, would spend most of the run waiting)
+            "failurePolicy": {"maxRestarts": max_restarts, "backoffSeconds": 0},
         },
     }
 
@@ -142,12 +145,17 @@ class Run:
 
 
 def inject_faults(run: Run, mtbf: float, rng: random.Random, stop: threading.Event,
-                  faults: list[dict[str, Any]]) -> None:
+                  faults: list[dict[str, Any]], every_steps: int = 0) -> None:
     """SIGKILL the trainer after Exp(1/mtbf) delays, until ``stop``. Each kill is recorded with the
-    last step done before it."""
+    last step done before it. ``every_steps`` (the smoke mode): instead, kill whenever the run
+    has advanced that many steps since the last kill, so a slow machine still sees faults land
+    mid-training."""
     while not stop.is_set():
-        delay = rng.expovariate(1.0 / mtbf)
-        if stop.wait(delay):
+        if every_steps:
+            last = faults[-1]["lastStep"] if faults else 0
+            if stop.wait(0.05) or not run.steps() or run.steps()[-1]["step"] < last + every_steps:
+                continue
+        elif stop.wait(rng.expovariate(1.0 / mtbf)):
             return
         pids = run.trainer_pids()
         alive = [p for p in pids if _alive(p)]
@@ -276,30 +284,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="target length of the faulted run")
     p.add_argument("--mtbf", type=float, default=120.0, help="mean seconds between injected faults")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="CI: about a minute, faults every ~15 s")
+    p.add_argument("--smoke", action="store_true",
+                   help="CI: ~30 s of training, a fault every 40 steps (not timed: checks that nothing is lost)")
     p.add_argument("--workdir", type=Path, default=None, help="default: a fresh folder under .crucible/bench-goodput")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--min-goodput", type=float, default=None, help="exit 1 below this goodput")
     args = p.parse_args(argv)
     if args.smoke:
-        args.minutes, args.mtbf = min(args.minutes, 0.75), min(args.mtbf, 15.0)
+        args.minutes = min(args.minutes, 0.5)
     root = args.workdir or REPO / ".crucible" / "bench-goodput" / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
 
-    step_s = calibrate(root / "calibrate", _data(root, 1))
-    steps = max(40, int(args.minutes * 60 / step_s * 0.97))
+    if args.smoke:
+        step_s, steps = math.nan, 120  # no calibration: the smoke run's faults are placed by step
+    else:
+        step_s = calibrate(root / "calibrate", _data(root, 1))
+        steps = max(40, int(args.minutes * 60 / step_s * 0.97))
     data = _data(root, steps)
+    faults_are = "a fault every 40 steps (smoke)" if args.smoke else f"faults every {args.mtbf:.0f} s on average"
     print(f"calibrated {step_s * 1000:.1f} ms/step: {steps} steps ≈ {steps * step_s / 60:.1f} min of training; "
-          f"faults every {args.mtbf:.0f} s on average (seed {args.seed})", flush=True)
-    max_restarts = max(10, int(args.minutes * 60 / args.mtbf * 4))
+          f"{faults_are} (seed {args.seed})", flush=True)
+    max_restarts = max(10, int(args.minutes * 60 / args.mtbf * 4), steps // 40 + 2)
 
     faulted = Run(root / "faulted", resource(data, steps, max_restarts))
     faults: list[dict[str, Any]] = []
     stop = threading.Event()
     faulted.start()
-    injector = threading.Thread(target=inject_faults, args=(faulted, args.mtbf, random.Random(args.seed), stop, faults),
-                                daemon=True)
+    injector = threading.Thread(target=inject_faults, daemon=True, args=(
+        faulted, args.mtbf, random.Random(args.seed), stop, faults, 40 if args.smoke else 0))
     injector.start()
     rc = faulted.wait()
     stop.set()
@@ -331,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _data(root: Path, steps: int) -> Path:
     data = root / "data"
-    tokens = (steps + 50) * 2048 + 4096
+    tokens = (steps + 50) * 512 + 4096
     marker = data / "tokens.txt"
     if not marker.exists() or int(marker.read_text()) < tokens:
         import shutil

@@ -296,7 +296,10 @@ class SimCluster:
     async def wait_phase(self, kind: str, name: str, phase: str, timeout: float = 20.0) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
             obj = await self.kube.get(k.Res(GROUP, VERSION, KIND_MODELS[kind].PLURAL), NAMESPACE, name)
-            return obj if obj and (obj.get("status") or {}).get("phase") == phase else None
+            now = (obj or {}).get("status", {}).get("phase") if obj else None
+            if now in ("Succeeded", "Failed") and now != phase:  # final: waiting longer changes nothing
+                raise AssertionError(f"{kind} {name} is {now}, never {phase}: {json.dumps(obj.get('status'), indent=1)}")
+            return obj if now == phase else None
         try:
             return await self.wait_for(check, timeout, f"{kind} {name} phase {phase}")
         except AssertionError:

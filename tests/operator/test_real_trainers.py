@@ -64,8 +64,13 @@ async def pods_of(c: SimCluster, run_name: str, attempt: int) -> list[dict[str, 
     return [p for p in await c.pods(run_name) if p["metadata"]["labels"].get(LABEL_ATTEMPT) == str(attempt)]
 
 
-async def until(c: SimCluster, check: Callable[[], Any], what: str, timeout: float = 120) -> Any:
+async def until(c: SimCluster, check: Callable[[], Any], what: str, timeout: float = 120,
+                runs: tuple[tuple[str, str], ...] = ()) -> Any:
+    """Wait for ``check()``; fail at once, with its status, if one of ``runs`` (kind, name) failed."""
     async def probe() -> Any:
+        for kind, name in runs:
+            status = (await c.get(kind, name)).get("status") or {}
+            assert status.get("phase") != "Failed", f"{kind} {name} failed: {json.dumps(status, indent=1)}"
         return check()
     return await c.wait_for(probe, timeout, what)
 
@@ -110,7 +115,8 @@ def test_two_node_pretrain_loses_a_node_and_resumes_bit_exact(tmp_path: Path) ->
         await c.apply(pretrain_run("ref", data, steps))  # the uninterrupted twin
         await c.apply(pretrain_run("pt", data, steps))
         ckpts = run_dir(storage, "PretrainRun", "pt") / "checkpoints"
-        await until(c, lambda: max(step_losses(ckpts), default=0) >= 9, "step 9 of pt", timeout=180)
+        await until(c, lambda: max(step_losses(ckpts), default=0) >= 9, "step 9 of pt", timeout=180,
+                    runs=(("PretrainRun", "pt"), ("PretrainRun", "ref")))
         (rank1,) = [p for p in await pods_of(c, "pt", 0)
                     if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1"]
         lost = rank1["spec"]["nodeName"]
@@ -152,23 +158,24 @@ def test_two_node_pretrain_loses_a_node_and_resumes_bit_exact(tmp_path: Path) ->
 
 # -- a DataPipeline worker dies mid-stage ----------------------------------------------------------
 
-TOPICS = ["harbor", "library", "budget", "school", "ferry", "bridge", "market", "river", "museum", "garden"]
+NOUNS = ["harbor", "library", "budget", "school", "ferry", "bridge", "market", "river", "museum", "garden",
+         "council", "station", "village", "teacher", "doctor", "farmer", "engineer", "report", "festival", "road"]
+VERBS = ["reviewed", "visited", "described", "repaired", "opened", "studied", "praised", "discussed", "closed", "built"]
+ADJECTIVES = ["old", "new", "busy", "quiet", "small", "large", "northern", "local", "famous", "modern"]
 
 
-def write_corpus(folder: Path, files: int = 3, docs: int = 150, seed: int = 0) -> Path:
-    """English prose the quality rules keep, a few exact duplicates across files."""
+def _sentence(rng: random.Random) -> str:
+    n, v, a = (lambda: rng.choice(NOUNS)), (lambda: rng.choice(VERBS)), (lambda: rng.choice(ADJECTIVES))
+    return (f"The {a()} {n()} of the {n()} {v()} the {a()} {n()} with the {n()} "
+            f"and {v()} it {rng.randint(2, 99)} times.")
+
+
+def write_corpus(folder: Path, files: int = 3, docs: int = 300, seed: int = 0) -> Path:
+    """Random English-shaped prose the quality rules keep (seven sentences a document), and a
+    few exact duplicates across files."""
     rng = random.Random(seed)
     folder.mkdir(parents=True)
-    records = []
-    for i in range(files * docs):
-        words = [rng.choice(TOPICS) for _ in range(3)]
-        sentences = [
-            f"The committee of the city reviewed the plans for the new {words[0]} and explained them to the press.",
-            f"Several residents asked whether the {words[1]} would open before the winter, and the answer was yes.",
-            f"Engineers expect the work on the {words[2]} to take another {rng.randint(2, 9)} months to finish.",
-            f"A public meeting about document {i} will be held at the hall on Thursday evening at seven.",
-        ]
-        records.append({"id": f"doc-{i}", "text": " ".join(rng.sample(sentences, len(sentences)))})
+    records = [{"id": f"doc-{i}", "text": " ".join(_sentence(rng) for _ in range(7))} for i in range(files * docs)]
     records += [dict(records[j], id=f"dup-{j}") for j in range(0, len(records), 25)]
     per = len(records) // files + 1
     for f in range(files):
@@ -183,8 +190,7 @@ def data_pipeline(name: str, corpus: Path) -> dict[str, Any]:
         "tokenizer": {"vocabSize": 400, "minFrequency": 2},
         "shards": {"tokensPerShard": 4096, "validationFraction": 0.1},
         "workers": 3,
-        "failurePolicy": POLICY,
-    }, namespace=None)
+    }, namespace=None)  # no failurePolicy on a DataPipeline: the default one (a first restart after 30 s)
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -204,7 +210,8 @@ def test_data_pipeline_worker_killed_mid_stage_rerun_is_byte_identical(tmp_path:
         def worker_1_filtering() -> bool:  # worker 1 has begun writing its part, not finished it
             part = out / "_work" / "filter" / "part-00001"
             return part.is_dir() and any(part.iterdir()) and not list(part.glob("_DONE*"))
-        await until(c, worker_1_filtering, "worker 1 inside the filter stage", timeout=180)
+        await until(c, worker_1_filtering, "worker 1 inside the filter stage", timeout=180,
+                    runs=(("DataPipeline", "dp"), ("DataPipeline", "ref")))
         (pod,) = [p for p in await pods_of(c, "dp", 0) if p["metadata"]["labels"].get("crucible.dev/role") == "filter"
                   and p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1"]
         lost = pod["spec"]["nodeName"]
