@@ -2,7 +2,7 @@
 
     python bench/goodput.py                       # ~10 min faulted run + its uninterrupted twin
     python bench/goodput.py --minutes 2 --mtbf 40 # shorter
-    python bench/goodput.py --smoke               # CI smoke: ~1 min, two faults, same checks
+    python bench/goodput.py --smoke               # CI smoke (tests/local): 80 steps, two faults, same checks
 
 What runs: one PretrainRun of a small Llama (one process, CPU) through the embedded runner with
 ``checkpoint.interval: auto`` and ``failurePolicy`` defaults except ``maxRestarts`` and
@@ -49,6 +49,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 NAME = "goodput"
 VOCAB = 512
+SMOKE_FAULT_EVERY = 30
 
 
 def write_shards(root: Path, tokens: int, seed: int = 0) -> None:
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mtbf", type=float, default=120.0, help="mean seconds between injected faults")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
-                   help="CI: ~30 s of training, a fault every 40 steps (not timed: checks that nothing is lost)")
+                   help="CI: 80 steps, a fault every 30 (not timed: checks that nothing is lost)")
     p.add_argument("--workdir", type=Path, default=None, help="default: a fresh folder under .crucible/bench-goodput")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--min-goodput", type=float, default=None, help="exit 1 below this goodput")
@@ -297,22 +298,22 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     if args.smoke:
-        step_s, steps = math.nan, 120  # no calibration: the smoke run's faults are placed by step
+        step_s, steps = math.nan, 80  # no calibration: the smoke run's faults are placed by step
     else:
         step_s = calibrate(root / "calibrate", _data(root, 1))
         steps = max(40, int(args.minutes * 60 / step_s * 0.97))
     data = _data(root, steps)
-    faults_are = "a fault every 40 steps (smoke)" if args.smoke else f"faults every {args.mtbf:.0f} s on average"
+    faults_are = f"a fault every {SMOKE_FAULT_EVERY} steps (smoke)" if args.smoke else f"faults every {args.mtbf:.0f} s on average"
     print(f"calibrated {step_s * 1000:.1f} ms/step: {steps} steps ≈ {steps * step_s / 60:.1f} min of training; "
           f"{faults_are} (seed {args.seed})", flush=True)
-    max_restarts = max(10, int(args.minutes * 60 / args.mtbf * 4), steps // 40 + 2)
+    max_restarts = max(10, int(args.minutes * 60 / args.mtbf * 4), steps // SMOKE_FAULT_EVERY + 2)
 
     faulted = Run(root / "faulted", resource(data, steps, max_restarts))
     faults: list[dict[str, Any]] = []
     stop = threading.Event()
     faulted.start()
     injector = threading.Thread(target=inject_faults, daemon=True, args=(
-        faulted, args.mtbf, random.Random(args.seed), stop, faults, 40 if args.smoke else 0))
+        faulted, args.mtbf, random.Random(args.seed), stop, faults, SMOKE_FAULT_EVERY if args.smoke else 0))
     injector.start()
     rc = faulted.wait()
     stop.set()

@@ -110,7 +110,8 @@ class FinetuneConfig(TrainStageConfig):
 
     @model_validator(mode="after")
     def _method(self) -> FinetuneConfig:
-        if self.method == "full" and "lora" in self.model_fields_set:
+        # the backends send the whole spec (defaults included): only non-default adapter settings conflict
+        if self.method == "full" and "lora" in self.model_fields_set and self.lora != LoraConfig():
             raise ValueError("lora: adapter settings are set but method is full; use method: lora or remove lora")
         return self
 
