@@ -104,3 +104,18 @@ def test_namespace_defaults_and_empty_root_is_an_error() -> None:
     assert p.output_uri == "/work/default/pretrainrun/pt/output"
     with pytest.raises(PlanError, match="storage root is empty"):
         plan(make_pretrain_run(), storage_root="")
+
+
+@pytest.mark.parametrize("kind", ["PretrainRun", "FinetuneRun", "PreferenceRun", "QuantizeJob", "DataPipeline"])
+@pytest.mark.parametrize("method", [None, "full"])
+def test_the_planned_spec_is_what_the_stage_accepts(kind: str, method: str | None) -> None:
+    """The spec a pod reads (every default written out) parses in the trainer: a FinetuneRun with
+    ``method: full`` once failed in both backends, its default ``lora`` read as set by the user."""
+    from crucible.trainer.config import parse_stage_spec
+    from crucible.trainer.config.stages import KIND_TO_STAGE
+
+    if method and kind != "FinetuneRun":
+        pytest.skip("method: full is a FinetuneRun setting")
+    resource = make(kind, "r", **({"method": method} if method else {}))
+    p = plan(resource, storage_root="s3://b/root", inputs={"data": "s3://d", "model": "s3://m"})
+    parse_stage_spec(KIND_TO_STAGE[kind], dict(p.spec))
