@@ -162,3 +162,19 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
     assert "exact_duplicate" in report and "language_de" in report  # the planted noise was caught
     assert "Domain perplexity falls after pretraining" in report
     assert "data:image/png;base64," in (workdir / "report.html").read_text()
+
+    # The final model walks back through every stage to the source, its licence and its raw file.
+    lineage = subprocess.run([*CRUCIBLE, "lineage", "stdlib-int8", "-w", str(workdir), "--json"], env=env,
+                             capture_output=True, text=True)
+    assert lineage.returncode == 0, lineage.stdout[-3000:] + lineage.stderr
+    node, stages = json.loads(lineage.stdout), []
+    while node:
+        stages.append(node["stage"])
+        node = next((child for child in node["inputs"].values() if child.get("stage")), None)
+    assert stages == ["quantize", "preference", "finetune", "pretrain", "data"]
+    shard = next((workdir / "default" / "datapipeline" / "stdlib-corpus" / "output" / "train").glob("*.bin"))
+    shard.write_bytes(shard.read_bytes()[::-1])  # tamper with the training data after the fact
+    tampered = subprocess.run([*CRUCIBLE, "lineage", "stdlib-int8", "-w", str(workdir)], env=env,
+                              capture_output=True, text=True)
+    assert tampered.returncode == 1, tampered.stdout[-3000:]
+    assert f"✗ shards/train/{shard.name}" in tampered.stdout and "licence PSF-2.0" in tampered.stdout

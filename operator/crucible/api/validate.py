@@ -25,7 +25,7 @@ from crucible.api import API_VERSION, KIND_MODELS, Resource
 
 YAML_SUFFIXES = (".yaml", ".yml")
 # A validator message that starts with "fieldName: " (or "a.b: ") names the field it is about.
-_FIELD_PREFIX = re.compile(r"^([a-zA-Z][a-zA-Z0-9]*(?:\.[a-zA-Z][a-zA-Z0-9]*)*): (.+)$", re.S)
+_FIELD_PREFIX = re.compile(r"^([a-zA-Z][a-zA-Z0-9]*(?:\.(?:[a-zA-Z][a-zA-Z0-9]*|[0-9]+))*): (.+)$", re.S)
 _PATTERN_HINTS = {
     "^([0-9]+h)?([0-9]+m)?([0-9]+s)?$": "is not a duration; write it like 90s, 30m or 1h30m",
     "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$": "must be a DNS label: lowercase letters, digits and '-', starting and ending alphanumeric",
@@ -197,7 +197,7 @@ def _split_field(loc: Sequence[Any], message: str) -> tuple[list[Any], str]:
     """Move a leading "field: " of a validator message into the location."""
     match = _FIELD_PREFIX.match(message)
     if match:
-        return [*loc, *match.group(1).split(".")], match.group(2)
+        return [*loc, *(int(p) if p.isdigit() else p for p in match.group(1).split("."))], match.group(2)
     return list(loc), message
 
 

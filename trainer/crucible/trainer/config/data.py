@@ -27,6 +27,17 @@ class SourceConfig(StrictModel):
     id_field: str | None = Field(default=None, description="Field holding a stable document id; empty: file:line.")
     domain: str = Field(default="web", min_length=1, max_length=63, description="Domain used by the mixture step.")
     weight: float = Field(default=1.0, ge=0, le=100, description="Mixture weight: 2.0 doubles, 0.5 halves the domain.")
+    license: str | None = Field(
+        default=None, min_length=1, max_length=512,
+        description="Licence of the source: an SPDX id (CC-BY-4.0, Apache-2.0, ...) or its text; in the manifest and lineage.",
+    )
+    consent: str | None = Field(
+        default=None, min_length=1, max_length=512,
+        description="The basis on which the text may be used for training (e.g. opt-in, public-domain, contract X).",
+    )
+    origin: str | None = Field(
+        default=None, min_length=1, max_length=2048, description="Where the source came from: a URL or a description."
+    )
 
 
 class NormalizeStep(StrictModel):
@@ -168,6 +179,16 @@ class DroppedConfig(StrictModel):
     sample_rate: float = Field(default=0.01, gt=0, le=1, description="Fraction of dropped documents written.")
 
 
+class DataPolicy(StrictModel):
+    """What every source must declare before the pipeline runs (checked by ``crucible validate`` too)."""
+
+    require_license: bool = Field(default=False, description="Every source must set license.")
+    allowed_licenses: list[str] = Field(
+        default_factory=list, description="Licences a source may have (exact match); empty: any."
+    )
+    require_consent: bool = Field(default=False, description="Every source must set consent.")
+
+
 class DataPipelineConfig(StrictModel):
     """What the ``data`` stage of the trainer runs."""
 
@@ -180,6 +201,7 @@ class DataPipelineConfig(StrictModel):
     max_doc_chars: int = Field(default=1_000_000, ge=1, description="Longer documents are dropped as too_long.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where shards and the manifest go.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage settings.")
+    policy: DataPolicy = Field(default_factory=DataPolicy, description="Licence and consent every source must declare.")
 
     @model_validator(mode="after")
     def _unique_sources(self) -> DataPipelineConfig:
@@ -187,4 +209,31 @@ class DataPipelineConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"sources: names must be unique, repeated: {', '.join(dupes)}; rename them")
+        return self
+
+    @model_validator(mode="after")
+    def _policy(self) -> DataPipelineConfig:
+        policy = self.policy
+        for i, src in enumerate(self.sources):
+            if policy.require_license and not src.license:
+                raise ValueError(
+                    f"sources.{i}.license: source {src.name!r} declares no licence and policy.requireLicense is set; "
+                    "add license: <SPDX id or text> to the source, or drop the source"
+                )
+            if policy.allowed_licenses and src.license and src.license not in policy.allowed_licenses:
+                raise ValueError(
+                    f"sources.{i}.license: source {src.name!r} is licensed {src.license!r}, which "
+                    f"policy.allowedLicenses ({', '.join(policy.allowed_licenses)}) does not allow; "
+                    "drop the source or extend the policy"
+                )
+            if policy.allowed_licenses and not src.license:
+                raise ValueError(
+                    f"sources.{i}.license: source {src.name!r} declares no licence, so it cannot be checked "
+                    "against policy.allowedLicenses; add license: to the source"
+                )
+            if policy.require_consent and not src.consent:
+                raise ValueError(
+                    f"sources.{i}.consent: source {src.name!r} declares no consent basis and policy.requireConsent "
+                    "is set; add consent: (e.g. opt-in, public-domain, licensed) to the source"
+                )
         return self

@@ -19,6 +19,7 @@ from crucible.trainer.data.pipeline import dedup as dedup_stage
 from crucible.trainer.data.pipeline import filter as filter_stage
 from crucible.trainer.data.pipeline import tokenize as tokenize_stage
 from crucible.trainer.data.pipeline.state import NothingLeftError, PipelineState, part_dir
+from crucible.trainer.data.receipts import source_receipts
 from crucible.trainer.data.shards import ShardInfo, write_index
 from crucible.trainer.stage_io import write_success
 
@@ -197,7 +198,9 @@ def build(
             "tokens": {"train": c["tokens_train"], "validation": c["tokens_validation"]},
         }
 
-    sources = {s.name: {"domain": s.domain, "weight": s.weight, **entry([s.name])} for s in pipe.config.sources}
+    declared = source_receipts(pipe.config.sources, pipe.inputs, pipe.storage)
+    sources = {s.name: {"domain": s.domain, "weight": s.weight, **entry([s.name]), **declared[s.name]}
+               for s in pipe.config.sources}
     domains: dict[str, Any] = {}
     for domain in sorted({s.domain for s in pipe.config.sources}):
         domains[domain] = entry([s.name for s in pipe.config.sources if s.domain == domain])
