@@ -143,3 +143,24 @@ def test_render_html_escapes_titles(workdir: WorkDir) -> None:
     report = build_report(workdir, measurements=MEASURED)
     report.title = "<b>x</b>"
     assert "&lt;b&gt;x&lt;/b&gt;" in render_html(report, "now")
+
+
+def test_reference_overlap_is_shown_per_stage_and_checked(tmp_path: Path) -> None:
+    """eval.references: each answer's overlap with its reference, per stage, and a check that reads it."""
+    wd = WorkDir(tmp_path / "work")
+    for kind, name, before, after in [("PretrainRun", "smol-domain", 0.1, 0.2), ("FinetuneRun", "smol-sft", 0.2, 0.6)]:
+        out = add_run(wd, kind, name, {"finalLoss": 1.0})
+        (out / "eval").mkdir()
+        labels = ("before", "after") if kind == "PretrainRun" else ("base", "tuned")
+        records = [{"prompt": "q0", labels[0]: "b", labels[1]: "a", "reference": "r",
+                    "overlap": {labels[0]: before, labels[1]: after}}]
+        (out / "eval" / "prompts.json").write_text(json.dumps({"labels": list(labels), "prompts": records}))
+    wd.save_pipeline([("default", "PretrainRun", "smol-domain"), ("default", "FinetuneRun", "smol-sft")],
+                     [str(REPO / "examples" / "real-model" / "01-data.yaml")])
+    report = build_report(wd, measurements=Measurements(perplexity={"untrained": 20.0, "smol-domain": 10.0}))
+    checks = {c.what: c for c in report.checks}
+    check = checks["Answers after SFT are closer to the reference answers than SmolLM2's own"]
+    assert check.ok is True and check.detail == "ROUGE-L F1 0.100 → 0.600"
+    md = render_markdown(report, "now")
+    assert "| before training | 0.100 |" in md and "| after finetune (smol-sft) | 0.600 |" in md
+    assert "| after pretrain (smol-domain) | a | 0.20 |" in md

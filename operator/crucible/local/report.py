@@ -538,18 +538,52 @@ def stage_answers(states: list[RunState], m: Measurements) -> list[tuple[str, st
     return columns
 
 
-def answers_section(columns: list[tuple[str, str, dict[str, str]]]) -> Section:
+def stage_overlaps(states: list[RunState]) -> dict[str, dict[str, float]]:
+    """``eval.references`` scores (ROUGE-L F1) per column key ("untrained" or a run name): prompt -> score."""
+    out: dict[str, dict[str, float]] = {}
+    for s in states:
+        data = _prompts_json(s)
+        labels = data.get("labels") or ["before", "after"]
+        records = [r for r in data.get("prompts") or [] if isinstance(r.get("overlap"), dict)]
+        if not records:
+            continue
+        if "untrained" not in out:
+            out["untrained"] = {r["prompt"]: float(r["overlap"].get(labels[0], 0.0)) for r in records}
+        out[s.name] = {r["prompt"]: float(r["overlap"].get(labels[-1], 0.0)) for r in records}
+    return out
+
+
+def _mean(values: Mapping[str, float]) -> float:
+    return sum(values.values()) / len(values) if values else 0.0
+
+
+def answers_section(columns: list[tuple[str, str, dict[str, str]]],
+                    overlaps: Mapping[str, Mapping[str, float]] | None = None) -> Section:
     sec = Section("The same questions before training and after each stage")
     if not columns:
         sec.markdown.append("*No stage has answered the evaluation prompts yet (spec.eval.prompts).*")
         return sec
+    overlaps = overlaps or {}
+    if overlaps:
+        sec.markdown += ["How close the answers are to the reference answers (`eval.references`; ROUGE-L F1 over "
+                         "words, 1.0 = the reference itself), mean over the questions:", ""]
+        sec.markdown += _md_table(["model", "overlap with the references"],
+                                  [[label, f"{_mean(overlaps[key]):.3f}"] for label, key, _ in columns if key in overlaps])
+        sec.markdown.append("")
     prompts: list[str] = []
     for _, _, answers in columns:
         prompts += [p for p in answers if p not in prompts]
     for prompt in prompts:
         sec.markdown += [f"**{prompt}**", ""]
-        sec.markdown += _md_table(["model", "answer"], [[label, answers.get(prompt, "").strip() or "*(empty answer)*"]
-                                                        for label, _, answers in columns])
+        if overlaps:
+            sec.markdown += _md_table(
+                ["model", "answer", "overlap"],
+                [[label, answers.get(prompt, "").strip() or "*(empty answer)*",
+                  f"{overlaps[key][prompt]:.2f}" if prompt in overlaps.get(key, {}) else ""]
+                 for label, key, answers in columns])
+        else:
+            sec.markdown += _md_table(["model", "answer"], [[label, answers.get(prompt, "").strip() or "*(empty answer)*"]
+                                                            for label, _, answers in columns])
         sec.markdown.append("")
     return sec
 
@@ -634,6 +668,7 @@ def check_context(states: list[RunState], m: Measurements,
         "runs": {s.name: {"kind": s.kind, "phase": s.status.phase, "results": dict(s.status.results)} for s in states},
         "perplexity": dict(m.perplexity),
         "answers": {key: list(answers.values()) for _, key, answers in columns},
+        "overlap": {key: _mean(scores) for key, scores in stage_overlaps(states).items()},
     }
 
 
@@ -676,7 +711,7 @@ def build_report(workdir: WorkDir, *, measurements: Measurements | None = None) 
     report.sections += [sec for kind, sec in own if not kind_of(kind).produces_model]
     report.sections.append(loss_section(workdir, states))
     report.sections.append(perplexity_section(m))
-    report.sections.append(answers_section(columns))
+    report.sections.append(answers_section(columns, stage_overlaps(states)))
     report.sections += [sec for kind, sec in own if kind_of(kind).produces_model]
     specs, problems = load_checks(pipeline_folders(workdir))
     report.checks, more = evaluate_checks(specs, check_context(states, m, columns))
