@@ -118,6 +118,14 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=4)
@@ -134,7 +142,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
-               "--master-addr=127.0.0.1", "--master-port=0", __file__, "--worker",
+               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", __file__, "--worker",
                f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}",
                f"--vocab={args.vocab}", f"--json={os.path.abspath(args.json)}", f"--dir={args.dir or tmp}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1",
