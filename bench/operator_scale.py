@@ -43,7 +43,7 @@ from crucible.operator import kube as k  # noqa: E402
 NAMESPACE = "bench"
 PEER = textwrap.dedent('''
     import asyncio, sys, kopf
-    from crucible.operator.kube import Connection, Kube
+    from crucible.operator.kube import Kube, load_connection
     from crucible.operator.render import render
     from crucible.core.plan import plan
     from crucible.api import KIND_MODELS
@@ -57,7 +57,7 @@ PEER = textwrap.dedent('''
 
     @kopf.on.startup(registry=registry)
     async def startup(memo, settings, **_):
-        memo.kube = Kube(Connection(server=server))
+        memo.kube = Kube(load_connection(server))
 
     @kopf.on.create("crucible.dev", "v1alpha1", "pretrainruns", registry=registry)
     async def create(body, memo, **_):
@@ -128,7 +128,7 @@ async def measure(label: str, argv_of_url: Any, runs: int, timeout: float) -> di
             kind=model.KIND, namespaced=True, verbs=verbs, subresources={"status"}, singular=model.KIND.lower())
     async with emulator, Server(emulator) as server:
         url = str(server.url).rstrip("/")
-        kube = k.Kube(k.Connection(server=url))
+        kube = k.Kube(k.load_connection(url))
         crds = k.Res("apiextensions.k8s.io", "v1", "customresourcedefinitions", namespaced=False)
         for path in sorted((REPO / "crds").glob("*.yaml")):
             await kube.request("POST", crds.path(), body=yaml.safe_load(path.read_text()))

@@ -184,7 +184,7 @@ class SimCluster:
         self._register_resources()
         async with self.emulator, Server(self.emulator) as server:
             self.url = str(server.url).rstrip("/")
-            self.kube = k.Kube(k.Connection(server=self.url), user_agent="simcluster")
+            self.kube = k.Kube(k.load_connection(self.url), user_agent="simcluster")
             await self._seed()
             self._tasks.append(asyncio.create_task(self._controllers()))
             if operator:

@@ -47,11 +47,8 @@ def build_registry(config: OperatorConfig, *, server: str | None = None,
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(
-            server=conn.server, token=conn.token, scheme="Bearer" if conn.token else None,
-            ca_path=conn.ca_path, certificate_path=conn.cert_path, private_key_path=conn.key_path,
-            insecure=conn.insecure or None, default_namespace=conn.namespace,
-        )
+        # Kopf logs in again on a 401: the token is refreshed then (exec plugin, rotated SA token).
+        return kopf.ConnectionInfo(**conn.login_info())
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
