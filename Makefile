@@ -3,10 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# torchx 0.7 pins urllib3<1.27: it gets an environment of its own (crucible + torchx only), which
+# tests/torchx drives as a subprocess; the stage processes it launches use $(VENV).
+TORCHX_VENV := .venv-torchx
+TORCHX_STAMP := $(TORCHX_VENV)/.installed
 # The CPU wheel of torch lies on disk here; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install demo demo-real test lint typecheck pytest stress crds bench clean
+.PHONY: install torchx-env demo demo-real test lint typecheck pytest stress crds bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@# Prometheus server + promtool (Debian) for the alert-rule and scrape tests.
@@ -18,6 +22,14 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(TORCHX_STAMP): pyproject.toml Makefile
+	test -x $(TORCHX_VENV)/bin/python || $(PY) -m venv $(TORCHX_VENV)
+	$(TORCHX_VENV)/bin/pip install -q --upgrade pip
+	$(TORCHX_VENV)/bin/pip install -q -e ".[torchx]"
+	touch $(TORCHX_STAMP)
+
+torchx-env: $(TORCHX_STAMP)
 
 demo: install
 	$(BIN)/crucible validate examples/
@@ -46,7 +58,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install $(SMOL_GGUF)
+pytest: install torchx-env $(SMOL_GGUF)
 	$(BIN)/pytest -q tests
 
 # The timing-sensitive tests again, beside two CPU-bound processes: the suite holds under load.
@@ -64,4 +76,4 @@ bench: install
 	$(BIN)/python bench/operator_scale.py
 
 clean:
-	rm -rf $(VENV) .crucible .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TORCHX_VENV) .crucible .pytest_cache .mypy_cache .ruff_cache

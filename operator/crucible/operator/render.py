@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,42 @@ def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def torchrun_command(role: Role, argv: Sequence[str], *, node_rank: str, master_addr: str,
+                     master_port: int) -> list[str]:
+    """``python -m crucible.trainer ...`` under torchrun for a distributed role (static rendezvous).
+
+    Shared by the Job (``$(JOB_COMPLETION_INDEX)``, ``<job>-0.<service>``) and the torchx
+    components (the replica id, the scheduler's rank-0 host).
+    """
+    assert list(argv[:2]) == [argv[0], "-m"] and argv[0].endswith("python"), argv
+    return [
+        "torchrun",
+        f"--nnodes={role.replicas}",
+        f"--nproc-per-node={role.procs_per_node}",
+        f"--node-rank={node_rank}",
+        f"--master-addr={master_addr}",
+        f"--master-port={master_port}",
+        "--max-restarts=0",
+        *argv[1:],
+    ]
+
+
+def role_environment(resource: Resource, plan: LaunchPlan, role: Role, settings: RenderSettings) -> dict[str, str]:
+    """The plain environment variables of a role's processes (NCCL, the contract's CRUCIBLE_*, and
+    RANK/WORLD_SIZE/... for single processes); the Job adds the pod fields and Secret references."""
+    env: dict[str, str] = {}
+    if role.gpus_per_node:
+        env.update(settings.nccl_env)
+        if resource.spec.resources.rdma is None:
+            env["NCCL_IB_DISABLE"] = "1"
+    env.update(plan.env)
+    if not role.distributed:
+        # torchrun sets these for distributed roles; single processes get the same contract.
+        env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(settings.master_port)})
+    return env
 
 
 def render(resource: Resource, plan: LaunchPlan, *, settings: RenderSettings | None = None,
@@ -298,31 +334,13 @@ class _Context:
         argv = list(role.command_for("$(JOB_COMPLETION_INDEX)") if role.sharded else role.command)
         if not role.distributed:
             return argv
-        assert argv[:2] == ["python", "-m"], argv
-        return [
-            "torchrun",
-            f"--nnodes={role.replicas}",
-            f"--nproc-per-node={role.procs_per_node}",
-            "--node-rank=$(JOB_COMPLETION_INDEX)",
-            f"--master-addr={job}-0.{self.base}",
-            f"--master-port={self.settings.master_port}",
-            "--max-restarts=0",
-            *argv[1:],
-        ]
+        return torchrun_command(role, argv, node_rank="$(JOB_COMPLETION_INDEX)", master_addr=f"{job}-0.{self.base}",
+                                master_port=self.settings.master_port)
 
     def env(self, role: Role) -> list[dict[str, Any]]:
         p = self.plan
-        env: dict[str, str] = {}
-        if role.gpus_per_node:
-            env.update(self.settings.nccl_env)
-            if self.resource.spec.resources.rdma is None:
-                env["NCCL_IB_DISABLE"] = "1"
-        env.update(p.env)
+        env = role_environment(self.resource, p, role, self.settings)
         env[ENV_TERMINATION_LOG] = TERMINATION_LOG
-        if not role.distributed:
-            # torchrun sets these for distributed roles; single processes get the same contract.
-            env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.settings.master_port)})
         out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(env.items())]
         out += [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

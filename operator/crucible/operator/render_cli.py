@@ -49,21 +49,28 @@ def output_uri_of(resource: Resource, storage_root: str) -> str:
     return default_output_uri(storage_root, ns, resource.kind, resource.name)
 
 
+def resolve_inputs(resource: Resource, loaded: Sequence[Loaded], storage_root: str) -> dict[str, str]:
+    """Each ``fromRun`` of ``resource`` as the URI the referenced run will report: its
+    ``spec.output.uri`` when it is among ``loaded``, else its default output under the root."""
+    by_key = {item.key: item.resource for item in loaded}
+    inputs: dict[str, str] = {}
+    for path, ref in resource.input_refs().items():
+        target = by_key.get((ref.kind, ref.name))
+        if target is not None:
+            inputs[path] = output_uri_of(target, storage_root)
+        else:
+            ns = resource.metadata.namespace or DEFAULT_NAMESPACE
+            inputs[path] = default_output_uri(storage_root, ns, ref.kind, ref.name)
+    return inputs
+
+
 def render_loaded(loaded: Sequence[Loaded], *, storage_root: str, attempt: int = 0,
                   excluded: Sequence[str] = (), settings: RenderSettings | None = None,
                   uid: str | None = None) -> list[dict[str, Any]]:
-    by_key = {item.key: item.resource for item in loaded}
     objects: list[dict[str, Any]] = []
     for item in loaded:
         res = item.resource
-        inputs = {}
-        for path, ref in res.input_refs().items():
-            target = by_key.get((ref.kind, ref.name))
-            if target is not None:
-                inputs[path] = output_uri_of(target, storage_root)
-            else:
-                ns = res.metadata.namespace or DEFAULT_NAMESPACE
-                inputs[path] = default_output_uri(storage_root, ns, ref.kind, ref.name)
+        inputs = resolve_inputs(res, loaded, storage_root)
         p = plan(res, storage_root=storage_root, attempt=attempt, excluded_nodes=excluded, inputs=inputs)
         objects += render(res, p, settings=settings, uid=uid).objects()
     return objects
