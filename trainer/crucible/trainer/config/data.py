@@ -129,6 +129,97 @@ class ToxicityStep(StrictModel):
     )
 
 
+_SET_NAME = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$"
+
+
+class TextFiles(StrictModel):
+    """Reference or evaluation text: jsonl (.gz/.zst), parquet or text files (local or s3://)."""
+
+    uri: str = Field(min_length=1, description="File, folder or glob; local path or s3://bucket/prefix.")
+    text_fields: list[str] = Field(
+        default_factory=lambda: ["text"], min_length=1,
+        description="Fields joined (with a space) into the text of one record, e.g. [question, answer].",
+    )
+
+
+class DecontaminationSet(StrictModel):
+    """One evaluation set: exactly one of ``uri``, ``harnessTask`` or ``validation``."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=_SET_NAME,
+                      description="Name used in the drop reason contaminated:<name> and the receipt.")
+    uri: str | None = Field(default=None, min_length=1, description="Evaluation data files (jsonl, parquet, text).")
+    text_fields: list[str] = Field(
+        default_factory=lambda: ["text"], min_length=1,
+        description="With uri: fields joined into the text of one evaluation record.",
+    )
+    harness_task: str | None = Field(
+        default=None, min_length=1,
+        description="An lm-evaluation-harness task whose evaluation documents are the set (data must be local).",
+    )
+    harness_task_dir: str | None = Field(
+        default=None, min_length=1, description="With harnessTask: folder of task YAML files (include_path)."
+    )
+    validation: bool = Field(default=False, description="The run's own validation split (held-out documents).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DecontaminationSet:
+        kinds = [self.uri is not None, self.harness_task is not None, self.validation]
+        if sum(kinds) != 1:
+            raise ValueError("set exactly one of uri, harnessTask or validation: true")
+        if self.harness_task_dir is not None and self.harness_task is None:
+            raise ValueError("harnessTaskDir: only with harnessTask")
+        return self
+
+
+class DecontaminationStep(StrictModel):
+    """Drop (or redact) training text sharing a word n-gram with an evaluation set."""
+
+    sets: list[DecontaminationSet] = Field(default_factory=list, description="Evaluation sets; empty: off.")
+    ngram: int = Field(default=13, ge=3, le=64, description="Word n-gram length that counts as contamination.")
+    action: Literal["drop", "redact"] = Field(
+        default="drop", description="drop: the whole document; redact: cut the matching spans out of it."
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> DecontaminationStep:
+        names = [s.name for s in self.sets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sets: names must be unique, repeated: {', '.join(dupes)}")
+        if sum(s.validation for s in self.sets) > 1:
+            raise ValueError("sets: at most one set with validation: true")
+        return self
+
+
+class ClassifierStep(StrictModel):
+    """A hashed n-gram linear classifier trained at the start of the run from reference data."""
+
+    name: str = Field(min_length=1, max_length=40, pattern=_SET_NAME,
+                      description="quality, toxicity, ...: used in reasons and the receipt.")
+    positive: list[TextFiles] = Field(min_length=1, description="Reference documents of the class the score measures.")
+    negative: list[TextFiles] = Field(
+        default_factory=list,
+        description="Reference documents of the other class; empty: a hash-chosen sample of the raw input.",
+    )
+    negative_sample: int = Field(default=2000, ge=10, le=1_000_000,
+                                 description="Raw-input documents sampled as negatives when negative is empty.")
+    max_training_docs: int = Field(default=20000, ge=10, le=10_000_000,
+                                   description="At most this many documents per class are used for training.")
+    drop: Literal["below", "above"] = Field(
+        default="below",
+        description="below: documents scoring under the threshold fail (quality); above: over it (toxicity).",
+    )
+    threshold: float = Field(default=0.5, gt=0, lt=1, description="Score where a document fails.")
+    action: Literal["drop", "weight"] = Field(
+        default="drop",
+        description="drop: failing documents are dropped; weight: the score scales the document's mixture weight.",
+    )
+    max_weight: float = Field(default=2.0, ge=1, le=100, description="With action weight: the largest multiplier.")
+    ngram: int = Field(default=2, ge=1, le=5, description="Word 1..n-grams hashed into features.")
+    features: int = Field(default=1 << 20, ge=1 << 10, le=1 << 24, description="Hashed feature dimension.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the training (SGD) and the sample.")
+
+
 class MinHashConfig(StrictModel):
     enabled: bool = Field(default=True, description="Remove near duplicates.")
     ngram: int = Field(default=5, ge=1, le=32, description="Word n-gram size of the shingles.")
@@ -153,6 +244,12 @@ class StepsConfig(StrictModel):
     quality: QualityStep = Field(default_factory=QualityStep, description="Heuristic quality filters.")
     pii: PiiStep = Field(default_factory=PiiStep, description="PII redaction.")
     toxicity: ToxicityStep = Field(default_factory=ToxicityStep, description="Word-list toxicity filter.")
+    classifiers: list[ClassifierStep] = Field(
+        default_factory=list, description="Learned classifiers (quality, toxicity): score, drop or weight."
+    )
+    decontamination: DecontaminationStep = Field(
+        default_factory=DecontaminationStep, description="Remove evaluation-set text from the training data."
+    )
     dedup: DedupStep = Field(default_factory=DedupStep, description="Exact and near-duplicate removal.")
     mixture: MixtureStep = Field(default_factory=MixtureStep, description="Domain up/down-weighting.")
 
@@ -209,6 +306,16 @@ class DataPipelineConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"sources: names must be unique, repeated: {', '.join(dupes)}; rename them")
+        names = [c.name for c in self.steps.classifiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"steps.classifiers: names must be unique, repeated: {', '.join(dupes)}")
+        for i, dset in enumerate(self.steps.decontamination.sets):
+            if dset.validation and not self.shards.validation_fraction:
+                raise ValueError(
+                    f"steps.decontamination.sets[{i}].validation: shards.validationFraction is 0, so there is no "
+                    "validation split to decontaminate against; raise it or remove the set"
+                )
         return self
 
     @model_validator(mode="after")
