@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crucible.trainer.config.data import ClassifierStep, DecontaminationSet, DecontaminationStep
+from crucible.trainer.config.data import ClassifierStep, DecontaminationSet, DecontaminationStep, SourceConfig
 from crucible.trainer.data.classifier import ClassifierError, ClassifierFilter, TrainedClassifier
 from crucible.trainer.data.decontaminate import (
     Decontaminator,
@@ -23,7 +23,6 @@ from crucible.trainer.data.decontaminate import (
     window_hashes,
     words_of,
 )
-from crucible.trainer.config.data import SourceConfig
 from crucible.trainer.data.readers import list_inputs
 from crucible.trainer.data.synthetic import english_document, toxic_document
 from crucible.trainer.storage import Storage

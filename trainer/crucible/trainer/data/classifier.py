@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -101,7 +101,7 @@ class TrainedClassifier:
         log.info("classifier %s: trained on %d positive / %d negative documents, training accuracy %.3f",
                  config.name, len(positive), len(negative), train_acc)
 
-    def _take(self, streams: Iterator[Iterator[str]]) -> list[str]:
+    def _take(self, streams: Iterable[Iterable[str]]) -> list[str]:
         out: list[str] = []
         for stream in streams:
             for text in stream:
