@@ -34,6 +34,7 @@ from crucible.trainer.config.data import DecontaminationSet, DecontaminationStep
 from crucible.trainer.data.document import Document
 from crucible.trainer.data.minhash import mix64
 from crucible.trainer.data.step import Step
+from crucible.trainer.stage_io import SpecError
 from crucible.trainer.storage import Storage
 
 log = logging.getLogger("crucible.data")
@@ -43,7 +44,7 @@ _WORD = re.compile(r"\w+")
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
-class EvalSetError(ValueError):
+class EvalSetError(SpecError):
     """An evaluation set that cannot be read (exit 2); the message names the field."""
 
 
@@ -81,6 +82,52 @@ def gram_table(texts: Iterable[str], n: int) -> tuple[dict[int, np.ndarray], Cou
         else:
             counts["tooShort"] += 1
     return {length: np.unique(np.concatenate(parts)) for length, parts in sorted(found.items())}, counts
+
+
+def keyed_grams(docs: Iterable[tuple[int, str]], n: int) -> dict[str, np.ndarray]:
+    """The n-grams of held-out documents with their document keys, saved by a filter part
+    (``n<L>``: hashes of windows of L words, ``k<L>``: the key of each), so that the n-grams of
+    documents dedup later removes can be left out (:func:`held_out_table`)."""
+    grams: dict[int, list[np.ndarray]] = {}
+    keys: dict[int, list[np.ndarray]] = {}
+    for key, text in docs:
+        words, _ = words_of(text)
+        length = n if len(words) >= n else len(words)
+        if length < MIN_WORDS:
+            continue
+        w = window_hashes(words, length)
+        grams.setdefault(length, []).append(w)
+        keys.setdefault(length, []).append(np.full(len(w), key, np.uint64))
+    out: dict[str, np.ndarray] = {}
+    for length in sorted(grams):
+        out[f"n{length}"] = np.concatenate(grams[length])
+        out[f"k{length}"] = np.concatenate(keys[length])
+    return out
+
+
+def held_out_table(parts: Iterable[tuple[dict[str, np.ndarray], Any]]) -> dict[int, np.ndarray]:
+    """Merge filter parts' :func:`keyed_grams`, without the grams of documents whose key the
+    part's drop decisions (``reasons(keys) -> codes``) remove."""
+    found: dict[int, list[np.ndarray]] = {}
+    for arrays, decisions in parts:
+        for name in arrays:
+            if not name.startswith("n"):
+                continue
+            keep = decisions.reasons(arrays["k" + name[1:]]) == 0
+            found.setdefault(int(name[1:]), []).append(arrays[name][keep])
+    return {length: np.unique(np.concatenate(g)) for length, g in sorted(found.items())}
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 def table_sha256(table: dict[int, np.ndarray]) -> str:

@@ -1,26 +1,25 @@
-"""Stage 2, dedup: worker ``I`` links the documents that share a bucket of LSH bands ``b % N == I``.
+"""Stage 2, dedup: worker ``I`` links the documents that share a band key (or exact hash) of bucket ``I``.
 
-The exact hash counts as band ``bands``. Each part writes ``links.npz`` (exact and near pairs of
-document keys); the tokenize stage clusters every part's links. Worker 0 also trains the
-tokenizer on a hash-chosen sample of the filtered documents (or adopts ``tokenizer.source``).
+Bucket ``I`` holds the keys with ``key % N == I`` of every band, as one sorted file per filter
+part; they are merged in blocks (:func:`crucible.trainer.data.dedup.link_bucket`) and the part
+writes ``links.npz``: spanning forests of its exact links and of all its links. The tokenize
+stage clusters every part's forests once. Worker 0 also trains the tokenizer on a hash-chosen
+sample of the filtered documents (or adopts ``tokenizer.source``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from crucible.trainer.data import tokenizer as tokenizer_lib
-from crucible.trainer.data.minhash import bucket_pairs, exact_pairs
+from crucible.trainer.data.dedup import link_bucket, save_links
 from crucible.trainer.data.pipeline import filter as filter_stage
 from crucible.trainer.data.pipeline.state import PipelineState, part_dir, unit_hash
-from crucible.trainer.data.pipeline.workspace import read_zstd_jsonl, tmp_name
+from crucible.trainer.data.pipeline.workspace import read_zstd_jsonl
 from crucible.trainer.data.tokenizer import TokenizerSourceError
 from crucible.trainer.storage import StorageError, StorageUnavailable
 
@@ -28,6 +27,7 @@ log = logging.getLogger("crucible.data")
 
 STAGE = "dedup"
 TOKENIZER_INFO = "_work/tokenizer.json"
+LINKS = "links.npz"
 
 
 def run(pipe: PipelineState, part: int) -> None:
@@ -38,40 +38,19 @@ def run(pipe: PipelineState, part: int) -> None:
     started = time.perf_counter()
     minhash = pipe.config.steps.dedup.minhash
     n_bands = minhash.bands if minhash.enabled else 0
-    parts = range(pipe.num_parts)
-    doc_keys = np.concatenate([np.load(pipe.ws.fetch(f"{part_dir(filter_stage.STAGE, p)}/keys.npy")) for p in parts])
-    links: dict[str, np.ndarray] = {}
-    near_a: list[np.ndarray] = []
-    near_b: list[np.ndarray] = []
-    for band in range(part, n_bands + 1, pipe.num_parts):
-        if band == n_bands:
-            if pipe.config.steps.dedup.exact:
-                hashes = np.concatenate([np.load(pipe.ws.fetch(f"{part_dir(filter_stage.STAGE, p)}/exact.npy")) for p in parts])
-                links["exact_a"], links["exact_b"] = exact_pairs(hashes, doc_keys)
-            continue
-        column = np.concatenate(
-            [np.load(pipe.ws.fetch(f"{part_dir(filter_stage.STAGE, p)}/bands.npy"), mmap_mode="r")[band] for p in parts]
-        )
-        present = np.concatenate([np.load(pipe.ws.fetch(f"{part_dir(filter_stage.STAGE, p)}/has_signature.npy")) for p in parts])
-        a, b = bucket_pairs(column[present], doc_keys[present])
-        near_a.append(a)
-        near_b.append(b)
-    empty = np.zeros(0, np.uint64)
-    links.setdefault("exact_a", empty)
-    links.setdefault("exact_b", empty)
-    links["near_a"] = np.concatenate(near_a) if near_a else empty
-    links["near_b"] = np.concatenate(near_b) if near_b else empty
-    rel = f"{part_dir(STAGE, part)}/links.npz"
-    tmp = tmp_name(pipe.ws.path(rel))
-    with open(tmp, "wb") as f:
-        np.savez(f, **links)  # type: ignore[arg-type]
-    os.replace(tmp, pipe.ws.path(rel))
+    name = f"bucket-{part:05d}.bin"
+    files = [pipe.ws.fetch(f"{part_dir(filter_stage.STAGE, p)}/{filter_stage.BUCKETS}/{name}")
+             for p in range(pipe.num_parts)]
+    links = link_bucket(files, n_bands)
+    rel = f"{part_dir(STAGE, part)}/{LINKS}"
+    save_links(pipe.ws.path(rel), links)
     pipe.ws.publish(rel)
     if part == 0:
         make_tokenizer(pipe)
-    log.info("dedup part %d/%d: %d near links, %d exact links in %.1fs", part, pipe.num_parts,
-             len(links["near_a"]), len(links["exact_a"]), time.perf_counter() - started)
-    pipe.mark_done(STAGE, part, {"nearLinks": len(links["near_a"]), "exactLinks": len(links["exact_a"])})
+    log.info("dedup part %d/%d: %d near links, %d exact links -> %d in the forest, in %.1fs", part, pipe.num_parts,
+             links.near_links, links.exact_links, len(links.all_member), time.perf_counter() - started)
+    pipe.mark_done(STAGE, part, {"nearLinks": links.near_links, "exactLinks": links.exact_links,
+                                 "forestLinks": len(links.all_member)})
 
 
 def make_tokenizer(pipe: PipelineState) -> None:

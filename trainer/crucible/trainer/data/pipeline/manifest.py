@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from crucible.trainer.data import classifier
 from crucible.trainer.data.pipeline import dedup as dedup_stage
 from crucible.trainer.data.pipeline import filter as filter_stage
 from crucible.trainer.data.pipeline import tokenize as tokenize_stage
@@ -102,9 +103,14 @@ def finalize(pipe: PipelineState) -> Manifest | None:
     write_success(pipe.storage, pipe.ws.uri, STAGE, inputs, results, pipe.config)
     # The bulky intermediates go; stats, markers and the kept ids (an audit trail) stay.
     for p in range(pipe.num_parts):
-        for name in filter_stage.OUTPUTS:
-            pipe.ws.delete(f"{part_dir(filter_stage.STAGE, p)}/{name}")
-        pipe.ws.delete(f"{part_dir(dedup_stage.STAGE, p)}/links.npz")
+        filtered = part_dir(filter_stage.STAGE, p)
+        pipe.ws.delete(f"{filtered}/docs.jsonl.zst")
+        pipe.ws.delete(f"{filtered}/{filter_stage.HELD_OUT_NGRAMS}")
+        for q in range(pipe.num_parts):
+            pipe.ws.delete(f"{filtered}/{filter_stage.BUCKETS}/bucket-{q:05d}.bin")
+        pipe.ws.delete(f"{filtered}/{filter_stage.BUCKETS}")
+        pipe.ws.delete(f"{part_dir(dedup_stage.STAGE, p)}/{dedup_stage.LINKS}")
+        pipe.ws.delete(f"{tokenize_stage.CLUSTER}/part-{p:05d}.npy")
     if not pipe.ws.remote:  # temporary files of killed attempts (never uploaded to S3)
         for stray in pipe.ws.local.rglob(".*.tmp"):
             stray.unlink(missing_ok=True)
@@ -177,6 +183,19 @@ def build(
         tot.update(c)
     funnel.append({"step": "dedup", "documentsIn": tot["in"], "documentsOut": tot["out"],
                    "dropped": {k: tot[k] for k in ("exact_duplicate", "near_duplicate") if tot[k]}})
+    decon_reasons = sorted({r for c in tok_src.values() for r in c
+                            if r.startswith("contaminated:") or r == "empty_after_decontamination"})
+    if tot["decontamination_in"]:
+        gone = {r: tot[r] for r in decon_reasons if tot[r]}
+        row = {"step": "decontamination_validation", "documentsIn": tot["decontamination_in"],
+               "documentsOut": tot["decontamination_in"] - sum(gone.values()), "dropped": gone}
+        if tot["redacted"]:
+            row["changes"] = {"redacted": tot["redacted"]}
+        funnel.append(row)
+        for src, c in tok_src.items():
+            for r in decon_reasons:
+                if c[r]:
+                    src_dropped[src][f"decontamination_validation:{r}"] += c[r]
     funnel.append({"step": "mixture", "documentsIn": tot["mixture_in"],
                    "documentsOut": tot["written_train"],
                    "dropped": {"downweighted": tot["downweighted"]} if tot["downweighted"] else {},
@@ -217,10 +236,49 @@ def build(
         "pii": dict(sorted(pii.items())),
         "splits": splits,
         "keptDocumentIdsSha256": ids_sha,
+        # what training sees: per split, the documents written and their copies (kept_ids.jsonl)
+        "keptDocuments": {"train": {"documents": tot["mixture_in"] - tot["downweighted"], "copies": tot["written_train"]},
+                          "validation": {"documents": tot["written_validation"], "copies": tot["written_validation"]}},
         "tokenizer": tokenizer_info,
         "config": {k: v for k, v in pipe.config.to_wire().items() if k != "output"},  # where it lives is not what it is
     }
+    if pipe.config.steps.classifiers:
+        data["classifiers"] = classifier_receipts(pipe, filter_stats)
+    if pipe.config.steps.decontamination.sets:
+        data["decontamination"] = decontamination_receipt(pipe, filter_stats, token_stats, tot)
     if pipe.config.dropped.keep:
         data["droppedSamples"] = [f"dropped/{kind}part-{p:05d}.jsonl.zst"
                                   for kind in ("", "dedup-") for p in range(pipe.num_parts)]
     return data
+
+
+def classifier_receipts(pipe: PipelineState, filter_stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per classifier: threshold, action, training-data hashes and the score histogram of every part."""
+    out: dict[str, Any] = {}
+    for config in pipe.config.steps.classifiers:
+        parts = [fs["classifiers"][config.name] for fs in filter_stats]
+        counts = [sum(h) for h in zip(*(p["histogram"] for p in parts), strict=True)]
+        out[config.name] = classifier.receipt(config, parts[0]["training"], counts)
+    return out
+
+
+def decontamination_receipt(pipe: PipelineState, filter_stats: list[dict[str, Any]],
+                            token_stats: list[dict[str, Any]], tot: Counter[str]) -> dict[str, Any]:
+    """ngram, action and per set: what it was built from, its n-gram hash and the documents it hit."""
+    cfg = pipe.config.steps.decontamination
+    loaded = next((fs["decontamination"] for fs in filter_stats if fs.get("decontamination")), None)
+    hits: Counter[str] = Counter()
+    for fs in filter_stats:
+        hits.update((fs.get("decontamination") or {}).get("documents", {}))
+    sets: dict[str, Any] = {}
+    for dset in cfg.sets:
+        if dset.validation:
+            receipt = dict(token_stats[0].get("heldOutSet", {})) if token_stats else {}
+            contaminated = tot[f"contaminated:{dset.name}"] + (tot["redacted"] if cfg.action == "redact" else 0)
+            sets[dset.name] = {**receipt, "documents": contaminated, "checked": "train split (tokenize stage)"}
+        else:
+            receipt = dict((loaded or {}).get("sets", {}).get(dset.name, {}))
+            if dset.harness_task:
+                receipt["harnessTask"] = dset.harness_task
+            sets[dset.name] = {**receipt, "documents": hits[dset.name], "checked": "every document (filter stage)"}
+    return {"ngram": cfg.ngram, "action": cfg.action, "sets": sets}

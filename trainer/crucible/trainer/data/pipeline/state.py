@@ -12,7 +12,8 @@ import xxhash
 
 from crucible.trainer.config.data import DataPipelineConfig
 from crucible.trainer.data.pipeline.workspace import Workspace
-from crucible.trainer.data.readers import InputFile, list_inputs
+from crucible.trainer.data.readers import InputFile, Piece, list_inputs
+from crucible.trainer.data.splits import plan_pieces
 from crucible.trainer.stage_io import SpecError, finished
 from crucible.trainer.storage import Storage
 
@@ -50,6 +51,7 @@ class PipelineState:
         self.ws = Workspace(output_uri, self.storage)
         self.num_parts = num_parts or config.workers
         self._inputs: list[InputFile] | None = None
+        self._pieces: list[list[Piece]] | None = None
 
     @property
     def inputs(self) -> list[InputFile]:
@@ -57,9 +59,12 @@ class PipelineState:
             self._inputs = list_inputs(self.config.sources, self.storage)
         return self._inputs
 
-    def files_of(self, part: int) -> list[InputFile]:
-        n, files = self.num_parts, self.inputs
-        return files[part * len(files) // n : (part + 1) * len(files) // n]
+    def pieces_of(self, part: int) -> list[Piece]:
+        """What filter worker ``part`` reads: equal byte ranges of the whole input
+        (:mod:`crucible.trainer.data.splits`), large files cut at line or row-group boundaries."""
+        if self._pieces is None:
+            self._pieces = plan_pieces(self.inputs, self.num_parts, self.storage)
+        return self._pieces[part]
 
     def finished(self) -> bool:
         """True when the output holds this pipeline's ``_SUCCESS``; ForeignResultError when another's."""

@@ -1,9 +1,11 @@
-"""Stage 3, tokenize: drop duplicates, split, weight the mixture and write token shards.
+"""Stage 3, tokenize: drop duplicates, split, decontaminate, weight the mixture and write token shards.
 
-Union-find over every dedup part's links (each worker, deterministic) -> drop duplicates ->
-train/validation split by id hash -> mixture weights (repeats or drops by a hash of the id) ->
-tokenize -> shards ``<out>/{train,validation}/part-IIIII-SSSSS.bin``, the kept ids of the part
-and its per-source counts (``stats.json``).
+Union-find over every dedup part's forest (once, :func:`cluster_once`) -> this part's drop
+decisions read back -> train/validation split by id hash -> the train split checked against
+the held-out documents' n-grams (when the validation split is a decontamination set) ->
+mixture weights (the source's weight times a classifier's, repeats or drops by a hash of the
+id) -> tokenize -> shards ``<out>/{train,validation}/part-IIIII-SSSSS.bin``, the ids written
+to each split with their copies (``kept_ids.jsonl``) and per-source counts (``stats.json``).
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import xxhash
 
 from crucible.trainer.data import tokenizer as tokenizer_lib
-from crucible.trainer.data.minhash import removed_by_clusters
+from crucible.trainer.data.decontaminate import Decontaminator, EvalSet, held_out_table, load_arrays
+from crucible.trainer.data.dedup import REASON_EXACT, DropDecisions, cluster, save_decisions, split_decisions
 from crucible.trainer.data.pipeline import dedup as dedup_stage
 from crucible.trainer.data.pipeline import filter as filter_stage
-from crucible.trainer.data.pipeline.state import PipelineState, part_dir, unit_hash
+from crucible.trainer.data.pipeline.state import DONE, PipelineState, part_dir, unit_hash
 from crucible.trainer.data.pipeline.workspace import AtomicZstdWriter, read_zstd_jsonl, tmp_name
 from crucible.trainer.data.shards import ShardWriter
 
@@ -31,18 +35,48 @@ log = logging.getLogger("crucible.data")
 STAGE = "tokenize"
 TOKENIZE_CHUNK = 2048
 KEPT_IDS = "kept_ids.jsonl"
+"""Per part, in input order: ``{"id", "split", "copies"}`` of every document written to a split
+(after the split, the decontamination against it and the mixture; zero-weighted ones are absent)."""
+CLUSTER = "_work/cluster"
 
 
-def removed(pipe: PipelineState) -> tuple[set[int], set[int]]:
-    """(exact-duplicate keys, near-duplicate keys) dropped by the clustering."""
-    links = [np.load(pipe.ws.fetch(f"{part_dir(dedup_stage.STAGE, p)}/links.npz")) for p in range(pipe.num_parts)]
-    ea = np.concatenate([x["exact_a"] for x in links])
-    eb = np.concatenate([x["exact_b"] for x in links])
-    na = np.concatenate([x["near_a"] for x in links])
-    nb = np.concatenate([x["near_b"] for x in links])
-    exact = set(removed_by_clusters(ea, eb).tolist())
-    every = set(removed_by_clusters(np.concatenate([ea, na]), np.concatenate([eb, nb])).tolist())
-    return exact, every - exact
+def cluster_once(pipe: PipelineState) -> None:
+    """The union-find over every dedup part's forest, once: the drop decisions of every filter
+    part, split by the part's key range (``_work/cluster/part-IIIII.npy``). Whichever tokenize
+    worker finds them missing computes them; the result is a function of the links, so two
+    workers doing it at once write the same bytes."""
+    if pipe.ws.exists(f"{CLUSTER}/{DONE}"):
+        return
+    started = time.perf_counter()
+    removed, reasons = cluster([pipe.ws.fetch(f"{part_dir(dedup_stage.STAGE, p)}/{dedup_stage.LINKS}")
+                                for p in range(pipe.num_parts)])
+    ranges = [pipe.ws.read_json(f"{part_dir(filter_stage.STAGE, p)}/stats.json").get("keyRange")
+              for p in range(pipe.num_parts)]
+    for p, rows in enumerate(split_decisions(removed, reasons, [tuple(r) if r else None for r in ranges])):
+        rel = f"{CLUSTER}/part-{p:05d}.npy"
+        save_decisions(pipe.ws.path(rel), rows)
+        pipe.ws.publish(rel)
+    pipe.ws.write_json(f"{CLUSTER}/{DONE}", {"removed": len(removed), "exact": int((reasons == REASON_EXACT).sum())})
+    log.info("dedup clusters: %d documents removed (%d exact) in %.1fs", len(removed),
+             int((reasons == REASON_EXACT).sum()), time.perf_counter() - started)
+
+
+def held_out_matcher(pipe: PipelineState) -> tuple[Decontaminator | None, dict[str, Any] | None]:
+    """The validation split as a decontamination set over the train split (None when not asked)."""
+    dset = filter_stage.validation_set(pipe.config)
+    if dset is None:
+        return None, None
+    decon = pipe.config.steps.decontamination
+    # The held-out documents of every part, except those dedup removed (their text is in train).
+    table = held_out_table(
+        (load_arrays(pipe.ws.fetch(f"{part_dir(filter_stage.STAGE, p)}/{filter_stage.HELD_OUT_NGRAMS}")),
+         DropDecisions(pipe.ws.fetch(f"{CLUSTER}/part-{p:05d}.npy")))
+        for p in range(pipe.num_parts)
+    )
+    held = EvalSet(dset.name, "validation", "shards.validationFraction", table)
+    receipt = held.receipt()
+    del receipt["records"], receipt["recordsTooShort"]
+    return Decontaminator(decon, [held]), receipt
 
 
 def run(pipe: PipelineState, part: int) -> None:
@@ -51,7 +85,9 @@ def run(pipe: PipelineState, part: int) -> None:
         return
     pipe.require(dedup_stage.STAGE)
     started = time.perf_counter()
-    exact_removed, near_removed = removed(pipe)
+    cluster_once(pipe)
+    decisions = DropDecisions(pipe.ws.fetch(f"{CLUSTER}/part-{part:05d}.npy"))
+    matcher, held_out = held_out_matcher(pipe)
     info = pipe.ws.read_json(dedup_stage.TOKENIZER_INFO)
     tok = tokenizer_lib.load(pipe.ws.fetch_dir("tokenizer"))
     # "<|endoftext|>" written in a document is text, not a document end.
@@ -93,30 +129,58 @@ def run(pipe: PipelineState, part: int) -> None:
     dropped_rel = f"dropped/dedup-part-{part:05d}.jsonl.zst"
     dropped = AtomicZstdWriter(pipe.ws.path(dropped_rel)) if pipe.config.dropped.keep else None
     rate = pipe.config.dropped.sample_rate
-    with open(ids_tmp, "w", encoding="utf-8") as ids_file:
+
+    def drop_sample(rec: dict[str, Any], step: str, reason: str, text: str) -> None:
+        if dropped is not None and (rate >= 1 or unit_hash(rec["id"], 7) < rate):
+            dropped.write({"id": rec["id"], "source": rec["s"], "step": step, "reason": reason, "text": text})
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        chunk: list[dict[str, Any]] = []
         for rec in read_zstd_jsonl(pipe.ws.fetch(f"{part_dir(filter_stage.STAGE, part)}/docs.jsonl.zst")):
-            src = rec["s"]
-            c = per_source.setdefault(src, Counter())
-            c["in"] += 1
-            reason = ("exact_duplicate" if rec["k"] in exact_removed
-                      else "near_duplicate" if rec["k"] in near_removed else None)
-            if reason is not None:
-                c[reason] += 1
-                if dropped is not None and (rate >= 1 or unit_hash(rec["id"], 7) < rate):
-                    dropped.write({"id": rec["id"], "source": src, "step": "dedup", "reason": reason, "text": rec["t"]})
-                continue
-            c["out"] += 1
-            ids_file.write(json.dumps(rec["id"], ensure_ascii=False) + "\n")
-            if shards_cfg.validation_fraction and unit_hash(rec["id"], shards_cfg.seed) < shards_cfg.validation_fraction:
-                pending.append(("validation", src, rec["id"], rec["t"], 1))
-            else:
-                copies = mixture_copies(rec["id"], weights[src], mixture.seed) if mixture.enabled else 1
+            chunk.append(rec)
+            if len(chunk) >= TOKENIZE_CHUNK:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    with open(ids_tmp, "w", encoding="utf-8") as ids_file:
+        for chunk in batches():
+            codes = decisions.reasons(np.array([rec["k"] for rec in chunk], dtype=np.uint64))
+            for rec, code in zip(chunk, codes.tolist(), strict=True):
+                src = rec["s"]
+                c = per_source.setdefault(src, Counter())
+                c["in"] += 1
+                if code:
+                    reason = "exact_duplicate" if code == REASON_EXACT else "near_duplicate"
+                    c[reason] += 1
+                    drop_sample(rec, "dedup", reason, rec["t"])
+                    continue
+                c["out"] += 1
+                if shards_cfg.validation_fraction and unit_hash(rec["id"], shards_cfg.seed) < shards_cfg.validation_fraction:
+                    pending.append(("validation", src, rec["id"], rec["t"], 1))
+                    ids_file.write(json.dumps({"id": rec["id"], "split": "validation", "copies": 1}, ensure_ascii=False) + "\n")
+                    continue
+                text = rec["t"]
+                if matcher is not None:  # the train split against the held-out documents
+                    c["decontamination_in"] += 1
+                    hit, text = matcher.check(text)
+                    if hit is not None and (matcher.config.action == "drop" or not text.strip()):
+                        reason = f"contaminated:{hit}" if matcher.config.action == "drop" else "empty_after_decontamination"
+                        c[reason] += 1
+                        drop_sample(rec, "decontamination_validation", reason, rec["t"])
+                        continue
+                    if hit is not None:
+                        c["redacted"] += 1
+                weight = weights[src] * float(rec.get("w", 1.0))
+                copies = mixture_copies(rec["id"], weight, mixture.seed) if mixture.enabled else 1
                 c["mixture_in"] += 1
                 if copies == 0:
                     c["downweighted"] += 1
                     continue
                 c["repeats"] += copies - 1
-                pending.append(("train", src, rec["id"], rec["t"], copies))
+                pending.append(("train", src, rec["id"], text, copies))
+                ids_file.write(json.dumps({"id": rec["id"], "split": "train", "copies": copies}, ensure_ascii=False) + "\n")
             if len(pending) >= TOKENIZE_CHUNK:
                 flush()
         flush()
@@ -133,12 +197,13 @@ def run(pipe: PipelineState, part: int) -> None:
             pipe.ws.publish(f"{split}/{s.name}.bin")
             pipe.ws.publish(f"{split}/{s.name}.idx")
     counts.update({k: sum(c[k] for c in per_source.values()) for k in ("in", "out")})
-    pipe.ws.write_json(
-        f"{part_dir(STAGE, part)}/stats.json",
-        {"sources": {k: dict(sorted(v.items())) for k, v in sorted(per_source.items())}, "shards": shards},
-    )
-    log.info("tokenize part %d/%d: %d -> %d documents in %.1fs", part, pipe.num_parts, counts["in"],
-             counts["out"], time.perf_counter() - started)
+    stats: dict[str, Any] = {"sources": {k: dict(sorted(v.items())) for k, v in sorted(per_source.items())},
+                             "shards": shards}
+    if held_out is not None:
+        stats["heldOutSet"] = held_out
+    pipe.ws.write_json(f"{part_dir(STAGE, part)}/stats.json", stats)
+    log.info("tokenize part %d/%d: %d -> %d documents (%d removed as duplicates) in %.1fs", part, pipe.num_parts,
+             counts["in"], counts["out"], len(decisions), time.perf_counter() - started)
     pipe.mark_done(STAGE, part, dict(counts))
 
 
