@@ -131,3 +131,21 @@ def test_toxicity_classifier_scores_the_positive_class(tmp_path: Path) -> None:
         (tmp_path / "none.jsonl").write_text('{"other": 1}\n')
         TrainedClassifier(config.model_copy(update={"positive": [config.positive[0].model_copy(
             update={"uri": str(tmp_path / "none.jsonl")})]}), 3, [], Storage())
+
+
+def test_evaluating_stages_see_whether_their_training_data_was_decontaminated(tmp_path: Path) -> None:
+    from crucible.trainer.data.decontaminate import harness_decontamination
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"format": "crucible-data-manifest", "decontamination": {
+        "sets": {"trivia": {"kind": "harness", "harnessTask": "crucible_trivia"}}}}))
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained" / "_SUCCESS").write_text(json.dumps({"inputs": {"data": str(data), "dataManifestSha256": "x"}}))
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "_SUCCESS").write_text(json.dumps({"inputs": {"model": {"uri": str(tmp_path / "pretrained")}}}))
+    status = harness_decontamination(["crucible_trivia", "hellaswag"], [str(tmp_path / "tuned"), str(tmp_path / "none")],
+                                     Storage())
+    assert status["crucible_trivia"] == {"decontaminated": True, "dataPipelines": [str(data)], "decontaminatedIn": [str(data)]}
+    assert status["hellaswag"]["decontaminated"] is False and status["hellaswag"]["dataPipelines"] == [str(data)]
+    assert harness_decontamination(["x"], [str(tmp_path / "none")], Storage())["x"]["decontaminated"] is False

@@ -346,12 +346,23 @@ def check_harness(prompts: Any) -> None:
         _harness_manager(prompts.harness_tasks, prompts.harness_task_dir)
 
 
-def harness_results(prompts: Any, model_dir: str | os.PathLike[str], peft_base: str | None = None) -> dict[str, Any]:
-    """``{"harness": {...}}`` for a stage's results when ``eval.harnessTasks`` names tasks, else {}."""
+def harness_results(prompts: Any, model_dir: str | os.PathLike[str], peft_base: str | None = None,
+                    lineage: Sequence[str] = (), store: Any = None) -> dict[str, Any]:
+    """``{"harness": {...}}`` for a stage's results when ``eval.harnessTasks`` names tasks, else {}.
+
+    With ``lineage`` (the stage's data and base-model URIs) it also records, per task, whether the
+    training data behind them was decontaminated against the task (``harnessDecontamination``).
+    """
     if not prompts.harness_tasks:
         return {}
-    return {"harness": run_harness_tasks(model_dir, prompts.harness_tasks, prompts.harness_limit,
-                                         prompts.harness_task_dir, peft_base=peft_base)}
+    out: dict[str, Any] = {"harness": run_harness_tasks(model_dir, prompts.harness_tasks, prompts.harness_limit,
+                                                         prompts.harness_task_dir, peft_base=peft_base)}
+    if lineage:
+        from crucible.trainer.data.decontaminate import harness_decontamination
+        from crucible.trainer.storage import Storage
+
+        out["harnessDecontamination"] = harness_decontamination(prompts.harness_tasks, lineage, store or Storage())
+    return out
 
 
 def run_harness_tasks(

@@ -159,7 +159,8 @@ def run(config: FinetuneConfig) -> int:
             peft_base = str(ws.base_dir) if written == "adapter" else None
             results = {
                 **result.results(),
-                **evaluate.harness_results(config.eval, ws.staging, peft_base),
+                **evaluate.harness_results(config.eval, ws.staging, peft_base,
+                                           lineage=[ws.base_uri, config.dataset.uri or ""], store=ws.store),
                 "method": config.method,
                 "output": written,
                 "trainableParameters": trainable,

@@ -413,7 +413,8 @@ def run(config: PreferenceConfig) -> int:
             results: dict[str, Any] = {
                 **fit,
                 **evaluate.harness_results(config.eval, ws.staging,
-                                           str(ws.base_dir) if written == "adapter" else None),
+                                           str(ws.base_dir) if written == "adapter" else None,
+                                           lineage=[ws.base_uri], store=ws.store),
                 "method": config.method,
                 "output": written if config.method == "dpo" else f"{written} (AutoModelForSequenceClassification)",
                 "trainableParameters": trainable,

@@ -287,7 +287,7 @@ def quantize(config: QuantizeConfig, store: Storage, out_dir: Path, work: Path) 
         "maxPerplexityIncrease": config.max_perplexity_increase,
         "evalTokens": after.tokens,
         "maxLogitDelta": float((reloaded_logits - original_logits).abs().max()),
-        **harness_results(config.eval, out_dir),
+        **harness_results(config.eval, out_dir, lineage=[str(config.model.uri or "")]),
     }
     (out_dir / "eval").mkdir(exist_ok=True)
     (out_dir / "eval" / "quantize.json").write_text(json.dumps(results, indent=2))

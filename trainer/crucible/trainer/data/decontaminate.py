@@ -338,3 +338,65 @@ class Decontaminator(Step):
 
     def summary(self) -> dict[str, int]:
         return dict(sorted(self.documents.items()))
+
+
+# -- what evaluating stages record ---------------------------------------------------------------
+
+
+def _data_manifests(roots: Sequence[str], store: Storage, depth: int = 8) -> list[tuple[str, dict[str, Any]]]:
+    """The DataPipeline manifests behind ``roots`` (data outputs, or models whose ``_SUCCESS``
+    inputs lead to them), following ``_SUCCESS`` inputs up to ``depth`` stages back."""
+    import json
+
+    from crucible.trainer.storage import StorageError, join
+
+    found: list[tuple[str, dict[str, Any]]] = []
+    seen: set[str] = set()
+
+    def uris_in(value: Any) -> Iterable[str]:
+        if isinstance(value, str) and value and not value.startswith("sha256:"):
+            yield value
+        elif isinstance(value, dict):
+            if isinstance(value.get("uri"), str):
+                yield value["uri"]
+            else:
+                for v in value.values():
+                    yield from uris_in(v)
+
+    def visit(uri: str, left: int) -> None:
+        key = uri.rstrip("/")
+        if key in seen or left < 0:
+            return
+        seen.add(key)
+        for name in ("manifest.json", "_SUCCESS"):
+            try:
+                data = json.loads(store.read_bytes(join(uri, name)))
+            except (StorageError, OSError, ValueError):
+                continue
+            if name == "manifest.json" and isinstance(data, dict) and data.get("format") == "crucible-data-manifest":
+                found.append((uri, data))
+                return
+            if name == "_SUCCESS" and isinstance(data, dict):
+                for child in uris_in(data.get("inputs", {})):
+                    visit(child, left - 1)
+
+    for root in roots:
+        if root:
+            visit(root, depth)
+    return found
+
+
+def harness_decontamination(tasks: Sequence[str], lineage: Sequence[str], store: Storage) -> dict[str, Any]:
+    """Per harness task a stage evaluates on: whether the training data behind ``lineage`` (its
+    data and base model URIs) was decontaminated against it, by the DataPipeline manifests found."""
+    manifests = _data_manifests(lineage, store)
+    out: dict[str, Any] = {}
+    for task in tasks:
+        against = [uri for uri, m in manifests
+                   if any(s.get("harnessTask") == task for s in (m.get("decontamination") or {}).get("sets", {}).values())]
+        out[task] = {
+            "decontaminated": bool(manifests) and len(against) == len(manifests),
+            "dataPipelines": [uri for uri, _ in manifests],
+            "decontaminatedIn": against,
+        }
+    return out
