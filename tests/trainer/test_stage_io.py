@@ -85,3 +85,18 @@ def test_every_stage_main_goes_through_the_contract(tmp_path: Path) -> None:
     for stage in STAGES:
         assert main([stage, "--spec", str(bad)]) == EXIT_BAD_INPUT, stage
     assert main(["data", "--help"]) == EXIT_OK
+
+
+def test_success_lists_the_hash_of_every_output_file(tmp_path: Path) -> None:
+    import hashlib
+
+    out = tmp_path / "out"
+    (out / "eval").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "eval" / "prompts.json").write_text("{}")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "step-1").write_text("not part of the artefact")
+    config = parse_stage_spec("quantize", {"model": {"uri": "/m"}})
+    record = stage_io.write_success(Storage(), str(out), "quantize", {}, {}, config)
+    assert record["outputs"] == {"eval/prompts.json": hashlib.sha256(b"{}").hexdigest(),
+                                 "model.safetensors": hashlib.sha256(b"weights").hexdigest()}

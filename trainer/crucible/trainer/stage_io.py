@@ -247,6 +247,35 @@ def success_record(stage: str, inputs: dict[str, Any], results: dict[str, Any], 
     }
 
 
+# Not part of the artefact: a training run's checkpoints and a DataPipeline's intermediates.
+_NOT_OUTPUTS = ("checkpoints", "_work")
+
+
+def output_hashes(output_uri: str) -> dict[str, str]:
+    """sha256 of every file of a local output (relative path -> hash), for the receipt.
+
+    ``crucible lineage`` re-hashes them to tell whether a model or its shards changed after the
+    run. S3 outputs are not re-read here (empty: lineage reports them as not checked).
+    """
+    import hashlib
+    from pathlib import Path
+
+    root = Path(output_uri)
+    if output_uri.startswith("s3://") or not root.is_dir():
+        return {}
+    out: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if not path.is_file() or rel == SUCCESS or rel.split("/")[0] in _NOT_OUTPUTS or path.name.endswith(".tmp"):
+            continue
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                digest.update(block)
+        out[rel] = digest.hexdigest()
+    return out
+
+
 def write_success(
     store: Storage,
     output_uri: str,
@@ -262,6 +291,9 @@ def write_success(
     recorded). Returns the record written.
     """
     record = success_record(stage, inputs, results, config)
+    outputs = output_hashes(output_uri)
+    if outputs:
+        record["outputs"] = outputs
     raw = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False, default=str) + "\n"
     store.write_bytes(success_uri(output_uri), raw.encode("utf-8"))
     write_success_message(record)

@@ -34,7 +34,7 @@ from crucible.trainer.config.data import DecontaminationSet, DecontaminationStep
 from crucible.trainer.data.document import Document
 from crucible.trainer.data.minhash import mix64
 from crucible.trainer.data.step import Step
-from crucible.trainer.stage_io import SpecError
+from crucible.trainer.stage_io import SUCCESS, SpecError
 from crucible.trainer.storage import Storage
 
 log = logging.getLogger("crucible.data")
@@ -368,7 +368,7 @@ def _data_manifests(roots: Sequence[str], store: Storage, depth: int = 8) -> lis
         if key in seen or left < 0:
             return
         seen.add(key)
-        for name in ("manifest.json", "_SUCCESS"):
+        for name in ("manifest.json", SUCCESS):
             try:
                 data = json.loads(store.read_bytes(join(uri, name)))
             except (StorageError, OSError, ValueError):
@@ -376,7 +376,7 @@ def _data_manifests(roots: Sequence[str], store: Storage, depth: int = 8) -> lis
             if name == "manifest.json" and isinstance(data, dict) and data.get("format") == "crucible-data-manifest":
                 found.append((uri, data))
                 return
-            if name == "_SUCCESS" and isinstance(data, dict):
+            if name == SUCCESS and isinstance(data, dict):
                 for child in uris_in(data.get("inputs", {})):
                     visit(child, left - 1)
 
