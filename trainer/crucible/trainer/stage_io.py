@@ -270,7 +270,7 @@ def output_hashes(output_uri: str) -> dict[str, str]:
             continue
         digest = hashlib.sha256()
         with path.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+            while block := fh.read(1 << 22):
                 digest.update(block)
         out[rel] = digest.hexdigest()
     return out
