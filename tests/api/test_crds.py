@@ -92,7 +92,7 @@ def test_examples_match_the_crd_schemas(repo: Path, cel_failures: Any) -> None:
 GOOD_PRETRAIN = {
     "data": {"fromRun": {"kind": "DataPipeline", "name": "d"}},
     "model": {"hiddenSize": 64, "numHeads": 4, "numKvHeads": 2},
-    "training": {"maxSteps": 10, "seqLen": 64, "globalBatchTokens": 1024},
+    "training": {"maxSteps": 10, "seqLen": 64, "globalBatchTokens": 16384},
     "checkpoint": {"interval": "auto"},
     "resources": {"nodes": 2, "gpusPerNode": 8, "nodePool": "h100"},
     "scheduling": {"gang": "kueue", "queue": "q"},
@@ -127,6 +127,11 @@ CEL_CASES = [
     ("model.numHeads", 3, "hiddenSize must be divisible by numHeads"),
     ("model.numKvHeads", 3, "numHeads must be divisible by numKvHeads"),
     ("checkpoint.interval", "sometimes", "positive number of steps or auto"),
+    ("training.globalBatchTokens", 1000, "multiple of microBatchSize × seqLen"),
+    ("training.seqLen", 4096, "longer than model.maxPositionEmbeddings"),
+    ("checkpoint.uri", "/tmp/ckpt", "cannot keep checkpoints in /tmp"),
+    ("resources.env", {"A=B": "x"}, "env names must be valid"),
+    ("resources.secretEnv", {"A=B": {"secret": "s", "key": "k"}}, "secretEnv names must be valid"),
 ]
 
 
@@ -143,6 +148,17 @@ def test_cel_rejects_what_the_models_reject(repo: Path, cel_failures: Any, dotte
     doc = {"apiVersion": "crucible.dev/v1alpha1", "kind": "PretrainRun", "metadata": {"name": "p"}, "spec": bad}
     with pytest.raises(ValueError):
         KIND_MODELS["PretrainRun"].model_validate(doc)
+
+
+def test_cel_name_rule_on_the_root(repo: Path) -> None:
+    import celpy
+
+    root = crds(repo)["PretrainRun"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    (rule,) = [r for r in root["x-kubernetes-validations"] if "metadata.name" in r["rule"]]
+    env = celpy.Environment()
+    program = env.program(env.compile(rule["rule"]))
+    for name, ok in (("llama", True), ("a-1", True), ("1a", False), ("-a", False), ("a" * 64, False)):
+        assert bool(program.evaluate({"self": celpy.json_to_cel({"metadata": {"name": name}})})) is ok, name
 
 
 def test_cel_immutable_fields_on_update(repo: Path, cel_failures: Any) -> None:

@@ -88,7 +88,7 @@ def test_bad_input_gets_its_own_message(tmp_path: Path, capsys: pytest.CaptureFi
                                         field: str, fragment: str) -> None:
     path = tmp_path / f"{case}.yaml"
     path.write_text(text)
-    assert main(["validate", str(path)]) == 1
+    assert main(["validate", str(path)]) == 2
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
     lines = [line for line in out.out.splitlines() if line.strip()]
@@ -128,7 +128,7 @@ def test_line_numbers_point_at_the_field(tmp_path: Path) -> None:
 
 def test_missing_path_and_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
-    assert main(["validate", str(tmp_path / "nope.yaml"), str(tmp_path / "empty")]) == 1
+    assert main(["validate", str(tmp_path / "nope.yaml"), str(tmp_path / "empty")]) == 2
     out = capsys.readouterr().out
     assert "no such file or folder" in out and "holds no .yaml" in out
 
@@ -145,7 +145,7 @@ def test_cycle_across_files_and_folders(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "sft.yaml").write_text(first)
     (tmp_path / "dpo.yml").write_text(second)
-    assert main(["validate", str(tmp_path)]) == 1
+    assert main(["validate", str(tmp_path)]) == 2
     out = capsys.readouterr().out
     assert "cycle: FinetuneRun/a -> PreferenceRun/b -> FinetuneRun/a" in out
     assert str(tmp_path / "a" / "sft.yaml") in out
@@ -154,5 +154,5 @@ def test_cycle_across_files_and_folders(tmp_path: Path, capsys: pytest.CaptureFi
 def test_not_utf8_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(BASE.replace("name: p", "name: p # caf\xe9").encode("latin-1"))
-    assert main(["validate", str(path)]) == 1
+    assert main(["validate", str(path)]) == 2
     assert "not UTF-8 text" in capsys.readouterr().out

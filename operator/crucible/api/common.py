@@ -10,9 +10,10 @@ both on the same good and bad objects.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from crucible.trainer.config.common import RunRef, StrictModel
@@ -20,7 +21,52 @@ from crucible.trainer.config.common import RunRef, StrictModel
 GROUP = "crucible.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""metadata.name: a DNS-1035 label, because it names the attempt's headless Service."""
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+IMAGE_PATTERN = (
+    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]{1,5})?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
+"""An OCI image reference: [registry[:port]/]path[:tag][@sha256:digest]."""
+LABEL_KEY = re.compile(r"^(?:[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*/)?"
+                       r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+_SECRET_WORDS = frozenset({"SECRET", "PASSWORD", "PASSWD", "TOKEN", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
+_SECRET_PAIRS = ("API_KEY", "ACCESS_KEY", "PRIVATE_KEY", "AUTH_KEY")
+
+
+def is_credential_name(name: str) -> bool:
+    """True for environment names that hold credentials (HF_TOKEN, AWS_SECRET_ACCESS_KEY, WANDB_API_KEY, ...)."""
+    upper = name.upper().replace("-", "_").replace(".", "_")
+    return bool(_SECRET_WORDS & set(upper.split("_"))) or any(pair in upper for pair in _SECRET_PAIRS)
+
+
+def world_batch_problem(spec: Any) -> str | None:
+    """Why the batch does not split over the run's ranks (the trainer refuses it at start), or None."""
+    training = getattr(spec, "training", None)
+    if training is None or getattr(training, "parallelism", None) is not None:
+        return None  # tensor/pipeline layouts split the ranks otherwise; the layout check covers them
+    res = spec.resources
+    world = res.nodes * res.procs_per_node
+    per_step = training.micro_batch_size * training.seq_len * world
+    if training.global_batch_tokens % per_step == 0:
+        return None
+    fits = max(1, round(training.global_batch_tokens / per_step)) * per_step
+    return (f"{training.global_batch_tokens} is not a multiple of microBatchSize × seqLen × ranks = "
+            f"{training.micro_batch_size} × {training.seq_len} × {world} = {per_step} (ranks = resources.nodes × "
+            f"processes per node); the trainer will refuse to start. Use {fits}")
+
+
+def check_label_key(key: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    if not LABEL_KEY.match(key) or len(prefix) > 253 or len(name) > 63:
+        raise ValueError(f"{key!r} is not a valid label key ([prefix/]name: name up to 63 of letters, "
+                         "digits, '-', '_', '.', starting and ending alphanumeric; prefix a DNS subdomain)")
+
 
 Phase = Literal["Pending", "Waiting", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
 PHASES: tuple[str, ...] = ("Pending", "Waiting", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
@@ -57,6 +103,14 @@ class RdmaConfig(StrictModel):
     count: int = Field(default=1, ge=1, le=64, description="Devices per pod.")
 
 
+class SecretKeyRef(StrictModel):
+    """One key of a Secret in the resource's namespace."""
+
+    secret: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                        description="Name of the Secret.")
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the Secret.")
+
+
 class TopologyConfig(StrictModel):
     """Keep all pods of a job inside one fast-interconnect block."""
 
@@ -66,6 +120,12 @@ class TopologyConfig(StrictModel):
         description="Node label naming the block (NVLink domain, IB leaf), e.g. nvidia.com/gpu.clique.",
     )
     mode: Literal["preferred", "required"] = Field(default="preferred", description="Soft or hard affinity.")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        check_label_key(value)
+        return value
 
 
 class Resources(StrictModel):
@@ -89,11 +149,70 @@ class Resources(StrictModel):
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the pods.")
     rdma: RdmaConfig | None = Field(default=None, description="RDMA / InfiniBand devices per pod.")
     topology: TopologyConfig | None = Field(default=None, description="Same-block placement.")
-    image: str | None = Field(default=None, min_length=1, description="Trainer image; empty: the operator's default.")
+    image: str | None = Field(
+        default=None, min_length=1, max_length=512, pattern=IMAGE_PATTERN,
+        description="Trainer image reference ([registry/]path[:tag][@sha256:digest]); empty: the operator's default.",
+    )
     cpu: str = Field(default="4", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request per pod.")
     memory: str = Field(default="32Gi", pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$", description="Memory request per pod.")
     shm_size: str = Field(default="16Gi", pattern=r"^[0-9]+([KMGTPE]i?)?$", description="Size of /dev/shm (memory-backed).")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables (e.g. NCCL_* tuning).")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables (e.g. NCCL_* tuning). Never credentials: use secretEnv.",
+    )
+    secret_env: dict[str, SecretKeyRef] = Field(
+        default_factory=dict,
+        description=(
+            "Environment variables taken from Secrets, e.g. HF_TOKEN: {secret: hf, key: token}. In embedded mode "
+            "(crucible run) each is taken from the same variable of the environment crucible run is started in."
+        ),
+    )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, label in value.items():
+            check_label_key(key)
+            if not LABEL_VALUE.match(label):
+                raise ValueError(f"the value {label!r} of {key!r} is not a valid label value "
+                                 "(up to 63 letters, digits, '-', '_', '.', starting and ending alphanumeric)")
+        return value
+
+    @field_validator("node_pool_label")
+    @classmethod
+    def _pool_label(cls, value: str) -> str:
+        check_label_key(value)
+        return value
+
+    @field_validator("node_pool")
+    @classmethod
+    def _pool(cls, value: str | None) -> str | None:
+        if value is not None and not LABEL_VALUE.match(value):
+            raise ValueError(f"{value!r} is not a valid label value (letters, digits, '-', '_', '.')")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name (letters, digits, "
+                                 "'_', '-', '.', not starting with a digit; no '=')")
+            if is_credential_name(name):
+                raise ValueError(
+                    f"{name} looks like a credential and would be stored in plain text in the resource, "
+                    f"the pod spec and the spec file; put it in a Secret and write secretEnv: "
+                    f"{{{name}: {{secret: SECRET-NAME, key: KEY}}}} instead"
+                )
+        return value
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_env(cls, value: dict[str, SecretKeyRef]) -> dict[str, SecretKeyRef]:
+        for name in value:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return value
 
     @property
     def procs_per_node(self) -> int:
@@ -111,7 +230,28 @@ class Resources(StrictModel):
         return self
 
 
+NODE_LOCAL_CHECKPOINT_CEL = cel(
+    "!has(self.resources) || !has(self.resources.nodes) || self.resources.nodes == 1 || "
+    "!has(self.checkpoint) || !has(self.checkpoint.uri) || !self.checkpoint.uri.startsWith('/tmp')",
+    "a multi-node run cannot keep checkpoints in /tmp of one pod; use a PVC path or s3://",
+    ".checkpoint.uri",
+)
+"""Mirrors PlacementMixin's node-local checkpoint check, on every training kind."""
+ENV_CEL = [
+    cel("!has(self.env) || self.env.all(k, k.matches('^[-._a-zA-Z][-._a-zA-Z0-9]*$'))",
+        "env names must be valid environment variable names", ".env"),
+    cel("!has(self.secretEnv) || self.secretEnv.all(k, k.matches('^[-._a-zA-Z][-._a-zA-Z0-9]*$'))",
+        "secretEnv names must be valid environment variable names", ".secretEnv"),
+]
+NAME_CEL = cel(
+    "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 63",
+    "metadata.name must be a DNS-1035 label (start with a letter): it names the attempt's Service",
+    ".metadata.name",
+)
+
+
 RESOURCES_CEL = [
+    *ENV_CEL,
     cel(
         "self.gpusPerNode == 0 || has(self.nodePool) || (has(self.nodeSelector) && size(self.nodeSelector) > 0)",
         "gpusPerNode > 0 needs nodePool (or nodeSelector) so the pods land on GPU nodes",
@@ -208,7 +348,7 @@ class RunMeta(BaseModel):
 
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN, description="Resource name (DNS label).")
     namespace: str | None = Field(
-        default=None, min_length=1, max_length=63, pattern=NAME_PATTERN, description="Namespace (DNS label)."
+        default=None, min_length=1, max_length=63, pattern=NAMESPACE_PATTERN, description="Namespace (DNS label)."
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
@@ -220,6 +360,19 @@ class PlacementMixin(StrictModel):
     resources: Resources = Field(default_factory=Resources, description="Nodes, GPUs, pool and image.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Gang scheduling.")
     suspend: bool = Field(default=False, description="Stop the pods; set back to false to resume from checkpoint.")
+
+    @model_validator(mode="after")
+    def _node_local_checkpoints(self) -> PlacementMixin:
+        """A multi-node run's checkpoints must be on storage every node sees."""
+        res = self.resources
+        checkpoint = getattr(self, "checkpoint", None)
+        uri = getattr(checkpoint, "uri", None)
+        if res.nodes > 1 and uri and uri.startswith("/tmp"):
+            raise ValueError(
+                f"checkpoint.uri: {uri} is inside /tmp of one pod; a {res.nodes}-node run needs storage every "
+                "node sees: a PVC path or s3://"
+            )
+        return self
 
 
 class Resource(BaseModel):

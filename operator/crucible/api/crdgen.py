@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from crucible.api import KIND_MODELS, Resource
-from crucible.api.common import GROUP, RESOURCES_CEL, SCHEDULING_CEL, VERSION, RunStatus, cel
+from crucible.api.common import GROUP, NAME_CEL, RESOURCES_CEL, SCHEDULING_CEL, VERSION, RunStatus, cel
 from crucible.api.registry import kind_of
 
 # CEL rules attached wherever a model of this name appears in a schema.
@@ -30,6 +30,12 @@ MODEL_CEL: dict[str, list[dict[str, str]]] = {
         cel(
             "!has(self.globalBatchTokens) || !has(self.seqLen) || self.globalBatchTokens >= self.seqLen",
             "globalBatchTokens must hold at least one sequence of seqLen",
+            ".globalBatchTokens",
+        ),
+        cel(
+            "!has(self.globalBatchTokens) || !has(self.seqLen) || !has(self.microBatchSize) || "
+            "self.globalBatchTokens % (self.microBatchSize * self.seqLen) == 0",
+            "globalBatchTokens must be a multiple of microBatchSize × seqLen",
             ".globalBatchTokens",
         ),
     ],
@@ -228,6 +234,7 @@ def build_crd(model: type[Resource]) -> dict[str, Any]:
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
+                            "x-kubernetes-validations": [copy.deepcopy(NAME_CEL)],
                             "description": (model.__doc__ or model.KIND).strip().splitlines()[0],
                             "required": ["spec"],
                             "properties": {

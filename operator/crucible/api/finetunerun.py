@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from crucible.api.common import PlacementMixin, Resource, cel
+from crucible.api.common import NODE_LOCAL_CHECKPOINT_CEL, PlacementMixin, Resource, cel
 from crucible.api.pretrainrun import MODEL_KINDS, TRAINING_COLUMNS
 from crucible.api.registry import Kind, one_role
 from crucible.trainer.config.stages import FinetuneConfig
@@ -36,6 +36,7 @@ class FinetuneRun(Resource):
             "method qlora needs CUDA: set resources.gpusPerNode >= 1 or use method lora",
             ".method",
         ),
+        NODE_LOCAL_CHECKPOINT_CEL,
     ]
 
     spec: FinetuneRunSpec = Field(description="What to fine-tune and where.")

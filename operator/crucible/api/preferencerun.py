@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from crucible.api.common import PlacementMixin, Resource
+from crucible.api.common import NODE_LOCAL_CHECKPOINT_CEL, PlacementMixin, Resource
 from crucible.api.pretrainrun import MODEL_KINDS, TRAINING_COLUMNS
 from crucible.api.registry import Kind, one_role
 from crucible.trainer.config.stages import PreferenceConfig
@@ -31,7 +31,7 @@ class PreferenceRun(Resource):
         "reward.model": ("PreferenceRun",),  # a reward-model run (checked by the trainer)
     }
     IMMUTABLE: ClassVar[tuple[str, ...]] = ("model", "reference", "dataset", "prompts", "reward", "method")
-    EXTRA_CEL: ClassVar[list] = []
+    EXTRA_CEL: ClassVar[list[dict[str, str]]] = [NODE_LOCAL_CHECKPOINT_CEL]
 
     spec: PreferenceRunSpec = Field(description="What to align and where.")
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from crucible.api.common import PlacementMixin, Resource, cel
+from crucible.api.common import NODE_LOCAL_CHECKPOINT_CEL, PlacementMixin, Resource, cel
 from crucible.api.registry import Kind, one_role
 from crucible.trainer.config.stages import PretrainConfig
 
@@ -47,11 +47,13 @@ class PretrainRun(Resource):
     }
     IMMUTABLE: ClassVar[tuple[str, ...]] = ("model", "data", "tokenizer")
     EXTRA_CEL: ClassVar[list[dict[str, str]]] = [
+        NODE_LOCAL_CHECKPOINT_CEL,
         cel(
-            "!has(self.resources) || !has(self.resources.nodes) || self.resources.nodes == 1 || "
-            "!has(self.checkpoint) || !has(self.checkpoint.uri) || !self.checkpoint.uri.startsWith('/tmp')",
-            "a multi-node run cannot keep checkpoints in /tmp of one pod; use a PVC path or s3://",
-            ".checkpoint.uri",
+            "(has(self.model) && has(self.model.source)) || !has(self.training.seqLen) || "
+            "self.training.seqLen <= (has(self.model) && has(self.model.maxPositionEmbeddings) ? "
+            "self.model.maxPositionEmbeddings : 2048)",
+            "training.seqLen is longer than model.maxPositionEmbeddings",
+            ".training.seqLen",
         ),
     ]
 

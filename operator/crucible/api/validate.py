@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import posixpath
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -21,14 +22,19 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from crucible.api import API_VERSION, KIND_MODELS, Resource
+from crucible.api import API_VERSION, KIND_MODELS, Resource, yamlsafe
+from crucible.api.common import world_batch_problem
 
 YAML_SUFFIXES = (".yaml", ".yml")
+EXIT_BAD_INPUT = 2
+"""``crucible validate`` exits 2 on any problem, as ``crucible run`` and the trainer do for bad input."""
 # A validator message that starts with "fieldName: " (or "a.b: ") names the field it is about.
 _FIELD_PREFIX = re.compile(r"^([a-zA-Z][a-zA-Z0-9]*(?:\.(?:[a-zA-Z][a-zA-Z0-9]*|[0-9]+))*): (.+)$", re.S)
 _PATTERN_HINTS = {
-    "^([0-9]+h)?([0-9]+m)?([0-9]+s)?$": "is not a duration; write it like 90s, 30m or 1h30m",
+    "^([0-9]{1,4}h)?([0-9]{1,6}m)?([0-9]{1,8}s)?$": "is not a duration; write it like 90s, 30m or 1h30m",
     "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$": "must be a DNS label: lowercase letters, digits and '-', starting and ending alphanumeric",
+    "^[a-z]([-a-z0-9]*[a-z0-9])?$": ("must be a DNS label starting with a letter (RFC 1035): lowercase letters, digits "
+                                     "and '-', ending alphanumeric (it names Services and pods)"),
     "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$": "must be a DNS name: lowercase letters, digits, '-' and '.'",
 }
 
@@ -146,6 +152,10 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
         hint = f"; did you mean {close[0]}?" if close else (f"; known fields: {', '.join(known)}" if known else "")
         return f"unknown field{hint}"
+    if kind == "int_parsing_size":
+        return f"{err.get('input')!r} is too large; it must fit in a 64-bit integer"
+    if kind == "finite_number":
+        return f"must be a finite number, got {err.get('input')!r}"
     if kind == "missing":
         return "required field is missing"
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
@@ -209,11 +219,13 @@ def validate_document(
         return None, [Problem(file, label, "", f"expected a mapping with apiVersion, kind, metadata, spec; got {type(doc).__name__}", line)]
     kind = doc.get("kind")
     name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
-    label = f"{kind or '?'}/{name or '?'}"
+    label = f"{kind if isinstance(kind, str) and kind else '?'}/{name if isinstance(name, str) and name else '?'}"
     problems: list[Problem] = []
     if doc.get("apiVersion") != API_VERSION:
         problems.append(Problem(file, label, "apiVersion", f"must be {API_VERSION}, got {doc.get('apiVersion')!r}", line))
-    if kind not in KIND_MODELS:
+    if not isinstance(kind, str):
+        problems.append(Problem(file, label, "kind", f"must be a string such as PretrainRun, got {type(kind).__name__} {kind!r}", line))
+    elif kind not in KIND_MODELS:
         close = difflib.get_close_matches(str(kind), list(KIND_MODELS), n=1)
         hint = f"; did you mean {close[0]}?" if close else f"; one of {', '.join(KIND_MODELS)}"
         problems.append(Problem(file, label, "kind", f"unknown kind {kind!r}{hint}", line))
@@ -266,11 +278,76 @@ def check_graph(loaded: Sequence[Loaded]) -> tuple[list[Problem], list[Problem]]
                     Problem(item.file, label, f"spec.{path}.fromRun",
                             f"{ref.kind}/{ref.name} is not among these files; it must exist in the cluster (or pass its file too)", item.line)
                 )
+    problems += _location_collisions(list(by_key.values()))
+    for item in by_key.values():
+        batch = world_batch_problem(item.resource.spec)
+        if batch:
+            warnings.append(Problem(item.file, "/".join(item.key), "spec.training.globalBatchTokens", batch, item.line))
     for cycle in _cycles(edges):
         first = by_key[cycle[0]]
         chain = " -> ".join("/".join(k) for k in [*cycle, cycle[0]])
         problems.append(Problem(first.file, "/".join(cycle[0]), "spec", f"fromRun references form a cycle: {chain}; break it", first.line))
     return problems, warnings
+
+
+def _norm(uri: str) -> str:
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme.lower()}://{posixpath.normpath(rest)}"
+    return posixpath.normpath(uri)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Equal, or one inside the other (so writing one changes the other)."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _uris(node: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted field, value) of every string ``uri`` in a spec's wire form."""
+    out: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{prefix}.{k}" if prefix else k
+            if k == "uri" and isinstance(v, str):
+                out.append((path, v))
+            else:
+                out += _uris(v, path)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _uris(v, f"{prefix}[{i}]")
+    return out
+
+
+WRITTEN_FIELDS = ("output.uri", "checkpoint.uri")
+
+
+def _location_collisions(loaded: Sequence[Loaded]) -> list[Problem]:
+    """Outputs that are also inputs (of the same run) or that another run writes too."""
+    problems: list[Problem] = []
+    writers: list[tuple[str, str, Loaded]] = []  # (normalized uri, field, resource)
+    for item in loaded:
+        label = "/".join(item.key)
+        fields = _uris(item.resource.spec.to_wire())
+        written = [(f, _norm(v)) for f, v in fields if f in WRITTEN_FIELDS]
+        read = [(f, _norm(v)) for f, v in fields if f not in WRITTEN_FIELDS]
+        for wf, w in written:
+            for rf, r in read:
+                if _overlaps(w, r):
+                    problems.append(Problem(item.file, label, f"spec.{wf}", (
+                        f"{w} overlaps the run's own input spec.{rf} ({r}); the stage would overwrite or read back "
+                        "what it writes. Give the output a folder of its own"), item.line))
+        if len(written) == 2 and _overlaps(written[0][1], written[1][1]):
+            problems.append(Problem(item.file, label, "spec.checkpoint.uri", (
+                f"{written[1][1]} overlaps spec.output.uri ({written[0][1]}); keep checkpoints and the output apart"),
+                item.line))
+        for wf, w in written:
+            for other_uri, other_field, other in writers:
+                if other.key != item.key and _overlaps(w, other_uri):
+                    problems.append(Problem(item.file, label, f"spec.{wf}", (
+                        f"{w} is also where {'/'.join(other.key)} writes (spec.{other_field}, {other.file}:{other.line}); "
+                        "two runs sharing an output would report each other's results. Give each its own"), item.line))
+            writers.append((w, wf, item))
+    return problems
 
 
 def _cycles(edges: dict[tuple[str, str], list[tuple[str, str]]]) -> list[list[tuple[str, str]]]:
@@ -309,17 +386,30 @@ def load_resources(paths: Iterable[str | Path]) -> LoadResult:
     for path in files:
         name = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = yamlsafe.read_file(path)
         except UnicodeDecodeError as exc:
             result.problems.append(Problem(name, "-", "", f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
             continue
+        except yamlsafe.YamlLimitError as exc:
+            result.problems.append(Problem(name, "-", "", str(exc), exc.line))
+            continue
+        except OSError as exc:
+            result.problems.append(Problem(name, "-", "", f"cannot read it ({exc.strerror or exc})"))
+            continue
         try:
-            docs = list(yaml.safe_load_all(text))
+            docs = yamlsafe.load_all(text)
+        except yamlsafe.YamlLimitError as exc:
+            result.problems.append(Problem(name, "-", "", str(exc), exc.line))
+            continue
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
             detail = getattr(exc, "problem", None) or str(exc)
             result.problems.append(Problem(name, "-", "", f"not valid YAML: {detail}", line))
+            continue
+        if not any(doc is not None for doc in docs):
+            result.problems.append(Problem(name, "-", "", "holds no YAML documents (the file is empty); "
+                                           "kubectl refuses it too (\"no objects passed\")"))
             continue
         nodes = _compose(text)
         for i, doc in enumerate(docs):
@@ -356,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if result.problems:
         print(f"{len(result.problems)} problem(s) in {len(args.paths)} path(s)", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     if not args.quiet:
         for item in result.resources:
             print(f"ok  {item.file}:{item.line}  {item.resource.kind}/{item.resource.name}")

@@ -89,6 +89,8 @@ class LaunchPlan:
     hang_timeout_seconds: int | None = None
     credentials_secret: str | None = None
     inputs: Mapping[str, str] = field(default_factory=dict)
+    secret_env: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Environment variable -> (Secret name, key): rendered as secretKeyRef, never as a value."""
 
     @property
     def nodes(self) -> int:
@@ -200,6 +202,7 @@ def plan(
         hang_timeout_seconds=policy.hang_timeout_seconds if policy is not None else None,
         credentials_secret=s3.credentials_secret if s3 is not None else None,
         inputs=dict(inputs or {}),
+        secret_env={k: (ref.secret, ref.key) for k, ref in sorted(res.secret_env.items())},
     )
 
 

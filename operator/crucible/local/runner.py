@@ -448,6 +448,12 @@ class Runner:
                     "create it, or fix the path (relative paths are read from the work directory "
                     f"{self.workdir.root})"
                 )
+        for env_name in launch.secret_env:
+            if env_name not in os.environ:
+                problems.append(
+                    f"{item.where}: {resource.kind} {resource.name}: spec.resources.secretEnv.{env_name}: embedded "
+                    f"mode has no Secrets; set {env_name} in the environment you start crucible run from"
+                )
         if problems:
             raise RunnerError("\n".join(problems))
 

@@ -118,9 +118,13 @@ def now_rfc3339(ts: float | None = None) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON by rename, readable by the owner only (specs and states are nobody else's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 
 

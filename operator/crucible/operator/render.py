@@ -41,6 +41,10 @@ SPEC_FILE = "spec.json"
 TERMINATION_LOG = "/dev/termination-log"
 ENV_TERMINATION_LOG = "CRUCIBLE_TERMINATION_LOG"
 CONTAINER = "trainer"
+HOME = "/home/crucible"
+WRITABLE_DIRS = {"tmp": "/tmp", "home": HOME, "workspace": "/workspace"}
+"""The root filesystem is read-only; these emptyDirs are where the trainer (and torch, Triton,
+DeepSpeed, Hugging Face) write: temporary staging, caches under $HOME, the working directory."""
 DEFAULT_IMAGE = "ghcr.io/crucible-ml/trainer:0.1.0"
 
 
@@ -272,10 +276,13 @@ class _Context:
                 "fsGroup": self.settings.run_as_user,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
+            # The trainer never talks to the API server: no token in its pods.
+            "automountServiceAccountToken": False,
             "containers": [self.container(role, job)],
             "volumes": [
                 {"name": "spec", "configMap": {"name": child_name(p.name, p.attempt, "spec")}},
                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
+                *({"name": name, "emptyDir": {}} for name in WRITABLE_DIRS),
             ],
         }
         if role.distributed:
@@ -339,7 +346,10 @@ class _Context:
 
     def env(self, role: Role) -> list[dict[str, Any]]:
         p = self.plan
-        env = role_environment(self.resource, p, role, self.settings)
+        # caches and temporary files go to the writable emptyDirs (the root filesystem is read-only)
+        env = {"HOME": HOME, "HF_HOME": f"{HOME}/.cache/huggingface", "TRITON_CACHE_DIR": f"{HOME}/.cache/triton",
+               "TORCH_EXTENSIONS_DIR": f"{HOME}/.cache/torch_extensions", "TMPDIR": "/tmp",
+               **role_environment(self.resource, p, role, self.settings)}
         env[ENV_TERMINATION_LOG] = TERMINATION_LOG
         out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(env.items())]
         out += [
@@ -351,6 +361,10 @@ class _Context:
                 {"name": key, "valueFrom": {"secretKeyRef": {"name": p.credentials_secret, "key": key}}}
                 for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
             ]
+        out += [
+            {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for name, (secret, key) in sorted(p.secret_env.items())
+        ]
         return out
 
     def container(self, role: Role, job: str) -> dict[str, Any]:
@@ -379,10 +393,11 @@ class _Context:
             "volumeMounts": [
                 {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
                 {"name": "dshm", "mountPath": "/dev/shm"},
+                *({"name": name, "mountPath": path} for name, path in WRITABLE_DIRS.items()),
             ],
             "terminationMessagePath": TERMINATION_LOG,
             "terminationMessagePolicy": "FallbackToLogsOnError",
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": caps},
+            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": caps},
         }
         if ports:
             container["ports"] = ports

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 KINDS = ("DataPipeline", "PretrainRun", "FinetuneRun", "PreferenceRun", "QuantizeJob")
@@ -27,6 +27,11 @@ EXIT_BAD_INPUT = 2  # the spec or an input file is wrong: never restarted
 EXIT_RETRIABLE = 75  # EX_TEMPFAIL: NCCL/GPU/storage fault or hang detected by the trainer: restart
 
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+INT64_MAX = 2**63 - 1
+"""Kubernetes stores integers as int64; anything larger is a mistake (and overflows torch, numpy, timers)."""
+MAX_DURATION_SECONDS = 7 * 24 * 3600
+"""The longest duration a spec may give (a week): longer waits are typos, and overflow timers."""
+_URI_SCHEMES = ("s3://",)
 
 
 class StrictModel(BaseModel):
@@ -37,7 +42,17 @@ class StrictModel(BaseModel):
         populate_by_name=True,
         alias_generator=to_camel,
         validate_default=True,
+        allow_inf_nan=False,
     )
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int64(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every integer fits in int64 (as the CRD stores it); a 70-digit seed is a typo, not a seed."""
+        for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else (value,):
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > INT64_MAX:
+                raise ValueError(f"{item} does not fit in a 64-bit integer (at most {INT64_MAX})")
+        return value
 
     def to_wire(self) -> dict[str, Any]:
         """The camelCase JSON form, without unset optional fields."""
@@ -50,11 +65,36 @@ def parse_duration(text: str) -> int:
     if not text.strip() or match is None:
         raise ValueError(f"{text!r} is not a duration; write it like 90s, 30m or 1h30m")
     hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
+    total = hours * 3600 + minutes * 60 + seconds
+    if total > MAX_DURATION_SECONDS:
+        raise ValueError(f"{text!r} is longer than a week ({MAX_DURATION_SECONDS // 3600}h), the longest duration allowed")
+    return total
+
+
+def check_uri(value: str | None, what: str = "uri") -> str | None:
+    """A local path or ``s3://bucket[/prefix]``; refuses the filesystem root, bare schemes and other schemes."""
+    if value is None:
+        return value
+    text = value.strip()
+    if text != value or not text:
+        raise ValueError(f"{value!r} has leading or trailing spaces; remove them")
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower() + "://"
+        if scheme not in _URI_SCHEMES:
+            raise ValueError(f"{value!r}: {scheme} is not supported; use a local path or s3://bucket/prefix")
+        bucket = text[len(scheme):].split("/", 1)[0]
+        if not bucket:
+            raise ValueError(f"{value!r} names no bucket; write s3://bucket/prefix")
+        return value
+    if text.strip("/") == "" or text in (".", "~", "~/"):
+        raise ValueError(f"{value!r} is the root of a filesystem or home folder; name a folder or file inside it")
+    if "\x00" in text:
+        raise ValueError("contains a NUL character")
+    return value
 
 
 Duration = str
-DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
+DURATION_PATTERN = r"^([0-9]{1,4}h)?([0-9]{1,6}m)?([0-9]{1,8}s)?$"
 
 
 class RunRef(StrictModel):
@@ -63,8 +103,8 @@ class RunRef(StrictModel):
     kind: Kind = Field(description="Kind of the referenced resource.")
     name: str = Field(
         min_length=1,
-        max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=63,
+        pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
         description="metadata.name of the referenced resource, in the same namespace.",
     )
 
@@ -85,6 +125,11 @@ class InputRef(StrictModel):
         min_length=1,
         description="A local path, a PVC mount path, or s3://bucket/prefix.",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return check_uri(value)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> InputRef:
@@ -112,6 +157,30 @@ class S3Config(StrictModel):
     addressing_style: Literal["auto", "path", "virtual"] = Field(
         default="auto", description="S3 addressing style; MinIO usually wants path."
     )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL such as https://minio.storage:9000")
+        if parts.username or parts.password or "@" in parts.netloc:
+            raise ValueError(
+                "the URL carries credentials (user:password@); they would be stored in plain text in the resource "
+                "and the pods' environment. Remove them and set credentialsSecret to a Secret with keys "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: an endpoint has no query or fragment (signed URLs are credentials)")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -145,6 +214,11 @@ class OutputConfig(StrictModel):
         default=None, min_length=1, description="Output location: local path or s3://bucket/prefix."
     )
 
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return check_uri(value)
+
 
 class FailurePolicy(StrictModel):
     """How infrastructure faults are survived. Application errors never restart."""
@@ -175,6 +249,13 @@ class FailurePolicy(StrictModel):
         ),
     )
 
+    @field_validator("hang_timeout")
+    @classmethod
+    def _hang_timeout(cls, value: str) -> str:
+        if parse_duration(value) < 10:
+            raise ValueError("must be at least 10s")
+        return value
+
     @property
     def hang_timeout_seconds(self) -> int:
         return parse_duration(self.hang_timeout)
@@ -186,8 +267,6 @@ class FailurePolicy(StrictModel):
                 "maxBackoffSeconds: must be at least backoffSeconds "
                 f"({self.max_backoff_seconds} < {self.backoff_seconds})"
             )
-        if parse_duration(self.hang_timeout) < 10:
-            raise ValueError("hangTimeout: must be at least 10s")
         return self
 
 

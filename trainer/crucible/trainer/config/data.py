@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from crucible.trainer.config.common import InputRef, OutputConfig, StorageConfig, StrictModel
+from crucible.trainer.config.common import InputRef, OutputConfig, StorageConfig, StrictModel, check_uri
 
 
 class SourceConfig(StrictModel):
@@ -38,6 +38,11 @@ class SourceConfig(StrictModel):
     origin: str | None = Field(
         default=None, min_length=1, max_length=2048, description="Where the source came from: a URL or a description."
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_uri(value) or value
 
 
 class NormalizeStep(StrictModel):

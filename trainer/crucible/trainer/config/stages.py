@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from crucible.trainer.config.common import (
     FailurePolicy,
@@ -18,6 +18,7 @@ from crucible.trainer.config.common import (
     RunRef,
     StorageConfig,
     StrictModel,
+    check_uri,
 )
 from crucible.trainer.config.data import DataPipelineConfig
 from crucible.trainer.config.rl import CritiqueConfig, PromptDataset, RewardConfig, RlConfig
@@ -74,6 +75,23 @@ class PretrainConfig(TrainStageConfig):
         check_layout_fits_model(self.training, self.model)
         return self
 
+    @model_validator(mode="after")
+    def _positions(self) -> PretrainConfig:
+        if self.model.source is not None:
+            return self  # the source model's config decides; the trainer checks it when it loads it
+        limit = self.model.max_position_embeddings
+        if self.training.seq_len > limit:
+            raise ValueError(
+                f"training.seqLen: {self.training.seq_len} is longer than the model supports "
+                f"(model.maxPositionEmbeddings {limit}); lower seqLen or raise maxPositionEmbeddings"
+            )
+        if self.eval.prompts and self.eval.max_new_tokens >= limit:
+            raise ValueError(
+                f"eval.maxNewTokens: {self.eval.max_new_tokens} leaves no room for the prompt within "
+                f"model.maxPositionEmbeddings ({limit}); lower it"
+            )
+        return self
+
 
 class LoraConfig(StrictModel):
     r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
@@ -95,6 +113,11 @@ class SftDataset(StrictModel):
     response_field: str = Field(default="response", description="Response field (prompt-response).")
     messages_field: str = Field(default="messages", description="Chat messages field (messages).")
     validation_fraction: float = Field(default=0.1, ge=0, lt=1, description="Held-out fraction for eval loss.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_uri(value) or value
 
 
 class FinetuneConfig(TrainStageConfig):
@@ -131,6 +154,11 @@ class PreferenceDataset(StrictModel):
         if (self.uri is None) == (self.from_run is None):
             raise ValueError("uri: set exactly one of fromRun or uri")
         return self
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return check_uri(value)
 
 
 class DpoConfig(StrictModel):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from crucible.trainer.config.common import InputRef, StrictModel
+from crucible.trainer.config.common import InputRef, StrictModel, check_uri
 
 
 class MoEConfig(StrictModel):
@@ -222,7 +222,7 @@ class TrainingConfig(StrictModel):
         ),
     )
     micro_batch_size: int = Field(default=8, ge=1, le=65536, description="Sequences per rank per forward pass.")
-    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run.")
+    max_steps: int | None = Field(default=None, ge=1, le=10**10, description="Optimizer steps to run.")
     max_tokens: int | None = Field(
         default=None, ge=1, description="Alternative to maxSteps: stop after this many tokens."
     )
@@ -265,6 +265,14 @@ class TrainingConfig(StrictModel):
             raise ValueError(
                 "parallelism: tensor and pipeline layouts compose with FSDP2 only; set strategy: fsdp "
                 "(or remove parallelism)"
+            )
+        per_micro = self.micro_batch_size * self.seq_len
+        if self.global_batch_tokens % per_micro:
+            fits = max(1, round(self.global_batch_tokens / per_micro)) * per_micro
+            raise ValueError(
+                f"globalBatchTokens: {self.global_batch_tokens} must be a multiple of microBatchSize × seqLen = "
+                f"{self.micro_batch_size} × {self.seq_len} = {per_micro} (one micro-batch per rank); use {fits}, "
+                "or lower microBatchSize"
             )
         return self
 
@@ -328,6 +336,11 @@ class CheckpointConfig(StrictModel):
     resume: Literal["auto", "never"] = Field(
         default="auto", description="auto: resume from the newest checkpoint whose manifest verifies."
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return check_uri(value)
 
     @model_validator(mode="after")
     def _interval(self) -> CheckpointConfig:
