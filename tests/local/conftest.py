@@ -35,7 +35,7 @@ def finetune_run(name: str = "sft", model: str = "base", dataset: str = "inputs/
     return {"apiVersion": API, "kind": "FinetuneRun", "metadata": {"name": name},
             "spec": {"model": {"fromRun": {"kind": "PretrainRun", "name": model}},
                      "dataset": {"uri": dataset},
-                     "training": {"seqLen": 16, "globalBatchTokens": 64, "maxSteps": 4},
+                     "training": {"seqLen": 16, "globalBatchTokens": 64, "microBatchSize": 4, "maxSteps": 4},
                      "failurePolicy": dict(FAST_POLICY)}}
 
 

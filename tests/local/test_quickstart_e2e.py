@@ -108,7 +108,7 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("CRUCIBLE_TRAINER_COMMAND", None)
     env.pop("CRUCIBLE_BASE_MODEL", None)
-    argv = [*CRUCIBLE, "run", str(folder), "-w", str(workdir), "--plain"]
+    argv = [*CRUCIBLE, "run", str(folder), "-w", str(workdir), "--plain", "--allow-prepare"]
     pre_dir = workdir / "default" / "pretrainrun" / "stdlib-lm"
 
     first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

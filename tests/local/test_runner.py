@@ -219,7 +219,7 @@ def test_prepare_annotation_runs_before_the_pipeline(pipeline: Pipeline) -> None
     dp = data_pipeline(source="inputs/made.jsonl")
     dp["metadata"]["annotations"] = {"crucible.dev/prepare": "python make_inputs.py"}
     pipeline.write([dp])
-    out = pipeline.run()
+    out = pipeline.run(allow_prepare=True)
     assert out["corpus"].phase == "Succeeded"
     assert (pipeline.workdir / "inputs" / "made.jsonl").exists()
 
@@ -229,7 +229,7 @@ def test_failing_prepare_names_the_annotation(pipeline: Pipeline) -> None:
     dp["metadata"]["annotations"] = {"crucible.dev/prepare": f"{sys.executable} -c 'raise SystemExit(3)'"}
     pipeline.write([dp])
     with pytest.raises(RunnerError, match=r"crucible.dev/prepare.*exited 3"):
-        pipeline.run()
+        pipeline.run(allow_prepare=True)
 
 
 def test_base_model_override_continues_pretraining_from_it(pipeline: Pipeline, tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ def test_qlora_without_cuda_says_so_before_anything_starts(
         ({"dataset": {"uri": "/nonexistent/data.jsonl"}}, "spec.dataset.uri: /nonexistent/data.jsonl: no such file"),
         ({"model": {"uri": "/nonexistent/model"}}, "spec.model.uri"),
         ({"output": None}, "spec.output.uri is empty"),
-        ({"training": {"globalBatchTokens": 300}}, "training.globalBatchTokens (300) must be a multiple"),
+        ({"training": {"globalBatchTokens": 300}}, "globalBatchTokens: 300 must be a multiple"),
     ],
 )
 def test_bad_specs_exit_2_with_the_field(

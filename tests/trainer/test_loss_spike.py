@@ -86,3 +86,39 @@ def test_clean_run_raises_no_alarm_and_alert_only_counts(shards: Path, tmp_path:
     assert result.loss_spikes == 1 and result.rollbacks == 0 and result.steps == 40
     events = read_step_log(tmp_path / "alert" / "checkpoints" / "metrics.jsonl")
     assert [e["step"] for e in events if e.get("event") == "loss_spike"] == [BAD_STEP]
+
+
+class NanObjective(PretrainObjective):
+    """The loss turns NaN from the ``nan_from``-th micro-batch on (before the first checkpoint)."""
+
+    def __init__(self, *args: Any, nan_from: int) -> None:
+        super().__init__(*args)
+        self.calls = 0
+        self.nan_from = nan_from
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> Any:
+        loss, extra = super().loss(model, batch)
+        self.calls += 1
+        return (loss * float("nan"), extra) if self.calls >= self.nan_from else (loss, extra)
+
+
+def test_nan_before_the_first_checkpoint_fails_as_unstable_and_is_counted(shards: Path, tmp_path: Path) -> None:
+    """Before: "no checkpoint to roll back to; continuing" on every later step, never counted (issue #11)."""
+    import pytest
+
+    from crucible.trainer.engine import UnstableTrainingError
+    from crucible.trainer.faults import EXIT_APPLICATION_ERROR, classify
+
+    objective = NanObjective(ShardSet(shards / "train"), None, nan_from=3)
+    engine = make_engine(shards, tmp_path, objective=objective, lossSpike={**SPIKE, "action": "rollback"},
+                         training={"maxSteps": 40}, checkpoint={"interval": 20})
+    try:
+        with pytest.raises(UnstableTrainingError) as err:
+            engine.fit()
+    finally:
+        engine.close()
+    message = str(err.value)
+    assert "non-finite loss (nan) at step" in message and "before the first checkpoint" in message
+    assert "rollback 1 of lossSpike.maxRollbacks 5" in message
+    assert engine.detector.rollbacks == 1 and engine.step < 20
+    assert classify(err.value)[0] == EXIT_APPLICATION_ERROR

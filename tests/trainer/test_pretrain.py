@@ -60,7 +60,7 @@ def test_pretrain_writes_a_loadable_model_and_a_lineage_receipt(shards: Path, tm
     ("change", "message"),
     [
         ({"training": {"seqLen": 4}}, "spec.training.seqLen"),
-        ({"training": {"globalBatchTokens": 300}}, "training.globalBatchTokens (300) must be a multiple"),
+        ({"training": {"globalBatchTokens": 300}}, "globalBatchTokens: 300 must be a multiple"),
         ({"data": {"uri": "/nonexistent/data"}}, "data.uri /nonexistent/data: no train/index.json"),
         ({"model": {"hiddenSize": 30, "numHeads": 4}}, "spec.model: hiddenSize: 30 must be divisible by numHeads (4)"),
     ],

@@ -189,6 +189,13 @@ def test_flops_and_mfu() -> None:
         (StorageNotFound("/data/train/index.json: no such file"), EXIT_BAD_INPUT),
         (ValueError("shape mismatch"), EXIT_APPLICATION_ERROR),
         (KeyError("loss"), EXIT_APPLICATION_ERROR),
+        # "Timeout" or "EOF" alone is not a communication fault (issue #11): a restart would repeat it
+        (RuntimeError("Timeout waiting for the tokenizer lock"), EXIT_APPLICATION_ERROR),
+        (RuntimeError("unexpected EOF in /data/train/shard-00001.bin"), EXIT_APPLICATION_ERROR),
+        (RuntimeError("The read operation timed out"), EXIT_APPLICATION_ERROR),
+        (RuntimeError("eof reached before the header"), EXIT_APPLICATION_ERROR),
+        (RuntimeError("[c10d] The client socket has timed out after 600s while trying to connect"), EXIT_RETRIABLE),
+        (ConnectionResetError(104, "Connection reset by peer"), EXIT_RETRIABLE),
     ],
 )
 def test_classify(exc: BaseException, code: int) -> None:

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only this run (name or kind/name) and what it needs; repeatable")
     parser.add_argument("--fresh", action="store_true",
                         help="forget earlier state, outputs and checkpoints of the selected runs and start over")
+    parser.add_argument("--allow-prepare", action="store_true",
+                        help="run the resources' crucible.dev/prepare commands without asking (read them first: "
+                             "they run on this machine); without it crucible run asks on a terminal, else refuses")
     parser.add_argument("--plain", action="store_true", help="plain log lines instead of progress bars")
     parser.add_argument("--no-report", action="store_true", help="do not write report.md / report.html at the end")
     parser.epilog = (
@@ -50,6 +53,17 @@ def base_model_from_env() -> str | None:
     return str(path)
 
 
+def ask_on_terminal(what: str) -> bool:
+    """Show a prepare command and ask before running it; False (refuse) when nobody is at a terminal."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return False
+    print(f"{what}.\nThis runs on your machine. Run it? [y/N] ", end="", flush=True)
+    try:
+        return input().strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     from crucible.local.dag import DagError
     from crucible.local.load import LoadError, load_resources
@@ -66,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"crucible run: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     ui = make_ui(plain=True if args.plain else None)
-    options = RunnerOptions(workdir=workdir, only=args.only, fresh=args.fresh, base_model=base_model)
+    options = RunnerOptions(workdir=workdir, only=args.only, fresh=args.fresh, base_model=base_model,
+                            allow_prepare=args.allow_prepare, confirm_prepare=ask_on_terminal)
     runner = Runner(options, ui)
     ui.info(f"crucible run: {len(loaded)} resource(s) from {', '.join(args.paths)}; work directory {workdir}")
     if base_model:

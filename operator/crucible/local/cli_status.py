@@ -6,6 +6,7 @@ import argparse
 import fcntl
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -65,10 +66,16 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     workdir = WorkDir(root)
     states = workdir.all_states()
+    for path, reason in workdir.unreadable:
+        print(f"warning: {path}: unreadable run state ({reason}); `crucible run` sets it aside and continues "
+              "the run from its checkpoints", file=sys.stderr)
     if args.output == "json":
         print(json.dumps([s.to_json() for s in states], indent=2))
         return 0
     if not states:
+        if workdir.unreadable:
+            print(f"no readable runs in {root}: {len(workdir.unreadable)} state file(s) could not be read (see above)")
+            return 1
         print(f"no runs recorded in {root} yet")
         return 0
     active = runner_active(workdir.root)

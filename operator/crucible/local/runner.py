@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,9 @@ from crucible.trainer.config.receipt import foreign_reason, spec_hash
 
 PREPARE_ANNOTATION = "crucible.dev/prepare"
 """Embedded mode only: a command run (in the YAML file's folder, CRUCIBLE_WORKDIR set) before the
-pipeline starts, to put local inputs in place. The operator ignores it."""
+pipeline starts, to put local inputs in place. The operator ignores it. A YAML file someone hands
+you must not run code on your machine by itself: the command runs only with ``--allow-prepare``
+(:attr:`RunnerOptions.allow_prepare`) or when the user says yes to it (:attr:`RunnerOptions.confirm_prepare`)."""
 BASE_MODEL_ENV = "CRUCIBLE_BASE_MODEL"
 TRAINER_COMMAND_ENV = "CRUCIBLE_TRAINER_COMMAND"
 """Overrides ``<this python> -m crucible.trainer`` (e.g. a wrapper that enters a container)."""
@@ -108,6 +110,10 @@ class RunnerOptions:
     trainer_command: Sequence[str] | None = None
     """Replaces ``python -m crucible.trainer`` in the planned argv (tests use a stand-in)."""
     run_prepare: bool = True
+    allow_prepare: bool = False
+    """Run ``crucible.dev/prepare`` commands without asking (``crucible run --allow-prepare``)."""
+    confirm_prepare: Callable[[str], bool] | None = None
+    """Asked with a description of each command when ``allow_prepare`` is off; None: refuse."""
     poll_seconds: float = 0.25
 
 
@@ -204,6 +210,13 @@ class Runner:
             if (command, str(folder)) in done:
                 continue
             done.add((command, str(folder)))
+            what = f"{item.where}: {item.resource.kind} {item.resource.name} asks to run `{command}` in {folder}"
+            if not self.options.allow_prepare and not (self.options.confirm_prepare and self.options.confirm_prepare(what)):
+                raise RunnerError(
+                    f"{what} (metadata.annotations[{PREPARE_ANNOTATION}]). A YAML file does not run commands on "
+                    "this machine by itself: read the command, then run again with --allow-prepare (or put the "
+                    "inputs in place yourself and remove the annotation)"
+                )
             argv = shlex.split(command)
             if argv and argv[0] in ("python", "python3"):
                 argv[0] = sys.executable

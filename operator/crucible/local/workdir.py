@@ -30,6 +30,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -178,6 +179,8 @@ class WorkDir:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).absolute()
+        self.unreadable: list[tuple[Path, str]] = []
+        """State files :meth:`all_states` or :meth:`load_state` could not read, with why."""
 
     @property
     def storage_root(self) -> str:
@@ -211,13 +214,22 @@ class WorkDir:
         return self.run_dir(namespace, kind, name) / "logs" / f"attempt-{attempt}{suffix}.log"
 
     def load_state(self, namespace: str, kind: str, name: str) -> RunState | None:
+        """The run's state; None when there is none. A torn or foreign ``state.json`` is set aside
+        (renamed ``state.json.unreadable``) with a warning: the truth is in the checkpoints and the
+        output's ``_SUCCESS``, which the run resumes from or checks again, so nothing is lost."""
         path = self.state_path(namespace, kind, name)
         try:
             return RunState.from_json(json.loads(path.read_text()))
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: unreadable run state ({exc}); delete the file to start this run over") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            aside = path.with_name(f"{STATE_FILE}.unreadable")
+            os.replace(path, aside)
+            reason = _why(exc)
+            self.unreadable.append((path, reason))
+            print(f"warning: {path}: unreadable run state ({reason}); kept as {aside.name}. The run continues from "
+                  "its checkpoints and output", file=sys.stderr)
+            return None
 
     def save_state(self, state: RunState) -> None:
         if not (self.run_dir(state.namespace, state.kind, state.name) / OWNER_FILE).exists():
@@ -229,10 +241,14 @@ class WorkDir:
         found: dict[tuple[str, str, str], RunState] = {}
         if not self.root.is_dir():
             return []
+        self.unreadable = []
         for path in sorted(self.root.glob(f"*/*/*/{STATE_FILE}")):
-            with contextlib.suppress(ValueError, KeyError, OSError):
+            try:
                 state = RunState.from_json(json.loads(path.read_text()))
-                found[(state.namespace, state.kind, state.name)] = state
+            except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+                self.unreadable.append((path, _why(exc)))
+                continue
+            found[(state.namespace, state.kind, state.name)] = state
         order = self.pipeline_order()
         ranked = {key: i for i, key in enumerate(order)}
         return sorted(found.values(), key=lambda s: (ranked.get((s.namespace, s.kind, s.name), len(ranked)),
@@ -287,6 +303,12 @@ class WorkDir:
             yield
         finally:
             os.close(fd)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not complete JSON: {exc.msg} at line {exc.lineno}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class WorkDirBusyError(RuntimeError):

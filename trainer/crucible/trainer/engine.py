@@ -136,6 +136,21 @@ def data_parallel_size(config: TrainStageConfig, world_size: int) -> int:
     return world_size if par is None else par.data_size(world_size)
 
 
+def _state_dict_mismatch(exc: BaseException) -> str | None:
+    """The first line of a load_state_dict error about shapes or keys (None for other errors)."""
+    text = str(exc)
+    for marker in ("size mismatch for", "Missing key(s)", "Unexpected key(s)"):
+        at = text.find(marker)
+        if at >= 0:
+            line = text[at:].splitlines()[0].strip()
+            return line[:300]
+    return None
+
+
+class UnstableTrainingError(RuntimeError):
+    """Loss spikes the engine cannot (or may no more) roll back from: an application error, never retried."""
+
+
 def grad_accum_steps(config: TrainStageConfig, world_size: int) -> int:
     tr = config.training
     data_ranks = data_parallel_size(config, world_size)
@@ -305,7 +320,18 @@ class Engine:
         if found is None:
             return None
         ref, local = found
-        state = self.checkpointer.load(ref, local, self.strategy, self.config.training.seed)
+        try:
+            state = self.checkpointer.load(ref, local, self.strategy, self.config.training.seed)
+        except RuntimeError as exc:
+            shape = _state_dict_mismatch(exc)
+            if shape is None:
+                raise
+            raise SpecError(
+                f"checkpoint.uri: {ref.uri} (step {ref.step}) was written by a model of another shape, so this "
+                f"spec cannot resume from it ({shape}). The model settings changed since those checkpoints were "
+                "written: to start fresh, point checkpoint.uri at a new folder (or delete the old checkpoints); "
+                "to resume, restore the model settings they were written with"
+            ) from exc
         self._restore(state)
         self.log(f"resumed from {ref.uri} (step {self.step}, {self.tokens} tokens)")
         return self.step
@@ -326,15 +352,21 @@ class Engine:
         """PaLM-style: reload the last checkpoint and never train on the offending window again."""
         spikes, rollbacks = self.detector.spikes, self.detector.rollbacks + 1
         if rollbacks > self.config.loss_spike.max_rollbacks:
-            raise RuntimeError(
+            raise UnstableTrainingError(
                 f"training is unstable: {rollbacks} loss-spike rollbacks exceed lossSpike.maxRollbacks "
                 f"({self.config.loss_spike.max_rollbacks}); lower optimizer.lr or raise warmupSteps"
             )
         self.checkpointer.wait()
         found = self.checkpointer.latest_valid(self.strategy)
         if found is None:
-            self.log(f"loss spike ({spike.describe()}) but no checkpoint to roll back to; continuing")
-            return
+            # Continuing would train on from weights the spike already damaged (a NaN poisons every
+            # later step): fail now, counted, instead of retrying until the hang watchdog fires.
+            self.detector.rollbacks = rollbacks
+            raise UnstableTrainingError(
+                f"training is unstable: {spike.describe()} before the first checkpoint, so there is nothing to "
+                f"roll back to (rollback {rollbacks} of lossSpike.maxRollbacks {self.config.loss_spike.max_rollbacks}); "
+                "lower optimizer.lr, raise optimizer.warmupSteps, or checkpoint earlier (checkpoint.interval)"
+            )
         ref, local = found
         state = self.checkpointer.load(ref, local, self.strategy, self.config.training.seed)
         extra = self.config.loss_spike.skip_batches * self.grad_accum * self.ctx.micro_batch_size * self.data_size
@@ -453,7 +485,8 @@ class Engine:
             watchdog.stop()
             self.checkpointer.progress = None
             signal.signal(signal.SIGTERM, previous_sigterm)
-            self.metrics.close()
+            # The metrics server stays up: export, prompts, harness and upload follow, and a run whose
+            # endpoint vanished would look dead. The stage closes it last (close_metrics) or exits.
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop_signal = True
@@ -568,4 +601,9 @@ class Engine:
             save_hf_model(self.strategy.module, state, out_dir, self.tokenizer)
 
     def close(self) -> None:
+        """Stop the checkpointer's background writes; the metrics endpoint stays until :meth:`close_metrics`."""
         self.checkpointer.close()
+
+    def close_metrics(self) -> None:
+        """Stop serving metrics: the stage calls it after its last step (upload and _SUCCESS)."""
+        self.metrics.close()

@@ -8,7 +8,7 @@ otherwise. Both backends restart only on 75 (or death by signal):
 cause                                        exit code
 ===========================================  ==========
 NCCL / gloo / c10d communication failure      75
-a peer rank died (connection reset, EOF)      75
+a peer rank died (connection reset by peer)   75
 CUDA error pointing at the device (ECC, Xid,  75
 "unspecified launch failure", device lost)
 storage unreachable / 5xx (StorageUnavailable) 75
@@ -39,10 +39,13 @@ class RetriableError(RuntimeError):
 
 
 _COMMUNICATION = re.compile(
-    r"NCCL|ProcessGroupGloo|gloo|c10d|DistNetworkError|DistBackendError|Connection reset by peer|"
-    r"Connection closed by peer|Broken pipe|Socket Timeout|timed out|Timeout|ECONNRESET|EOF",
-    re.IGNORECASE,
+    r"NCCL|ProcessGroupGloo|\bgloo\b|\bc10d\b|DistNetworkError|DistBackendError|"
+    r"DistStoreError|TCPStore|Connection reset by peer|Connection closed by peer|ECONNRESET",
 )
+"""Text that names the collective-communication layer (or a peer that went away): retriable.
+
+A bare "Timeout", "timed out" or "EOF" is not enough: a tokenizer lock that timed out or a data file
+that ended early is the application's problem, and restarting would only repeat it."""
 _CUDA_DEVICE = re.compile(
     r"uncorrectable ECC|ECC error|Xid|unspecified launch failure|device-side assert.*?device lost|"
     r"CUDA error: (?:an illegal instruction|unknown error|misaligned address|"
@@ -71,7 +74,8 @@ def classify(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, RuntimeError | OSError | ConnectionError):
         if _CUDA_DEVICE.search(str(exc)):
             return EXIT_RETRIABLE, text
-        if _COMMUNICATION.search(str(exc)) and isinstance(exc, RuntimeError | ConnectionError):
+        from_distributed = type(exc).__module__.startswith("torch.distributed")
+        if isinstance(exc, RuntimeError | ConnectionError) and (from_distributed or _COMMUNICATION.search(str(exc))):
             return EXIT_RETRIABLE, text
     return EXIT_APPLICATION_ERROR, text
 

@@ -171,6 +171,7 @@ def run(config: FinetuneConfig) -> int:
             publish_and_succeed(ws, STAGE, input_receipts(ws, model=ws.base_uri, dataset=config.dataset.uri), results)
             log(f"wrote {written} to {ws.out_uri} ({result.steps} steps, held-out loss {loss_before} -> {loss_after})")
         barrier()
+        engine.close_metrics()
         return 0
     finally:
         shutil.rmtree(ws.cache, ignore_errors=True)

@@ -25,6 +25,8 @@ class Spike:
     z: float
 
     def describe(self) -> str:
+        if not math.isfinite(self.loss):
+            return f"non-finite loss ({self.loss}) at step {self.step}"
         return f"loss {self.loss:.4f} at step {self.step} is {self.z:.1f} std above the window mean {self.mean:.4f}"
 
 

@@ -434,6 +434,7 @@ def run(config: PreferenceConfig) -> int:
             log(f"wrote {written} to {ws.out_uri}; held-out preference accuracy "
                 f"{before.get('preferenceAccuracy')} -> {after.get('preferenceAccuracy')}")
         barrier()
+        engine.close_metrics()
         return 0
     finally:
         shutil.rmtree(ws.cache, ignore_errors=True)

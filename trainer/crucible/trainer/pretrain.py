@@ -209,6 +209,7 @@ def run(config: PretrainConfig) -> int:
             write_success(store, out_uri, STAGE, inputs, results, config)
             log(f"wrote {out_uri} ({result.steps} steps, final loss {result.final_loss:.4f})")
         barrier()
+        engine.close_metrics()
         return 0
     finally:
         import shutil
