@@ -166,3 +166,60 @@ def test_run_refuses_the_same_files_with_the_same_exit_status(tmp_path: Path) ->
         assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
         assert "expands to more than" in proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+# Item 3 of issue #11: fields that were accepted and then ignored are now refused (or take effect).
+QUANT = "apiVersion: crucible.dev/v1alpha1\nkind: QuantizeJob\nmetadata: {name: q}\nspec:\n  model: {uri: /m}\n"
+DATA = ("apiVersion: crucible.dev/v1alpha1\nkind: DataPipeline\nmetadata: {name: d}\nspec:\n"
+        "  sources: [{name: a, uri: /x}]\n")
+PREF = ("apiVersion: crucible.dev/v1alpha1\nkind: PreferenceRun\nmetadata: {name: r}\nspec:\n  model: {uri: /m}\n"
+        "  dataset: {uri: /p.jsonl}\n  training: {maxSteps: 10}\n  method: reward-model\n")
+IGNORED = [
+    ("quantize-metrics", QUANT + "  metrics: {port: 9400}\n", "spec.metrics", "serves no Prometheus metrics"),
+    ("gptq-group-size", QUANT + "  method: gptq\n  groupSize: 64\n  resources: {gpusPerNode: 1, nodePool: g}\n",
+     "spec.groupSize", "whose group size is 128"),
+    ("quantize-rdma", QUANT + "  resources: {rdma: {}}\n", "spec.resources.rdma", "does not use RDMA"),
+    ("quantize-topology", QUANT + "  resources: {topology: {}}\n", "spec.resources.topology", "nothing to place together"),
+    ("data-nodes", DATA + "  resources: {nodes: 4}\n", "spec.resources.nodes", "set workers: 4"),
+    ("data-gpus", DATA + "  resources: {gpusPerNode: 2, nodePool: g}\n", "spec.resources.gpusPerNode", "CPUs only"),
+    ("data-rdma", DATA + "  resources: {rdma: {}}\n", "spec.resources.rdma", "does not use RDMA"),
+    ("data-processes", DATA + "  resources: {processesPerNode: 4}\n", "spec.resources.processesPerNode", "spec.workers"),
+    ("volcano-timeout", with_spec("scheduling: {gang: volcano, scheduleTimeoutSeconds: 60}"),
+     "spec.scheduling.scheduleTimeoutSeconds", "only the coscheduling plugin"),
+    ("queue-without-gang", with_spec("scheduling: {queue: team-a}"), "spec.scheduling.queue", "only Kueue and Volcano"),
+    ("queue-with-coscheduling", with_spec("scheduling: {gang: coscheduling, queue: team-a}"), "spec.scheduling.queue",
+     "gang is coscheduling"),
+    ("shape-with-source", with_spec("model: {source: {uri: /base}, hiddenSize: 64}"), "spec.model.hiddenSize",
+     "not used when source is set"),
+    ("compile-under-deepspeed", BASE.replace("{maxSteps: 10}", "{maxSteps: 10, strategy: deepspeed, compile: true}"),
+     "spec.training.compile", "not applied under strategy deepspeed"),
+    ("async-save-under-deepspeed", with_spec("checkpoint: {asyncSave: true}").replace(
+        "{maxSteps: 10}", "{maxSteps: 10, strategy: deepspeed}"), "spec.checkpoint.asyncSave", "synchronously"),
+    ("reward-model-reference", PREF + "  reference: {uri: /ref}\n", "spec.reference", "no reference model"),
+    ("reward-model-dpo", PREF + "  dpo: {beta: 0.5}\n", "spec.dpo", "no DPO settings"),
+    ("reward-model-prompts", PREF + "  eval: {prompts: [hi]}\n", "spec.eval", "does not answer prompts"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "field", "fragment"), IGNORED, ids=[c[0] for c in IGNORED])
+def test_ignored_field_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, text: str,
+                                  field: str, fragment: str) -> None:
+    test_validate_refuses_with_a_precise_message(tmp_path, capsys, case, text, field, fragment)
+
+
+def test_data_pipeline_stage_column_is_written() -> None:
+    """status.progress.stage (the DataPipeline Stage printer column) is set when a stage starts."""
+    from crucible.api import KIND_MODELS
+    from crucible.api.common import RunStatus
+    from crucible.core import reconcile as rc
+
+    doc = {"apiVersion": "crucible.dev/v1alpha1", "kind": "DataPipeline", "metadata": {"name": "d"},
+           "spec": {"sources": [{"name": "a", "uri": "s3://b/x"}], "workers": 2}}
+    run = KIND_MODELS["DataPipeline"].model_validate(doc)
+    settings = rc.Settings(storage_root="s3://b/root")
+    start = rc.reconcile(run, rc.Observed(RunStatus(), rc.AttemptObservation("absent")), 100.0, settings=settings)
+    assert start.status.progress.stage == "filter"
+    running = start.status.model_copy(update={"phase": "Running"})
+    nxt = rc.reconcile(run, rc.Observed(running, rc.AttemptObservation("running", next_role="dedup")), 200.0,
+                       settings=settings)
+    assert nxt.status.progress.stage == "dedup"

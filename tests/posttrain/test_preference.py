@@ -117,7 +117,7 @@ def test_full_dpo_with_precomputed_reference_learns(
 
 def test_reward_model_learns_and_scores_held_out_pairs(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    spec = preference_spec(tiny_model_dir, pairs_file, out, method="reward-model", lora=LORA,
+    spec = preference_spec(tiny_model_dir, pairs_file, out, method="reward-model", dpo=None, lora=LORA,
                            training={"maxSteps": 20})
     assert _run(spec, tmp_path) == 0
     results = _results(out)

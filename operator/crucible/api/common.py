@@ -269,18 +269,30 @@ class Scheduling(StrictModel):
     queue: str | None = Field(default=None, min_length=1, description="Kueue LocalQueue or Volcano queue.")
     priority_class_name: str | None = Field(default=None, min_length=1, description="PriorityClass of the pods.")
     schedule_timeout_seconds: int = Field(
-        default=600, ge=1, description="Coscheduling/Volcano: give up gang placement after this long."
+        default=600, ge=1, le=604800, description="Coscheduling only: give up gang placement after this long."
     )
 
     @model_validator(mode="after")
     def _queue(self) -> Scheduling:
         if self.gang == "kueue" and not self.queue:
             raise ValueError("queue: required with gang kueue; set it to the name of a Kueue LocalQueue")
+        if self.queue and self.gang in ("none", "coscheduling"):
+            raise ValueError(
+                f"queue: only Kueue and Volcano have queues, and gang is {self.gang}; remove queue or set gang to "
+                "kueue or volcano"
+            )
+        if "schedule_timeout_seconds" in self.model_fields_set and self.gang != "coscheduling":
+            raise ValueError(
+                f"scheduleTimeoutSeconds: only the coscheduling plugin's PodGroup has a schedule timeout, and gang "
+                f"is {self.gang}; remove it (Volcano and Kueue keep a gang queued until it fits)"
+            )
         return self
 
 
 SCHEDULING_CEL = [
     cel("self.gang != 'kueue' || has(self.queue)", "gang kueue needs queue: the name of a Kueue LocalQueue", ".queue"),
+    cel("!has(self.queue) || self.gang == 'kueue' || self.gang == 'volcano'",
+        "queue is only for gang kueue or volcano", ".queue"),
 ]
 
 
@@ -352,6 +364,14 @@ class RunMeta(BaseModel):
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+
+
+def check_single_pod(res: Resources, kind: str, why: str) -> None:
+    """A kind that runs as one process per pod without GPUs of its own placement (DataPipeline, QuantizeJob)."""
+    if res.processes_per_node not in (None, 1):
+        raise ValueError(f"resources.processesPerNode: a {kind} runs one process per pod ({why}); remove it")
+    if res.rdma is not None:
+        raise ValueError(f"resources.rdma: a {kind} does not use RDMA ({why}); remove it")
 
 
 class PlacementMixin(StrictModel):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from crucible.api.common import PlacementMixin, Resource
+from crucible.api.common import PlacementMixin, Resource, cel, check_single_pod
 from crucible.api.pretrainrun import MODEL_KINDS
 from crucible.api.registry import SHARD_PLACEHOLDER, Kind, Role
 from crucible.trainer.config.data import DataPipelineConfig
@@ -14,6 +14,19 @@ from crucible.trainer.config.data import DataPipelineConfig
 
 class DataPipelineSpec(DataPipelineConfig, PlacementMixin):
     """Spec of a DataPipeline: the trainer's DataPipelineConfig plus placement."""
+
+    @model_validator(mode="after")
+    def _placement(self) -> DataPipelineSpec:
+        res = self.resources
+        if res.nodes != 1:
+            raise ValueError(
+                f"resources.nodes: a DataPipeline spreads over spec.workers pods (one per worker), not nodes; "
+                f"set workers: {res.nodes} instead of resources.nodes"
+            )
+        if res.gpus_per_node:
+            raise ValueError("resources.gpusPerNode: the data pipeline runs on CPUs only; remove it")
+        check_single_pod(res, "DataPipeline", "use spec.workers for parallelism")
+        return self
 
 
 class DataPipeline(Resource):
@@ -24,7 +37,14 @@ class DataPipeline(Resource):
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("dp",)
     INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {"tokenizer.source": ("DataPipeline", *MODEL_KINDS)}
     IMMUTABLE: ClassVar[tuple[str, ...]] = ("sources", "tokenizer")
-    EXTRA_CEL: ClassVar[list] = []
+    EXTRA_CEL: ClassVar[list[dict[str, str]]] = [
+        cel("!has(self.resources) || !has(self.resources.nodes) || self.resources.nodes == 1",
+            "a DataPipeline spreads over spec.workers, not resources.nodes", ".resources.nodes"),
+        cel("!has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode == 0",
+            "the data pipeline runs on CPUs only: resources.gpusPerNode must be 0", ".resources.gpusPerNode"),
+        cel("!has(self.resources) || !has(self.resources.rdma)", "a DataPipeline does not use RDMA",
+            ".resources.rdma"),
+    ]
 
     spec: DataPipelineSpec = Field(description="What to process and how.")
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from crucible.api.common import PlacementMixin, Resource, cel
+from crucible.api.common import PlacementMixin, Resource, cel, check_single_pod
 from crucible.api.pretrainrun import MODEL_KINDS
 from crucible.api.registry import Kind, one_role
 from crucible.trainer.config.stages import QuantizeConfig
@@ -21,6 +21,10 @@ class QuantizeJobSpec(QuantizeConfig, PlacementMixin):
             raise ValueError(f"method: {self.method} needs CUDA; set resources.gpusPerNode >= 1 or use int8/int4")
         if self.resources.nodes != 1:
             raise ValueError("resources.nodes: must be 1, a QuantizeJob runs as one pod")
+        check_single_pod(self.resources, "QuantizeJob", "it quantizes on one device")
+        if self.resources.topology is not None:
+            raise ValueError("resources.topology: a QuantizeJob is one pod, there is nothing to place together; "
+                             "remove it")
         return self
 
 

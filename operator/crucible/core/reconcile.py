@@ -220,8 +220,23 @@ def reconcile(run: Resource, observed: Observed, now: float, *, settings: Settin
     new = next_status(status, decision, now=now, generation=observed.generation, output_uri=output_uri,
                       results=results, progress=progress, last_checkpoint=checkpoint, goodput=goodput,
                       loss_spikes=spikes)
+    stage = _stage_started(run, actions)
+    if stage is not None:  # status.progress.stage: the DataPipeline's Stage printer column
+        new = new.model_copy(update={"progress": new.progress.model_copy(update={"stage": stage})})
     return Step(decision, new, tuple(actions), events_for(decision, status, new),
                 requeue_after=decision.delay_seconds if decision.action == "wait" else None, output_uri=output_uri)
+
+
+def _stage_started(run: Resource, actions: Sequence[Any]) -> str | None:
+    """The DataPipeline stage (role) this pass starts, if any."""
+    if run.kind != "DataPipeline":
+        return None
+    for action in actions:
+        if isinstance(action, StartRole):
+            return action.role
+        if isinstance(action, StartAttempt) and action.plan.roles:
+            return action.plan.roles[0].name
+    return None
 
 
 def _plan(run: Resource, status: RunStatus, attempt: int, excluded: Sequence[str], inputs: Mapping[str, str],

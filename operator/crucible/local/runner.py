@@ -64,6 +64,7 @@ from crucible.local.workdir import (
 )
 from crucible.trainer.config.common import FailurePolicy
 from crucible.trainer.config.receipt import foreign_reason, spec_hash
+from crucible.trainer.config.training import SHAPE_FIELDS, ModelConfig
 
 PREPARE_ANNOTATION = "crucible.dev/prepare"
 """Embedded mode only: a command run (in the YAML file's folder, CRUCIBLE_WORKDIR set) before the
@@ -78,6 +79,7 @@ OPERATIONAL_FIELDS = ("suspend", "failurePolicy", "metrics", "scheduling", "reso
 """Spec fields that change how a run is operated, not what it produces: editing them never reruns it."""
 TRAINING_LENGTH_FIELDS = ("maxSteps", "maxTokens", "evalEvery", "evalBatches")
 _HASH_LIMIT = 64 * 1024 * 1024
+_SHAPE_WIRE = frozenset(ModelConfig.model_fields[f].alias or f for f in SHAPE_FIELDS)
 
 
 class RunnerError(RuntimeError):
@@ -443,6 +445,9 @@ class Runner:
                 parent = parent.setdefault(part, {})
             if not parent.get(last):
                 parent[last] = {"uri": base}
+                if target == "model.source":  # the base model brings its own shape: drop a fresh one's fields
+                    for shape in _SHAPE_WIRE:
+                        parent.pop(shape, None)
         wire.pop("status", None)
         return type(resource).model_validate(wire)
 

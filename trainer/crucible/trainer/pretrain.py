@@ -145,6 +145,9 @@ def run(config: PretrainConfig) -> int:
     if finished(store, out_uri, config):
         log(f"{out_uri}/{SUCCESS} exists: nothing to do")
         return 0
+    from crucible.trainer import evaluate
+
+    evaluate.check_harness(config.eval)  # a task that does not exist fails now, not after training
     # collectives time out after the hang watchdog, so a stuck peer is reported as a hang with its step
     env = init_distributed(timeout_s=float(config.failure_policy.hang_timeout_seconds) + 60.0)
     cache = Path(tempfile.mkdtemp(prefix="crucible-pretrain-"))
@@ -169,8 +172,6 @@ def run(config: PretrainConfig) -> int:
             model = build_model(config.model, train.vocab_size, config.training.seed, eos_id=train.eos_id)
         before: list[str] | None = None
         if config.eval.prompts and env.is_main and tokenizer_dir is not None and config.model.source is not None:
-            from crucible.trainer import evaluate
-
             tok = evaluate.load_tokenizer(source_dir) if source_dir is not None else None
             if tok is not None:
                 # an instruct model is asked the way it was tuned to be asked: through its own chat template
@@ -188,8 +189,9 @@ def run(config: PretrainConfig) -> int:
             if config.eval.prompts:
                 answer_prompts_before_after(config, model, staging, tokenizer_dir, before)
             memorized = check_memorization(config, staging, train, validation)
+            harness = evaluate.harness_results(config.eval, staging)
             publish(staging, out_uri, store)
-            results = {**result.results(), "parameters": engine.total_params}
+            results = {**result.results(), **harness, "parameters": engine.total_params}
             if memorized is not None:
                 results["memorization"] = memorized
                 from crucible.trainer.memorization import enforce

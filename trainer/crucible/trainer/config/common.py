@@ -274,4 +274,7 @@ class MetricsConfig(StrictModel):
     """Rank 0's Prometheus endpoint and step log."""
 
     port: int = Field(default=9400, ge=0, le=65535, description="Port of /metrics; 0 turns it off.")
-    log_every: int = Field(default=10, ge=1, description="Print and record a step line every N steps.")
+    log_every: int = Field(
+        default=10, ge=1, le=1_000_000,
+        description="Print a step line to the log every N steps (metrics.jsonl and the gauges get every step).",
+    )

@@ -56,6 +56,15 @@ class TrainStageConfig(StrictModel):
         return self
 
 
+def _check_async_save(config: TrainStageConfig) -> None:
+    if config.training.strategy == "deepspeed" and "async_save" in config.checkpoint.model_fields_set \
+            and config.checkpoint.async_save:
+        raise ValueError(
+            "checkpoint.asyncSave: DeepSpeed writes its checkpoint synchronously (save_checkpoint blocks), so "
+            "asyncSave has no effect under strategy deepspeed; remove it (or set it to false)"
+        )
+
+
 class PretrainConfig(TrainStageConfig):
     """Next-token pretraining on packed token shards."""
 
@@ -73,6 +82,11 @@ class PretrainConfig(TrainStageConfig):
         from crucible.trainer.config.training import check_layout_fits_model
 
         check_layout_fits_model(self.training, self.model)
+        return self
+
+    @model_validator(mode="after")
+    def _async_save(self) -> PretrainConfig:
+        _check_async_save(self)
         return self
 
     @model_validator(mode="after")
@@ -136,6 +150,7 @@ class FinetuneConfig(TrainStageConfig):
         # the backends send the whole spec (defaults included): only non-default adapter settings conflict
         if self.method == "full" and "lora" in self.model_fields_set and self.lora != LoraConfig():
             raise ValueError("lora: adapter settings are set but method is full; use method: lora or remove lora")
+        _check_async_save(self)
         return self
 
 
@@ -263,6 +278,22 @@ class PreferenceConfig(TrainStageConfig):
                 )
             self.loss_spike = spike.model_copy(update={"action": "alert"})
 
+    @model_validator(mode="after")
+    def _reward_model(self) -> PreferenceConfig:
+        if self.method == "reward-model":
+            if self.eval.prompts or self.eval.harness_tasks:
+                raise ValueError(
+                    "eval: a reward model scores text, it does not answer prompts or run harness tasks; remove "
+                    "eval.prompts and eval.harnessTasks (or use method dpo)"
+                )
+            if self.reference is not None:
+                raise ValueError(
+                    "reference: method reward-model trains a Bradley-Terry reward model, which has no reference "
+                    "model; remove reference (or use method dpo)"
+                )
+        _check_async_save(self)
+        return self
+
 
 class QuantEval(StrictModel):
     data: InputRef | None = Field(
@@ -279,7 +310,11 @@ class QuantizeConfig(StrictModel):
     method: Literal["int8", "int4", "gptq", "awq"] = Field(
         default="int8", description="int8/int4: weight-only on any device; gptq/awq: need CUDA."
     )
-    group_size: int = Field(default=128, ge=8, le=8192, description="Group size of int4 quantization.")
+    group_size: int = Field(
+        default=128, ge=8, le=8192,
+        description="Weights per quantization group (int8, int4); gptq and awq use llm-compressor's W4A16 scheme, "
+                    "whose group size is 128.",
+    )
     evaluation: QuantEval = Field(default_factory=QuantEval, description="Perplexity before/after.")
     max_perplexity_increase: float = Field(
         default=0.05,
@@ -289,7 +324,25 @@ class QuantizeConfig(StrictModel):
     eval: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompts answered before and after.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the quantized model goes.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage settings.")
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_metrics(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "metrics" in data:
+            raise ValueError(
+                "metrics: a QuantizeJob serves no Prometheus metrics (it has no training steps to report; its "
+                "numbers are in status.results); remove metrics"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _group_size(self) -> QuantizeConfig:
+        if self.method in ("gptq", "awq") and "group_size" in self.model_fields_set and self.group_size != 128:
+            raise ValueError(
+                f"groupSize: {self.method} runs llm-compressor's W4A16 scheme, whose group size is 128; remove "
+                f"groupSize (or use method int4, which takes any group size)"
+            )
+        return self
 
 
 STAGE_CONFIGS: dict[str, type[StrictModel]] = {

@@ -51,6 +51,11 @@ class MoEConfig(StrictModel):
         return self
 
 
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size",
+                "max_position_embeddings", "rope_theta", "tie_word_embeddings", "initializer_range")
+"""The fields that build a fresh model; a ``source`` model brings its own."""
+
+
 class ModelConfig(StrictModel):
     """The causal LM to train: a Llama shape built from scratch, or a Hugging Face model.
 
@@ -103,6 +108,19 @@ class ModelConfig(StrictModel):
         if self.architecture != "mixtral":
             return None
         return self.moe or MoEConfig()
+
+    @model_validator(mode="after")
+    def _shape_or_source(self) -> ModelConfig:
+        if self.source is not None:
+            given = sorted(f for f in self.model_fields_set if f in SHAPE_FIELDS)
+            if given:
+                names = ", ".join(ModelConfig.model_fields[f].alias or f for f in given)
+                raise ValueError(
+                    f"{ModelConfig.model_fields[given[0]].alias or given[0]}: the shape fields ({names}) are not "
+                    "used when source is set (the source model's config.json decides); remove them, or remove "
+                    "source to build a fresh model of this shape"
+                )
+        return self
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
@@ -265,6 +283,11 @@ class TrainingConfig(StrictModel):
             raise ValueError(
                 "parallelism: tensor and pipeline layouts compose with FSDP2 only; set strategy: fsdp "
                 "(or remove parallelism)"
+            )
+        if self.compile and self.strategy == "deepspeed":
+            raise ValueError(
+                "compile: torch.compile is not applied under strategy deepspeed (its engine wraps the model); "
+                "use strategy ddp or fsdp, or remove compile"
             )
         per_micro = self.micro_batch_size * self.seq_len
         if self.global_batch_tokens % per_micro:
