@@ -281,7 +281,7 @@ class Scheduling(StrictModel):
                 f"queue: only Kueue and Volcano have queues, and gang is {self.gang}; remove queue or set gang to "
                 "kueue or volcano"
             )
-        if "schedule_timeout_seconds" in self.model_fields_set and self.gang != "coscheduling":
+        if self.schedule_timeout_seconds != 600 and self.gang != "coscheduling":
             raise ValueError(
                 f"scheduleTimeoutSeconds: only the coscheduling plugin's PodGroup has a schedule timeout, and gang "
                 f"is {self.gang}; remove it (Volcano and Kueue keep a gang queued until it fits)"

@@ -230,7 +230,7 @@ class Engine:
         self.use_autocast = self.precision.dtype is not None and not self.strategy.precision_in_params
         ckpt_uri = config.checkpoint.uri or st.join(config.output.uri or "", "checkpoints")
         self.checkpointer = Checkpointer(
-            ckpt_uri, self.store, env, config.checkpoint.keep, config.checkpoint.async_save,
+            ckpt_uri, self.store, env, config.checkpoint.keep, config.checkpoint.async_save is not False,
             config_hash(config), self.log,
         )
         self.detector = LossSpikeDetector(config.loss_spike)

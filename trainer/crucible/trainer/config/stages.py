@@ -57,8 +57,7 @@ class TrainStageConfig(StrictModel):
 
 
 def _check_async_save(config: TrainStageConfig) -> None:
-    if config.training.strategy == "deepspeed" and "async_save" in config.checkpoint.model_fields_set \
-            and config.checkpoint.async_save:
+    if config.training.strategy == "deepspeed" and config.checkpoint.async_save:
         raise ValueError(
             "checkpoint.asyncSave: DeepSpeed writes its checkpoint synchronously (save_checkpoint blocks), so "
             "asyncSave has no effect under strategy deepspeed; remove it (or set it to false)"
@@ -337,7 +336,7 @@ class QuantizeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _group_size(self) -> QuantizeConfig:
-        if self.method in ("gptq", "awq") and "group_size" in self.model_fields_set and self.group_size != 128:
+        if self.method in ("gptq", "awq") and self.group_size != 128:
             raise ValueError(
                 f"groupSize: {self.method} runs llm-compressor's W4A16 scheme, whose group size is 128; remove "
                 f"groupSize (or use method int4, which takes any group size)"

@@ -112,7 +112,8 @@ class ModelConfig(StrictModel):
     @model_validator(mode="after")
     def _shape_or_source(self) -> ModelConfig:
         if self.source is not None:
-            given = sorted(f for f in self.model_fields_set if f in SHAPE_FIELDS)
+            # by value, not by model_fields_set: a spec that went through JSON has every default set
+            given = sorted(f for f in SHAPE_FIELDS if getattr(self, f) != ModelConfig.model_fields[f].default)
             if given:
                 names = ", ".join(ModelConfig.model_fields[f].alias or f for f in given)
                 raise ValueError(
@@ -355,7 +356,11 @@ class CheckpointConfig(StrictModel):
         description="Steps between checkpoints, or auto (Young/Daly from save time and failure rate).",
     )
     keep: int = Field(default=3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
-    async_save: bool = Field(default=True, description="Write files in the background after a snapshot.")
+    async_save: bool | None = Field(
+        default=None,
+        description="Write files in the background after a snapshot; empty: yes, except under strategy deepspeed, "
+                    "whose checkpoints are written synchronously.",
+    )
     resume: Literal["auto", "never"] = Field(
         default="auto", description="auto: resume from the newest checkpoint whose manifest verifies."
     )
