@@ -294,7 +294,7 @@ class _Context:
             selector[res.node_pool_label] = res.node_pool
         if selector:
             pod["nodeSelector"] = selector
-        tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
+        tolerations = [_toleration(t) for t in res.tolerations]
         if role.gpus_per_node and not any(t.get("key") == "nvidia.com/gpu" for t in tolerations):
             tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
         if tolerations:
@@ -404,3 +404,8 @@ class _Context:
         return container
 
 
+def _toleration(t: Any) -> dict[str, Any]:
+    """A core/v1 toleration from the spec's (field by field: each one reaches the pod)."""
+    fields = (("key", t.key), ("operator", t.operator), ("value", t.value), ("effect", t.effect),
+              ("tolerationSeconds", t.toleration_seconds))
+    return {key: value for key, value in fields if value is not None}
