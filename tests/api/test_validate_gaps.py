@@ -196,7 +196,7 @@ IGNORED = [
     ("async-save-under-deepspeed", with_spec("checkpoint: {asyncSave: true}").replace(
         "{maxSteps: 10}", "{maxSteps: 10, strategy: deepspeed}"), "spec.checkpoint.asyncSave", "synchronously"),
     ("reward-model-reference", PREF + "  reference: {uri: /ref}\n", "spec.reference", "no reference model"),
-    ("reward-model-dpo", PREF + "  dpo: {beta: 0.5}\n", "spec.dpo", "no DPO settings"),
+    ("reward-model-dpo", PREF + "  dpo: {beta: 0.5}\n", "spec.dpo", "does not use dpo settings"),
     ("reward-model-prompts", PREF + "  eval: {prompts: [hi]}\n", "spec.eval", "does not answer prompts"),
 ]
 
