@@ -48,8 +48,10 @@ from crucible.operator.render import (
     torchrun_command,
 )
 from crucible.operator.render_cli import resolve_inputs
+from crucible.trainer.config.stages import KIND_TO_STAGE
 
 ENV_SPEC_JSON = "CRUCIBLE_SPEC_JSON"
+KIND_OF = {stage: kind for kind, stage in KIND_TO_STAGE.items()}  # "data" -> the DataPipeline kind, ...
 DEFAULT_STORAGE_ROOT = ".crucible/torchx"
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([KMGTPE]i?|m)?$")
 _FACTORS = {None: 1, "m": 1e-3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
@@ -157,7 +159,7 @@ def app(
     spec_path_value = spec_path[spec_path.index("--spec") + 1]
     roles: List[specs.Role] = []
     for role in the_plan.roles:
-        if the_plan.kind == "DataPipeline" and role.sharded:
+        if the_plan.kind == KIND_OF["data"] and role.sharded:
             if roles:  # the sharded pipeline's three stage roles are one torchx role (see the module docstring)
                 continue
             role = _single_data_role(role)
@@ -199,7 +201,7 @@ def data(
         env: extra environment, e.g. AWS_ACCESS_KEY_ID=...,AWS_SECRET_ACCESS_KEY=...
         max_retries: restarts the scheduler may make (the stage resumes where it stopped)
     """
-    return app(file, "DataPipeline", name, storage_root, image, python, 0, inputs, env, max_retries)
+    return app(file, KIND_OF["data"], name, storage_root, image, python, 0, inputs, env, max_retries)
 
 
 def pretrain(
@@ -224,7 +226,7 @@ def pretrain(
         env: extra environment, e.g. AWS_ACCESS_KEY_ID=...,AWS_SECRET_ACCESS_KEY=...
         max_retries: restarts the scheduler may make (training resumes from the last checkpoint)
     """
-    return app(file, "PretrainRun", name, storage_root, image, python, 0, inputs, env, max_retries)
+    return app(file, KIND_OF["pretrain"], name, storage_root, image, python, 0, inputs, env, max_retries)
 
 
 def finetune(
@@ -249,7 +251,7 @@ def finetune(
         env: extra environment, e.g. AWS_ACCESS_KEY_ID=...,AWS_SECRET_ACCESS_KEY=...
         max_retries: restarts the scheduler may make (training resumes from the last checkpoint)
     """
-    return app(file, "FinetuneRun", name, storage_root, image, python, 0, inputs, env, max_retries)
+    return app(file, KIND_OF["finetune"], name, storage_root, image, python, 0, inputs, env, max_retries)
 
 
 def preference(
@@ -274,7 +276,7 @@ def preference(
         env: extra environment, e.g. AWS_ACCESS_KEY_ID=...,AWS_SECRET_ACCESS_KEY=...
         max_retries: restarts the scheduler may make (training resumes from the last checkpoint)
     """
-    return app(file, "PreferenceRun", name, storage_root, image, python, 0, inputs, env, max_retries)
+    return app(file, KIND_OF["preference"], name, storage_root, image, python, 0, inputs, env, max_retries)
 
 
 def quantize(
@@ -299,11 +301,10 @@ def quantize(
         env: extra environment, e.g. AWS_ACCESS_KEY_ID=...,AWS_SECRET_ACCESS_KEY=...
         max_retries: restarts the scheduler may make
     """
-    return app(file, "QuantizeJob", name, storage_root, image, python, 0, inputs, env, max_retries)
+    return app(file, KIND_OF["quantize"], name, storage_root, image, python, 0, inputs, env, max_retries)
 
 
-COMPONENTS = {"DataPipeline": data, "PretrainRun": pretrain, "FinetuneRun": finetune, "PreferenceRun": preference,
-              "QuantizeJob": quantize}
+COMPONENTS = {KIND_OF[fn.__name__]: fn for fn in (data, pretrain, finetune, preference, quantize)}
 assert set(COMPONENTS) == set(KIND_MODELS), "a kind without a torchx component"
 
 
