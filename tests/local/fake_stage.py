@@ -10,6 +10,7 @@ and misbehaves on demand. FAKE_BEHAVIOUR is JSON: {run name: {key: value}} with 
   hang_at_step    stop making progress at this step (attempt 0 only)
   no_success      exit 0 without writing _SUCCESS
   step_seconds    time per step (default 0.02)
+  hold_at_step    before this step (attempt 0 only), wait until the file release_file exists
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def train(spec: dict, behaviour: dict, attempt: int) -> dict[str, object]:
     rank0 = os.environ.get("RANK", "0") == "0"
     loss = 5.0
     for step in range(start + 1, steps + 1):
+        if attempt == 0 and behaviour.get("hold_at_step") == step:
+            while not os.path.exists(behaviour["release_file"]):  # the test lets it go on when it is ready
+                time.sleep(0.05)
         if attempt == 0 and behaviour.get("kill_at_step") == step:
             os.kill(os.getpid(), signal.SIGKILL)
         if attempt == 0 and behaviour.get("crash_at_step") == step:
