@@ -47,7 +47,7 @@ $(SMOL_GGUF):
 
 demo-real: install $(SMOL_GGUF)
 	$(BIN)/crucible validate examples/real-model/
-	CRUCIBLE_CACHE_DIR=$(CURDIR)/.crucible/cache $(BIN)/crucible run examples/real-model/ --workdir .crucible/real-model
+	CRUCIBLE_CACHE_DIR=$(CURDIR)/.crucible/cache $(BIN)/crucible run examples/real-model/ --workdir .crucible/real-model --allow-prepare
 
 test: install
 	$(MAKE) lint typecheck pytest stress

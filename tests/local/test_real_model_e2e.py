@@ -108,4 +108,4 @@ def test_shortened_real_model_pipeline(tmp_path: Path) -> None:
     assert "The same questions" in report
 
 
-PREPARE_FLAG: list[str] = []
+PREPARE_FLAG = ["--allow-prepare"]  # the example's prepare.py links the GGUF and builds the corpus
