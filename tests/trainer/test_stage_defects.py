@@ -63,6 +63,6 @@ def test_new_model_shape_against_an_explicit_checkpoint_says_what_differs(shards
         wider.close()
         wider.close_metrics()
     message = str(err.value)
-    assert message.startswith("checkpoint.uri: ") and "(step 4)" in message
-    assert "size mismatch for" in message and "point checkpoint.uri at a new folder" in message
+    assert message.startswith("checkpoint.uri: ") and "checkpoints" in message
+    assert "mismatch" in message.lower() and "point checkpoint.uri at a new folder" in message
     assert classify(err.value)[0] == EXIT_BAD_INPUT

@@ -139,7 +139,7 @@ def data_parallel_size(config: TrainStageConfig, world_size: int) -> int:
 def _state_dict_mismatch(exc: BaseException) -> str | None:
     """The first line of a load_state_dict error about shapes or keys (None for other errors)."""
     text = str(exc)
-    for marker in ("size mismatch for", "Missing key(s)", "Unexpected key(s)"):
+    for marker in ("size mismatch for", "Size mismatch between", "Missing key(s)", "Unexpected key(s)"):
         at = text.find(marker)
         if at >= 0:
             line = text[at:].splitlines()[0].strip()
@@ -316,21 +316,23 @@ class Engine:
     def resume(self) -> int | None:
         if self.config.checkpoint.resume == "never":
             return None
-        found = self.checkpointer.latest_valid(self.strategy)
-        if found is None:
-            return None
-        ref, local = found
+        where = self.checkpointer.uri
         try:
+            found = self.checkpointer.latest_valid(self.strategy)
+            if found is None:
+                return None
+            ref, local = found
+            where = f"{ref.uri} (step {ref.step})"
             state = self.checkpointer.load(ref, local, self.strategy, self.config.training.seed)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # torch.load / DCP say it either way
             shape = _state_dict_mismatch(exc)
             if shape is None:
                 raise
             raise SpecError(
-                f"checkpoint.uri: {ref.uri} (step {ref.step}) was written by a model of another shape, so this "
-                f"spec cannot resume from it ({shape}). The model settings changed since those checkpoints were "
-                "written: to start fresh, point checkpoint.uri at a new folder (or delete the old checkpoints); "
-                "to resume, restore the model settings they were written with"
+                f"checkpoint.uri: {where} was written by a model of another shape, so this spec cannot resume "
+                f"from it ({shape}). The model settings changed since those checkpoints were written: to start "
+                "fresh, point checkpoint.uri at a new folder (or delete the old checkpoints); to resume, restore "
+                "the model settings they were written with"
             ) from exc
         self._restore(state)
         self.log(f"resumed from {ref.uri} (step {self.step}, {self.tokens} tokens)")
