@@ -212,36 +212,35 @@ def main() -> int:
             else [(d, w) for d in sizes for w in worker_counts])
     worker_counts = sorted({w for _, w in grid})
     for docs, workers in grid:
-        if True:
-            root = Path(args.dir or tempfile.mkdtemp(prefix="crucible-scale-")) / f"d{docs}-w{workers}"
+        root = Path(args.dir or tempfile.mkdtemp(prefix="crucible-scale-")) / f"d{docs}-w{workers}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        wall = time.perf_counter()
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for phase in ("runs", "links"):
+            rows[phase] = [run_child(phase, p, docs, workers, args, root) for p in range(workers)]
+            if phase == "runs":
+                disk = sum(f.stat().st_size for f in root.rglob("bucket-*.bin"))
+        rows["cluster"] = [run_child("cluster", 0, docs, workers, args, root)]
+        rows["readback"] = [run_child("readback", p, docs, workers, args, root) for p in range(workers)]
+        removed = json.loads((root / "removed-total.json").read_text())
+        ok = verify(root, docs, workers, args) if args.verify else None
+        rss = {ph: max(r["peak_rss_mib"] for r in rs) for ph, rs in rows.items()}
+        cpu = {ph: sum(r["cpu_s"] for r in rs) / docs * 1e6 for ph, rs in rows.items()}
+        res = {"docs": docs, "workers": workers, "docsPerWorker": docs // workers, "peakRssMiB": rss,
+               "cpuMicrosPerDoc": cpu, "removed": removed, "bucketBytes": disk, "kept_set_ok": ok,
+               "wallSeconds": time.perf_counter() - wall,
+               "perWorkerCpuMicrosPerDoc": {ph: max(r["cpu_s"] / max(r["docs"], 1) * 1e6 for r in rs)
+                                            for ph, rs in rows.items() if ph != "cluster"}}
+        results.append(res)
+        print(f"{docs:>11,} {workers:>7} {docs // workers:>11,} | {rss['runs']:>9.0f} {rss['links']:>9.0f} "
+              f"{rss['cluster']:>9.0f} {rss['readback']:>9.0f} | {cpu['runs']:>7.2f} {cpu['links']:>7.2f} "
+              f"{cpu['cluster']:>8.2f} {cpu['readback']:>6.2f} | {removed['removed']:>8,} "
+              f"{'' if ok is None else ('yes' if ok else 'NO')}", flush=True)
+        if not args.dir:
+            shutil.rmtree(root.parent, ignore_errors=True)
+        else:
             shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
-            wall = time.perf_counter()
-            rows: dict[str, list[dict[str, Any]]] = {}
-            for phase in ("runs", "links"):
-                rows[phase] = [run_child(phase, p, docs, workers, args, root) for p in range(workers)]
-                if phase == "runs":
-                    disk = sum(f.stat().st_size for f in root.rglob("bucket-*.bin"))
-            rows["cluster"] = [run_child("cluster", 0, docs, workers, args, root)]
-            rows["readback"] = [run_child("readback", p, docs, workers, args, root) for p in range(workers)]
-            removed = json.loads((root / "removed-total.json").read_text())
-            ok = verify(root, docs, workers, args) if args.verify else None
-            rss = {ph: max(r["peak_rss_mib"] for r in rs) for ph, rs in rows.items()}
-            cpu = {ph: sum(r["cpu_s"] for r in rs) / docs * 1e6 for ph, rs in rows.items()}
-            res = {"docs": docs, "workers": workers, "docsPerWorker": docs // workers, "peakRssMiB": rss,
-                   "cpuMicrosPerDoc": cpu, "removed": removed, "bucketBytes": disk, "kept_set_ok": ok,
-                   "wallSeconds": time.perf_counter() - wall,
-                   "perWorkerCpuMicrosPerDoc": {ph: max(r["cpu_s"] / max(r["docs"], 1) * 1e6 for r in rs)
-                                                for ph, rs in rows.items() if ph != "cluster"}}
-            results.append(res)
-            print(f"{docs:>11,} {workers:>7} {docs // workers:>11,} | {rss['runs']:>9.0f} {rss['links']:>9.0f} "
-                  f"{rss['cluster']:>9.0f} {rss['readback']:>9.0f} | {cpu['runs']:>7.2f} {cpu['links']:>7.2f} "
-                  f"{cpu['cluster']:>8.2f} {cpu['readback']:>6.2f} | {removed['removed']:>8,} "
-                  f"{'' if ok is None else ('yes' if ok else 'NO')}", flush=True)
-            if not args.dir:
-                shutil.rmtree(root.parent, ignore_errors=True)
-            else:
-                shutil.rmtree(root, ignore_errors=True)
 
     def spread(values: list[float]) -> float:
         mid = (max(values) + min(values)) / 2
