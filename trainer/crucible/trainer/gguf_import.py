@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -42,11 +41,9 @@ def cache_root() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from crucible.trainer.data.shards import sha256_file as streamed
+
+    return streamed(path)
 
 
 def source_record(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

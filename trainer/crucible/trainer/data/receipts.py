@@ -9,27 +9,19 @@ core locally, bounded by the object store's bandwidth on S3.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 from crucible.trainer.data.readers import InputFile
+from crucible.trainer.data.shards import sha256_file
 from crucible.trainer.storage import Storage, is_s3
-
-BLOCK = 1 << 22
 
 
 def file_receipt(uri: str, storage: Storage) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    size = 0
     if is_s3(uri):
         data = storage.read_bytes(uri)
-        digest.update(data)
-        size = len(data)
-    else:
-        with open(uri, "rb") as fh:
-            for block in iter(lambda: fh.read(BLOCK), b""):
-                digest.update(block)
-                size += len(block)
-    return {"uri": uri, "sha256": digest.hexdigest(), "size": size}
+        return {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return {"uri": uri, "sha256": sha256_file(uri), "size": os.path.getsize(uri)}
 
 
 def source_receipts(sources: list[Any], inputs: list[InputFile], storage: Storage) -> dict[str, dict[str, Any]]:
