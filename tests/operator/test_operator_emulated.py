@@ -257,7 +257,7 @@ def test_from_run_chain_of_all_five_kinds() -> None:
             c.trainer(name, total_steps=6, port=19410 + i, steps_per_second=12)
         ref = lambda kind, name: {"fromRun": {"kind": kind, "name": name}}  # noqa: E731
         objs = [
-            manifest("QuantizeJob", "q", quantize_spec(ref("PreferenceRun", "pr"), metrics={"port": 19414},
+            manifest("QuantizeJob", "q", quantize_spec(ref("PreferenceRun", "pr"),
                                                        evaluation={"data": ref("DataPipeline", "dp")}), namespace=None),
             manifest("PreferenceRun", "pr", preference_spec(ref("FinetuneRun", "ft"), metrics={"port": 19413},
                                                             failurePolicy=FAST), namespace=None),

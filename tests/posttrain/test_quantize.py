@@ -80,7 +80,8 @@ def test_perplexity_above_threshold_fails_naming_the_field(
     ("change", "code", "message"),
     [
         ({"groupSize": 48}, 2, "spec.groupSize: 48 does not divide"),
-        ({"method": "gptq"}, 2, "spec.method: gptq needs a CUDA GPU"),
+        ({"method": "gptq", "groupSize": 128}, 2, "spec.method: gptq needs a CUDA GPU"),
+            ({"method": "awq"}, 2, "spec.groupSize: awq runs llm-compressor's W4A16 scheme, whose group size is 128"),
         ({"evaluation": {"seqLen": 32}}, 2, "spec.evaluation.data is empty"),
         ({"output": {}}, 2, "spec.output.uri is empty"),
         ({"groupSize": 3}, 2, "spec.groupSize: Input should be greater than or equal to 8"),

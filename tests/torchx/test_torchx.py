@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from crucible.operator.render import POD_FILESYSTEM_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 TORCHX_PYTHON = REPO / ".venv-torchx" / "bin" / "python"
 API = "crucible.dev/v1alpha1"
@@ -66,8 +68,11 @@ def test_stages_as_torchx_apps_and_a_real_run_on_the_local_scheduler(tmp_path: P
             continue  # the replica id and the scheduler's rank-0 host stand in for the Job's index and DNS name
         assert flag.replace("/etc/crucible/spec.json", "") in base["script"], flag
     assert "--node-rank=${replica_id}" in base["script"]
-    job_env = {k: v for k, v in base["job_env"].items() if k != "CRUCIBLE_TERMINATION_LOG"}
-    assert {k: base["env"][k] for k in job_env} == job_env
+    # The pod's own paths (termination log, caches on its emptyDirs) stay with the Job; the rest is the role's.
+    pod_only = {"CRUCIBLE_TERMINATION_LOG", *POD_FILESYSTEM_ENV}
+    job_env = {k: v for k, v in base["job_env"].items() if k not in pod_only}
+    assert job_env and {k: base["env"].get(k) for k in job_env} == job_env
+    assert not pod_only & set(base["env"]), "a torchx role must not inherit the pod's HOME and cache paths"
     spec = json.loads(base["env"]["CRUCIBLE_SPEC_JSON"])
     assert spec["data"] == {"uri": f"{root}/default/datapipeline/corpus/output"}  # fromRun resolved as `crucible render` does
 

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,11 @@ from typing import Any
 import numpy as np
 
 from crucible.trainer.data.shards import ShardWriter
+
+# The worker scripts beside this file run under torchrun with only this folder on sys.path;
+# tests/waits.py (the suite's one time factor) must import there as it does under pytest.
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 from waits import scaled
 
 VOCAB = 128
@@ -72,6 +78,10 @@ def tiny_spec(data_dir: Path, out: Path, **overrides: Any) -> dict[str, Any]:
             spec[key] = {**spec[key], **value}
         else:
             spec[key] = value
+    if "source" in spec["model"]:  # the source model's config.json decides the shape
+        for shape in ("hiddenSize", "numLayers", "numHeads", "intermediateSize", "vocabSize", "maxPositionEmbeddings"):
+            if shape not in overrides.get("model", {}):
+                spec["model"].pop(shape, None)
     return spec
 
 

@@ -140,6 +140,14 @@ def torchrun_command(role: Role, argv: Sequence[str], *, node_rank: str, master_
     ]
 
 
+# Caches and temporary files of a pod go to its writable emptyDirs (the root filesystem is read-only).
+# Only the Job's pods need these; a torchx role runs wherever its scheduler puts it, with its own HOME.
+POD_FILESYSTEM_ENV: dict[str, str] = {
+    "HOME": HOME, "HF_HOME": f"{HOME}/.cache/huggingface", "TRITON_CACHE_DIR": f"{HOME}/.cache/triton",
+    "TORCH_EXTENSIONS_DIR": f"{HOME}/.cache/torch_extensions", "TMPDIR": "/tmp",
+}
+
+
 def role_environment(resource: Resource, plan: LaunchPlan, role: Role, settings: RenderSettings) -> dict[str, str]:
     """The plain environment variables of a role's processes (NCCL, the contract's CRUCIBLE_*, and
     RANK/WORLD_SIZE/... for single processes); the Job adds the pod fields and Secret references."""
@@ -346,10 +354,7 @@ class _Context:
 
     def env(self, role: Role) -> list[dict[str, Any]]:
         p = self.plan
-        # caches and temporary files go to the writable emptyDirs (the root filesystem is read-only)
-        env = {"HOME": HOME, "HF_HOME": f"{HOME}/.cache/huggingface", "TRITON_CACHE_DIR": f"{HOME}/.cache/triton",
-               "TORCH_EXTENSIONS_DIR": f"{HOME}/.cache/torch_extensions", "TMPDIR": "/tmp",
-               **role_environment(self.resource, p, role, self.settings)}
+        env = {**POD_FILESYSTEM_ENV, **role_environment(self.resource, p, role, self.settings)}
         env[ENV_TERMINATION_LOG] = TERMINATION_LOG
         out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(env.items())]
         out += [

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -87,6 +88,23 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
 
 
+_FIELD_PREFIX = re.compile(r"^([a-z][A-Za-z0-9]*(?:(?:\.[a-z][A-Za-z0-9]*)|\[\d+\])*): ")
+
+
+def _problem(loc: tuple[Any, ...], msg: str) -> str:
+    """One validation error as ``spec.<dotted field>: what to do``.
+
+    A model validator's error has the model as its location and names the field itself at the start of
+    its message (``groupSize: ...``); that name joins the location so every message names the full
+    dotted field the user wrote.
+    """
+    msg = msg.removeprefix("Value error, ")
+    named = _FIELD_PREFIX.match(msg)
+    if named:
+        return f"{_dotted(loc)}.{named.group(1)}: {msg[named.end():]}"
+    return f"{_dotted(loc)}: {msg}"
+
+
 def read_spec(
     stage: str,
     argv: list[str],
@@ -121,7 +139,7 @@ def read_spec(
     try:
         config = parse_stage_spec(stage, raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{_dotted(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        problems = "; ".join(_problem(e["loc"], e["msg"]) for e in exc.errors())
         raise SpecError(f"{args.spec}: {problems}") from exc
     if not isinstance(config, expected):  # pragma: no cover - parse_stage_spec's contract
         raise SpecError(f"{args.spec}: not a {expected.__name__} spec")
