@@ -77,6 +77,9 @@ class CapacityPlan:
     layout_memory_gib: float | None = None  # estimated peak memory per GPU of that layout
     suggested_layout: str | None = None
     suggested_memory_gib: float | None = None
+    memory: dict[str, Any] | None = None  # MemoryBreakdown.to_json() of the spec's setup, per GPU
+    gpu_memory_gib: float | None = None
+    memory_advice: str | None = None  # the field to change when it does not fit; None: it fits
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -143,6 +146,8 @@ def estimate(
     gpu_seconds = flops / (gpu.peak_bf16_flops * mfu)
     gpu_hours = gpu_seconds / 3600.0
     layout_fields = _layout_fields(spec, model, vocab, gpu) if model.source is None else {}
+    if model.source is None:
+        layout_fields.update(_memory_fields(spec, model, vocab, gpu, gpus))
     return CapacityPlan(
         name=name,
         parameters=total,
@@ -176,13 +181,37 @@ def _layout_fields(spec: Any, model: ModelConfig, vocab: int, gpu: Gpu) -> dict[
     world = res.nodes * res.gpus_per_node
     par = spec.training.parallelism
     mine = par.resolve(world) if par is not None else (1, world, 1, 1)
-    memory = layout_memory(model, vocab, spec.training, mine)
-    out["layout"], out["layout_memory_gib"] = memory.describe(), round(memory.total_gib, 1)
+    if spec.training.strategy == "fsdp":  # layouts compose with FSDP2 only; other strategies: the memory lines
+        memory = layout_memory(model, vocab, spec.training, mine)
+        out["layout"], out["layout_memory_gib"] = memory.describe(), round(memory.total_gib, 1)
     best = suggest_layout(model, vocab, spec.training, res.nodes, res.gpus_per_node,
                           GPU_MEMORY_GIB.get(gpu.name.lower(), 80))
     if best is not None:
         out["suggested_layout"], out["suggested_memory_gib"] = best.describe(), round(best.total_gib, 1)
     return out
+
+
+def _memory_fields(spec: Any, model: ModelConfig, vocab: int, gpu: Gpu, gpus: int) -> dict[str, Any]:
+    """Memory per GPU of the spec's strategy and layout on ``gpus`` GPUs, and what to change if it does not fit."""
+    from crucible.core.layout import GPU_MEMORY_GIB, fit_advice, memory_breakdown
+
+    res = getattr(spec, "resources", None)
+    if res is not None and not res.gpus_per_node:
+        return {}  # a CPU run: no GPU memory to plan
+    world = gpus
+    training = spec.training
+    if training.parallelism is not None:
+        try:
+            training.parallelism.resolve(world)
+        except ValueError:
+            return {}  # the layout does not match this world (validate says so)
+    capacity = GPU_MEMORY_GIB.get(gpu.name.lower(), 80)
+    advice = fit_advice(model, vocab, training, world, capacity)
+    return {
+        "memory": memory_breakdown(model, vocab, training, world).to_json(),
+        "gpu_memory_gib": float(capacity),
+        "memory_advice": None if advice is None else f"{advice[0]} (~{advice[1]:.1f} GiB per GPU)",
+    }
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -223,10 +252,26 @@ def render(plan: CapacityPlan, pue: float) -> str:
         f"  energy            {_num(plan.energy_kwh)} kWh (GPU board power {GPUS[plan.gpu.lower()].watts:.0f} W"
         + (f" × PUE {pue}" if pue != 1.0 else "") + ")",
     ]
+    if plan.memory is not None:
+        m = plan.memory
+        lines.append(f"  memory per GPU    ~{m['total']:.1f} GiB of {plan.gpu_memory_gib:.0f} on {plan.gpu} "
+                     f"({m['setup']}; estimate)")
+        lines.append(f"                    weights {m['parameters']:.1f} + gradients {m['gradients']:.1f} + optimizer "
+                     f"{m['optimizer']:.1f} + gathered {m['gathered']:.1f} + activations {m['activations']:.1f} GiB")
+        if "activationsWithCheckpointing" in m:
+            lines.append(f"                    activations with activationCheckpointing: {m['activationsWithCheckpointing']:.1f} GiB")
+        else:
+            lines.append(f"                    activations without activationCheckpointing: "
+                         f"{m['activationsWithoutCheckpointing']:.1f} GiB")
+        lines.append(f"                    checkpoint staging: {m['checkpointStagingHost']:.1f} GiB of host memory "
+                     "per GPU (asynchronous save)")
+        if plan.memory_advice:
+            lines.append(f"  does not fit      change {plan.memory_advice}")
     if plan.layout:
         lines.append(f"  layout            {plan.layout}: ~{plan.layout_memory_gib} GiB per GPU (estimate)")
     if plan.suggested_layout:
-        lines.append(f"  suggested layout  {plan.suggested_layout}: ~{plan.suggested_memory_gib} GiB per GPU")
+        lines.append(f"  suggested layout  {plan.suggested_layout}: ~{plan.suggested_memory_gib} GiB per GPU"
+                     + ("" if plan.layout else " (strategy fsdp with training.parallelism)"))
     elif plan.layout:
         lines.append("  suggested layout  none fits: add GPUs, set activationCheckpointing or lower microBatchSize")
     lines += [f"  note: {note}" for note in plan.notes]
