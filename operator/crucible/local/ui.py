@@ -28,6 +28,7 @@ class PlainUi:
         self.out = out or sys.stdout
         self._last: dict[str, float] = {}
         self._labels: dict[str, str] = {}
+        self._first: dict[str, tuple[float, int]] = {}  # when a run first reported progress, and how much
 
     def _print(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=self.out, flush=True)
@@ -40,21 +41,45 @@ class PlainUi:
 
     def start(self, key: str, label: str, total: int | None) -> None:
         self._labels[key] = label
+        self._first.pop(key, None)  # a restarted attempt measures its own rate
         self._last[key] = time.monotonic()
         self._print(f"{label}: started")
 
     def update(self, key: str, completed: int | None, total: int | None, detail: str) -> None:
         now = time.monotonic()
+        if completed is not None and key not in self._first:
+            self._first[key] = (now, completed)
         if now - self._last.get(key, 0.0) < PLAIN_EVERY:
             return
         self._last[key] = now
-        self._print(f"{self._labels.get(key, key)}: {detail}")
+        self._print(f"{self._labels.get(key, key)}: {self._position(key, completed, total, now)}{detail}")
+
+    def _position(self, key: str, completed: int | None, total: int | None, now: float) -> str:
+        """``30%, eta 3m10s · `` from the run's own rate since its first progress report (the detail
+        that follows has the step itself)."""
+        if completed is None or not total:
+            return ""
+        out = f"{100 * completed / total:.0f}%"
+        since, start = self._first.get(key, (now, completed))
+        if completed > start and now > since:
+            left = (total - completed) * (now - since) / (completed - start)
+            out += f", eta {_clock(left)}"
+        return out + " · "
 
     def finish(self, key: str, ok: bool, detail: str) -> None:
         self._print(f"{self._labels.get(key, key)}: {'done' if ok else 'FAILED'} {detail}")
 
     def close(self) -> None:
         pass
+
+
+def _clock(seconds: float) -> str:
+    whole = max(0, round(seconds))
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    if whole >= 60:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole}s"
 
 
 class RichUi:

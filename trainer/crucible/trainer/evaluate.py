@@ -212,6 +212,9 @@ def answer_prompts(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not prompts:
         return []
+    # a line in the stage's log, so progress displays show what the stage is doing (minutes on CPU)
+    print(f"[crucible eval] answering {len(prompts)} prompt{'s' if len(prompts) > 1 else ''} "
+          f"(greedy, up to {max_new_tokens} new tokens each)", file=sys.stderr, flush=True)
     encoded = [tokenizer(format_prompt(tokenizer, p, chat_template), add_special_tokens=False)["input_ids"]
                for p in prompts]
     width = max(len(ids) for ids in encoded)
