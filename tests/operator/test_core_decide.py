@@ -20,7 +20,8 @@ APP = Failure("application", f.APPLICATION_ERROR, "p-0 exited 1", (), "Traceback
 
 
 def situation(phase: str = "Pending", state: str = "absent", **kw) -> Situation:
-    status_fields = {k: kw.pop(k) for k in ("restarts", "attempt", "failedNodes", "conditions") if k in kw}
+    status_fields = {k: kw.pop(k) for k in ("restarts", "consecutiveRestarts", "attempt", "failedNodes", "conditions")
+                     if k in kw}
     return Situation(status=make_status(phase=phase, **status_fields), now=kw.pop("now", NOW),
                      attempt_state=state, policy=kw.pop("policy", POLICY), **kw)  # type: ignore[arg-type]
 
@@ -65,7 +66,7 @@ def test_application_failure_carries_log_lines() -> None:
 
 
 def test_restart_excludes_old_and_new_nodes_and_backs_off() -> None:
-    got = decide(situation("Running", "failed", failure=INFRA, restarts=1, failedNodes=["n0"]))
+    got = decide(situation("Running", "failed", failure=INFRA, restarts=1, consecutiveRestarts=1, failedNodes=["n0"]))
     assert got.excluded_nodes == ("n0", "n1")
     assert got.delay_seconds == 20
     keep = decide(situation("Running", "failed", failure=INFRA,
@@ -93,6 +94,34 @@ def test_restart_waits_for_backoff_then_starts_next_attempt_from_status() -> Non
     assert cond is not None and cond.last_transition_time == rfc3339(NOW + 30)
     assert decide(Situation(again, NOW + 45, "absent", POLICY)).action == "wait"
     assert decide(Situation(again, NOW + 50, "absent", POLICY)).action == "start"
+
+
+def test_backoff_resets_after_an_attempt_that_ran_a_healthy_period() -> None:
+    """Crash-looping attempts wait longer and longer; one that ran maxBackoffSeconds (25 s here) or
+    longer was healthy, so the restart after it waits backoffSeconds again (kubelet-style reset),
+    while status.restarts keeps counting every restart against maxRestarts."""
+    policy = FailurePolicy(max_restarts=10, backoff_seconds=10, max_backoff_seconds=25)
+    status = make_status(phase="Running", attempt=0)
+    t = NOW
+    delays = []
+    for ran in (2, 3, 4, 30, 2, 100):  # seconds each attempt ran before its node died
+        status = next_status(status, Decision(Transition.ATTEMPT_RUNNING, message="running"), now=t)
+        t += ran
+        restart = decide(Situation(status, t, "failed", policy, failure=INFRA))
+        assert restart.action == "restart"
+        status = next_status(status, restart, now=t)
+        delays.append(restart.delay_seconds)
+        # the backoff the Restarting phase waits is the one the restart announced
+        assert decide(Situation(status, t + restart.delay_seconds - 1, "absent", policy)).action == "wait"
+        resumed = decide(Situation(status, t + restart.delay_seconds, "absent", policy))
+        assert resumed.action == "start"
+        t += restart.delay_seconds
+        status = next_status(status, resumed, now=t)
+    assert delays == [10, 20, 25, 10, 20, 10]
+    assert status.restarts == 6 and status.consecutive_restarts == 1
+    # a status written before the field existed (no consecutiveRestarts) backs off from the base
+    legacy = make_status(phase="Running", restarts=5)
+    assert decide(Situation(legacy, NOW, "failed", policy, failure=INFRA)).delay_seconds == 10
 
 
 def test_status_lifecycle_and_single_write_on_change() -> None:

@@ -343,6 +343,11 @@ class RunStatus(BaseModel):
     progress: Progress = Field(default_factory=Progress, description="Training progress.")
     last_checkpoint: CheckpointRef | None = Field(default=None, description="Latest valid checkpoint.")
     restarts: int = Field(default=0, description="Restarts after infrastructure failures.")
+    consecutive_restarts: int = Field(
+        default=0,
+        description="Restarts since the last attempt that ran healthily (failurePolicy.maxBackoffSeconds or "
+                    "longer): the exponent of the restart backoff, so it resets after a healthy period.",
+    )
     failed_nodes: list[str] = Field(default_factory=list, description="Nodes excluded after failures.")
     output_uri: str | None = Field(default=None, alias="outputURI", description="Where the result is.")
     start_time: str | None = Field(default=None, description="When the first attempt started.")

@@ -27,8 +27,12 @@ FINISHED            none       the run is finished; nothing to do.
 What each transition does to the status, and its event, is the table
 :data:`crucible.core.transitions.TRANSITIONS`.
 Restart timing is kept in the status itself (the ``Restarting`` condition's
-lastTransitionTime plus :func:`backoff_seconds` of the restart count), so a restarted
-operator or runner carries on where it stopped.
+lastTransitionTime plus :func:`backoff_seconds` of ``status.consecutiveRestarts``), so a
+restarted operator or runner carries on where it stopped. The backoff resets after a healthy
+period, as the kubelet's CrashLoopBackOff does: an attempt that ran (``Running`` condition true)
+for ``failurePolicy.maxBackoffSeconds`` or longer before it failed was not crash-looping, so the
+restart after it waits ``backoffSeconds`` again instead of ``backoffSeconds × 2^restarts``.
+``status.restarts`` still counts every restart against ``maxRestarts``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from crucible.core.failure import APPLICATION, INFRASTRUCTURE, Failure
 from crucible.core.transitions import Action, Decision, Transition
 from crucible.trainer.config.common import FailurePolicy
 
-__all__ = ["Action", "AttemptState", "Decision", "Dependency", "Situation", "Transition", "backoff_seconds", "decide"]
+__all__ = ["Action", "AttemptState", "Decision", "Dependency", "Situation", "Transition", "backoff_seconds",
+           "consecutive_before", "decide", "healthy_seconds"]
 
 AttemptState = Literal["absent", "pending", "running", "succeeded", "failed"]
 
@@ -88,8 +93,22 @@ T = Transition
 
 
 def backoff_seconds(policy: FailurePolicy, restarts_before: int) -> float:
-    """Delay before restart number ``restarts_before + 1``: backoff × 2^n, capped."""
+    """Delay before the restart that follows ``restarts_before`` consecutive ones: backoff × 2^n, capped."""
     return float(min(policy.backoff_seconds * (2 ** min(restarts_before, 30)), policy.max_backoff_seconds))
+
+
+def healthy_seconds(policy: FailurePolicy) -> float:
+    """How long an attempt must have run for the restart after it to wait the base backoff again."""
+    return float(max(policy.max_backoff_seconds, policy.backoff_seconds, 1))
+
+
+def consecutive_before(s: Situation) -> int:
+    """The backoff exponent of the restart decided now: 0 after an attempt that ran a healthy period."""
+    running = st.find_condition(s.status.conditions, st.RUNNING)
+    since = st.parse_time(running.last_transition_time) if running is not None and running.status == "True" else None
+    if since is not None and s.now - since >= healthy_seconds(s.policy):
+        return 0
+    return s.status.consecutive_restarts
 
 
 def decide(s: Situation) -> Decision:
@@ -121,7 +140,7 @@ def decide(s: Situation) -> Decision:
                                          f"attempt {status.attempt} disappeared while running"))
     if status.phase == "Restarting":
         since = st.restarting_since(status)
-        due = (since or s.now) + backoff_seconds(s.policy, max(status.restarts - 1, 0))
+        due = (since or s.now) + backoff_seconds(s.policy, max(status.consecutive_restarts - 1, 0))
         if s.now < due:
             return Decision(T.BACKOFF, message=f"restart {status.restarts} in {due - s.now:.0f}s",
                             attempt=status.attempt, delay_seconds=due - s.now)
@@ -178,12 +197,14 @@ def _after_failure(s: Situation, failure: Failure) -> Decision:
     excluded = set(status.failed_nodes)
     if s.policy.exclude_failed_nodes:
         excluded |= set(failure.nodes)
+    streak = consecutive_before(s)
     return Decision(
         T.RESTART,
         failure.reason,
         failure.message,
         attempt=status.attempt + 1,
-        delay_seconds=backoff_seconds(s.policy, status.restarts),
+        delay_seconds=backoff_seconds(s.policy, streak),
         excluded_nodes=tuple(sorted(excluded)),
         failure=failure,
+        consecutive_restarts=streak + 1,
     )

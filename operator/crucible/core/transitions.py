@@ -57,6 +57,8 @@ class Decision:
     excluded_nodes: tuple[str, ...] = ()
     failure: Failure | None = None
     inputs: Mapping[str, str] = field(default_factory=dict)
+    consecutive_restarts: int | None = None
+    """RESTART: the run's ``status.consecutiveRestarts`` after it (the backoff exponent + 1)."""
 
     def __post_init__(self) -> None:
         if not self.reason:
@@ -138,6 +140,8 @@ def _restart(c: _Change) -> None:
     d = c.decision
     c.s.phase = "Restarting"
     c.s.restarts += 1
+    c.s.consecutive_restarts = (d.consecutive_restarts if d.consecutive_restarts is not None
+                              else c.s.consecutive_restarts + 1)
     c.s.attempt = d.attempt
     c.s.failed_nodes = list(d.excluded_nodes)
     c.s.message = f"{d.reason}: {d.message}"
