@@ -48,6 +48,14 @@ BAD_LAYOUTS = [
      "spec.model.moe.topK", "exceeds numExperts"),
     ("moe-width", pretrain("{pipeline: 2}", model="{architecture: mixtral, intermediateSize: 128, moe: {everyNLayers: 2, expertIntermediateSize: 64}}"),
      "spec.model.moe.expertIntermediateSize", "must equal the dense MLP width (128)"),
+    ("expert-vs-experts", pretrain("{expert: 3}", model="{architecture: mixtral, moe: {numExperts: 8}}",
+                                   resources="{nodes: 1, gpusPerNode: 6, nodePool: g}"),
+     "spec.training.parallelism.expert", "must divide model.moe.numExperts (8)"),
+    ("expert-vs-shard", pretrain("{expert: 4, dataShard: 2, pipeline: 4}", model="{architecture: mixtral, moe: {numExperts: 8}}"),
+     "spec.training.parallelism.expert", "must divide dataShard (2)"),
+    ("expert-dense", pretrain("{expert: 2}"), "spec.training.parallelism.expert", "set model.architecture: mixtral"),
+    ("expert-tensor", pretrain("{expert: 2, tensor: 2}", model="{numHeads: 8, hiddenSize: 64, architecture: mixtral}"),
+     "spec.training.parallelism.tensor", "not tensor-parallel"),
 ]
 
 
@@ -66,6 +74,9 @@ def test_a_good_layout_validates(tmp_path: Path) -> None:
     path = tmp_path / "good.yaml"
     path.write_text(pretrain("{tensor: 4, pipeline: 2}"))
     assert main(["validate", str(path)]) == 0
+    moe = tmp_path / "expert.yaml"  # EP 4 inside dataShard 4, beside pipeline 2
+    moe.write_text(pretrain("{expert: 4, pipeline: 2}", model="{architecture: mixtral, moe: {numExperts: 8}}"))
+    assert main(["validate", str(moe)]) == 0
 
 
 def test_plan_of_the_70b_example(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:

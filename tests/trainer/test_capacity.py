@@ -158,3 +158,23 @@ spec:
     assert crucible(["plan", str(path), "--json"]) == 0
     (plan,) = json.loads(capsys.readouterr().out)
     assert plan["memory"]["total"] < 0.85 * 80 and plan["memory_advice"] is None
+
+
+def test_expert_parallel_memory_gathers_only_own_experts() -> None:
+    """EP keeps the (already FSDP-sharded) model states per GPU; FSDP gathers 1/EP of each block's experts."""
+    from crucible.core.layout import GIB, expert_parameters, layout_memory, memory_breakdown, model_parameters
+
+    cfg = ModelConfig.model_validate({"hiddenSize": 1024, "numLayers": 8, "numHeads": 16, "vocabSize": 32000,
+                                      "architecture": "mixtral", "moe": {"numExperts": 8, "topK": 2}})
+    plain = memory_breakdown(cfg, 32000, _training(strategy="fsdp", parallelism={}), world=16)
+    ep = memory_breakdown(cfg, 32000, _training(strategy="fsdp", parallelism={"expert": 8}), world=16)
+    states = lambda m: m.parameters_gib + m.gradients_gib + m.optimizer_gib  # noqa: E731
+    assert states(ep) == pytest.approx(states(plain)) and "expert parallel 8" in ep.setup
+    total, _, _ = model_parameters(cfg, 32000)
+    experts = expert_parameters(cfg)
+    assert experts == 8 * 8 * 3 * 1024 * 2752  # 8 blocks × 8 experts × SwiGLU of the dense width
+    block = lambda e: (total - 2 * 32000 * 1024 - experts * (1 - 1 / e)) / 8  # noqa: E731
+    assert plain.gathered_gib * GIB == pytest.approx(2 * 2 * block(1))  # bf16, two blocks
+    assert ep.gathered_gib * GIB == pytest.approx(2 * 2 * block(8))
+    spec = _training(strategy="fsdp", parallelism={"expert": 8})
+    assert layout_memory(cfg, 32000, spec, (1, 16, 1, 1)).describe().endswith("(expert 8)")

@@ -12,6 +12,12 @@ Memory per GPU (bf16 compute with fp32 master weights, as the trainer runs on CU
   input), for the blocks of a stage times the micro-batches 1F1B keeps in flight on the first
   stage (``pipeline``), plus the fp32 logits of one micro-batch on the last stage (``4·s·b·V / t``).
 
+Expert parallelism (``parallelism.expert`` = EP) leaves the model states per GPU as they are —
+the experts were already sharded over ``dataShard`` by FSDP; with EP each rank holds
+numExperts / EP whole experts, FSDP-sharded over dataShard / EP ranks: the same bytes — but FSDP
+gathers only a rank's own experts, so the experts' share of the gathered blocks is divided by EP
+(and the routed tokens travel by all-to-all instead of all experts' weights by all-gather).
+
 It is an estimate for choosing a layout (allocator slack, NCCL buffers and fragmentation come on
 top: keep ~10–15% free), not a promise.
 """
@@ -63,12 +69,33 @@ def model_parameters(model: ModelConfig, vocab: int) -> tuple[int, int, int]:
     return total_body + embedding + output, active_body + embedding + output, active_body + vocab * d
 
 
+def expert_parameters(model: ModelConfig) -> int:
+    """Parameters of all MoE experts (router excluded): the part expert parallelism splits."""
+    moe = model.moe_config
+    if moe is None:
+        return 0
+    blocks = sum(1 for i in range(model.num_layers) if (i + 1) % moe.every_n_layers == 0)
+    return blocks * moe.num_experts * 3 * model.hidden_size * (moe.expert_intermediate_size or dense_width(model))
+
+
+def _expert_degree(training: Any) -> int:
+    par = getattr(training, "parallelism", None)
+    return int(getattr(par, "expert", 1) or 1) if par is not None else 1
+
+
+def _gathered_block(model: ModelConfig, total: int, vocab: int, expert: int) -> float:
+    """Parameters FSDP gathers for one block (on average), the experts counted 1/expert."""
+    experts = expert_parameters(model)
+    return (total - 2 * vocab * model.hidden_size - experts * (1 - 1 / expert)) / max(model.num_layers, 1)
+
+
 @dataclass(frozen=True)
 class LayoutMemory:
     layout: tuple[int, int, int, int]  # (dataReplicate, dataShard, pipeline, tensor)
     states_gib: float
     gathered_gib: float
     activations_gib: float
+    expert: int = 1
 
     @property
     def total_gib(self) -> float:
@@ -76,23 +103,27 @@ class LayoutMemory:
 
     def describe(self) -> str:
         r, s, p, t = self.layout
-        return f"dataReplicate {r} × dataShard {s} × pipeline {p} × tensor {t}"
+        return f"dataReplicate {r} × dataShard {s} × pipeline {p} × tensor {t}" + (
+            f" (expert {self.expert})" if self.expert > 1 else "")
 
 
-def layout_memory(model: ModelConfig, vocab: int, training: Any, layout: tuple[int, int, int, int]) -> LayoutMemory:
-    """Estimated peak memory per GPU of ``layout`` for this model and ``training`` (a TrainingConfig)."""
+def layout_memory(model: ModelConfig, vocab: int, training: Any, layout: tuple[int, int, int, int],
+                  expert: int | None = None) -> LayoutMemory:
+    """Estimated peak memory per GPU of ``layout`` for this model and ``training`` (a TrainingConfig);
+    ``expert``: the expert-parallel degree (None: ``training.parallelism.expert``)."""
     _, shard, pipeline, tensor = layout
+    expert = _expert_degree(training) if expert is None else expert
     total, _, _ = model_parameters(model, vocab)
     per_rank = total / (tensor * pipeline)
     states = 16.0 * per_rank / shard
-    block = (total - 2 * vocab * model.hidden_size) / max(model.num_layers, 1)
+    block = _gathered_block(model, total, vocab, expert)
     gathered = 2 * 2.0 * block / tensor  # bf16, the computing block and the prefetched one
     s, b, h = training.seq_len, training.micro_batch_size, model.hidden_size
     per_block = (2.0 if training.activation_checkpointing else 34.0) * s * b * h / tensor
     blocks_per_stage = -(-model.num_layers // pipeline)
     in_flight = pipeline if pipeline > 1 else 1
     activations = per_block * blocks_per_stage * in_flight + 4.0 * s * b * vocab / tensor
-    return LayoutMemory(layout, states / GIB, gathered / GIB, activations / GIB)
+    return LayoutMemory(layout, states / GIB, gathered / GIB, activations / GIB, expert)
 
 
 def _divisors(n: int) -> list[int]:
@@ -118,7 +149,7 @@ def suggest_layout(model: ModelConfig, vocab: int, training: Any, nodes: int, gp
             if pipeline > model.num_layers or (pipeline > 1 and model.tie_word_embeddings):
                 continue
             shard = world // (tensor * pipeline)
-            estimate = layout_memory(model, vocab, training, (1, shard, pipeline, tensor))
+            estimate = layout_memory(model, vocab, training, (1, shard, pipeline, tensor), expert=1)
             if estimate.total_gib <= headroom * gpu_memory_gib:
                 options.append((tensor * pipeline, pipeline, estimate))
     if not options:
@@ -196,7 +227,8 @@ def memory_breakdown(model: ModelConfig, vocab: int, training: Any, world: int) 
     if training.strategy == "fsdp" and training.parallelism is not None:
         _, shard, pipeline, tensor = training.parallelism.resolve(world)
     per_rank = total / (tensor * pipeline)
-    block = (total - 2 * vocab * model.hidden_size) / max(model.num_layers, 1) / tensor
+    expert = _expert_degree(training) if training.strategy == "fsdp" else 1
+    block = _gathered_block(model, total, vocab, expert) / tensor
     gathered = 0.0
     if training.strategy == "ddp":
         params, grads, optim = 4.0 * per_rank, 4.0 * per_rank, 8.0 * per_rank
@@ -208,6 +240,7 @@ def memory_breakdown(model: ModelConfig, vocab: int, training: Any, world: int) 
         gathered = 2 * (2.0 if low else 4.0) * block  # the computing block and the prefetched one
         staging = 12.0 * per_rank / shard
         setup = f"fsdp, {shard}-way sharded" + (f" × pipeline {pipeline} × tensor {tensor}" if tensor * pipeline > 1 else "")
+        setup += f", expert parallel {expert}" if expert > 1 else ""
     else:
         stage = training.zero_stage
         weight_bytes = 2.0 if low else 4.0

@@ -420,7 +420,11 @@ class Engine:
         if self.moe_experts:
             from crucible.trainer.moe import take_stats
 
-            parts.append(take_stats(self.strategy.module, self.moe_experts, self.env.device) * w)
+            # every pipeline stage's blocks count, once per data-parallel rank (the tensor leader)
+            moe_w = float(getattr(self.strategy, "moe_report_weight", w))
+            holders = getattr(self.strategy, "stages", None) or [self.strategy.module]
+            stats = torch.stack([take_stats(m, self.moe_experts, self.env.device) for m in holders]).sum(0)
+            parts.append(stats * moe_w)
         packed = torch.cat(parts)
         if self.env.world_size > 1:
             torch.distributed.all_reduce(packed)

@@ -22,11 +22,23 @@ output carries them through :class:`_AttachAuxLoss` (identity forward, adds d(au
 backward), so the same model trains unchanged under DDP, FSDP2 and pipeline schedules. Each block
 counts tokens per expert, dropped assignments and its auxiliary loss; :func:`take_stats` reads and
 resets the counters after a step.
+
+**Expert parallel** (``training.parallelism.expert`` = EP, set up by
+:func:`crucible.trainer.parallel.expert.expert_parallel`): each rank of an EP group holds experts
+``[r·E/EP, (r+1)·E/EP)`` (a DTensor ``Shard(0)`` over the ``ep`` mesh). Routing, capacity and
+the counters stay on the token's own rank (so the math is the same as without EP: capacity per
+rank and micro-batch); the kept assignments are sorted by expert, the per-expert counts exchanged
+(one all-to-all of E integers), the tokens sent to their expert's owner (``all_to_all_single``
+with those splits, dispatch), computed there grouped by local expert, sent back (combine) and
+weighted into the output. :class:`_AllToAll` is differentiable: its backward is the reverse
+exchange, so expert gradients land on the owner and token gradients on the source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,6 +63,33 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, aux_grad, None
 
 
+class _AllToAll(torch.autograd.Function):
+    """Rows of ``x`` (split ``send`` per peer) to the peers of ``group``; ``recv`` rows arrive from each."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        import torch.distributed as dist
+
+        out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
+                               group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+    out: torch.Tensor = _AllToAll.apply(x, send, recv, group)
+    return out
+
+
 class MoERouter(nn.Module):
     def __init__(self, hidden: int, experts: int) -> None:
         super().__init__()
@@ -62,6 +101,22 @@ class MoEExperts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows of ``x`` grouped by expert (``counts[e]`` rows for this module's e-th expert) through
+        their experts. Used under expert parallelism, where the weights are this rank's experts (a
+        DTensor over the ``ep`` mesh) and FSDP gathers them around this call."""
+        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        outs = []
+        for e, rows in enumerate(x.split(counts)):  # an expert without rows still joins the graph: every
+            g, u = F.linear(rows, gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(g) * u, down[e]))  # rank has expert gradients for FSDP to reduce
+        return torch.cat(outs)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 class MoEBlock(nn.Module):
@@ -78,6 +133,11 @@ class MoEBlock(nn.Module):
         self.experts = MoEExperts(hidden, intermediate, cfg.num_experts)
         #: d(total loss)/d(aux loss): 1/gradient-accumulation steps, set by the engine
         self.aux_grad_scale = 1.0
+        #: expert parallel: the EP process group, its size and this rank's place (set by expert_parallel)
+        self.ep_group: Any = None
+        self.ep_size, self.ep_rank = 1, 0
+        #: off while a pipeline stage infers its shapes (a forward that is not training)
+        self.counting = True
         self._stats: dict[str, torch.Tensor] = {}
 
     def init_weights(self, std: float) -> None:
@@ -104,22 +164,51 @@ class MoEBlock(nn.Module):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])  # (N, H)
         logits, top_w, top_i, kept = self.route(flat)
-        out = torch.zeros_like(flat)
-        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
-        for e in range(self.num_experts):
-            token, slot = torch.where((top_i == e) & kept)
-            if token.numel() == 0:
-                continue
-            g, u = F.linear(flat[token], gate_up[e]).chunk(2, dim=-1)  # (n_e, I) each
-            y = F.linear(F.silu(g) * u, down[e])  # (n_e, H)
-            out.index_add_(0, token, y * top_w[token, slot, None])
+        if self.ep_size > 1:
+            out = self._experts_parallel(flat, top_w, top_i, kept)
+        else:
+            out = torch.zeros_like(flat)
+            gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+            for e in range(self.num_experts):
+                token, slot = torch.where((top_i == e) & kept)
+                if token.numel() == 0:
+                    continue
+                g, u = F.linear(flat[token], gate_up[e]).chunk(2, dim=-1)  # (n_e, I) each
+                y = F.linear(F.silu(g) * u, down[e])  # (n_e, H)
+                out.index_add_(0, token, y * top_w[token, slot, None])
         out = out.reshape(shape)
         if self.training and torch.is_grad_enabled():
             aux = self._aux_loss(logits, top_i)
             if aux is not None:
                 out = _AttachAuxLoss.apply(out, aux, self.aux_grad_scale)
-            self._count(top_i, kept, aux)
+            if self.counting:
+                self._count(top_i, kept, aux)
         return out
+
+    def _experts_parallel(self, flat: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor,
+                          kept: torch.Tensor) -> torch.Tensor:
+        """Dispatch the kept assignments to their experts' owners, compute there, combine back."""
+        import torch.distributed as dist
+
+        ep, local = self.ep_size, self.num_experts // self.ep_size
+        token, slot = torch.where(kept)
+        expert = top_i[token, slot]
+        order = torch.argsort(expert, stable=True)  # grouped by expert, so by owner
+        token, slot, expert = token[order], slot[order], expert[order]
+        counts = torch.bincount(expert, minlength=self.num_experts)  # (E,) this rank's assignments per expert
+        arriving = torch.empty_like(counts)  # [peer, local expert]: what each peer sends to my experts
+        dist.all_to_all_single(arriving, counts, group=self.ep_group)
+        send = counts.view(ep, local).sum(1).tolist()
+        arriving = arriving.view(ep, local)
+        recv = arriving.sum(1).tolist()
+        x = all_to_all(flat[token], send, recv, self.ep_group)  # (Σ recv, H), by peer then local expert
+        local_expert = torch.repeat_interleave(torch.arange(local, device=flat.device).repeat(ep), arriving.flatten())
+        by_expert = torch.argsort(local_expert, stable=True)
+        y = self.experts(x[by_expert], arriving.sum(0).tolist())
+        y = torch.empty_like(y).index_copy(0, by_expert, y)  # back to the arrival order
+        y = all_to_all(y, recv, send, self.ep_group)  # (Σ send, H), in the order sent
+        out = torch.zeros_like(flat)
+        return out.index_add(0, token, y * top_w[token, slot, None])
 
     def _aux_loss(self, logits: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor | None:
         terms = []
@@ -152,6 +241,19 @@ class MoEBlock(nn.Module):
 
 def moe_blocks(module: nn.Module) -> list[MoEBlock]:
     return [m for m in module.modules() if isinstance(m, MoEBlock)]
+
+
+@contextlib.contextmanager
+def counting_paused(module: nn.Module) -> Iterator[None]:
+    """No MoE counters from the forwards inside (e.g. a pipeline stage's shape inference)."""
+    blocks = moe_blocks(module)
+    for block in blocks:
+        block.counting = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.counting = True
 
 
 def stats_width(num_experts: int) -> int:

@@ -189,6 +189,17 @@ class ParallelismConfig(StrictModel):
     data_replicate: int = Field(
         default=1, ge=1, le=65536, description="Replicas of the shard group (HSDP); 1: plain FSDP."
     )
+    expert: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description=(
+            "Expert-parallel degree (mixture of experts): each group of this many consecutive dataShard "
+            "ranks splits every MoE block's experts (numExperts / expert each) and exchanges the routed "
+            "tokens with all-to-all; the experts are FSDP-sharded over the remaining data-parallel ranks "
+            "only. Must divide model.moe.numExperts and dataShard; 1: every rank holds every expert."
+        ),
+    )
     pipeline_schedule: Literal["1f1b", "interleaved-1f1b"] = Field(
         default="1f1b",
         description=(
@@ -225,6 +236,11 @@ class ParallelismConfig(StrictModel):
                     f"{shard} × {self.pipeline} × {self.tensor} = {model_par * shard}, but the world has "
                     f"{world_size} ranks (resources.nodes × gpusPerNode); make them equal or leave dataShard empty"
                 )
+        if shard % self.expert:
+            raise ValueError(
+                f"parallelism.expert: {self.expert} must divide dataShard ({shard}); an expert-parallel group "
+                "is that many ranks of one FSDP shard group"
+            )
         return self.data_replicate, shard, self.pipeline, self.tensor
 
 
@@ -323,6 +339,18 @@ def check_layout_fits_model(training: TrainingConfig, model: ModelConfig) -> Non
         raise ValueError(
             "training.parallelism.tensor: mixture-of-experts blocks are not tensor-parallel; use pipeline "
             "and data parallelism (tensor: 1) for architecture mixtral"
+        )
+    moe = model.moe_config
+    if par.expert > 1 and moe is None:
+        raise ValueError(
+            f"training.parallelism.expert: {par.expert} needs mixture-of-experts blocks; set "
+            "model.architecture: mixtral, or expert: 1"
+        )
+    if par.expert > 1 and moe is not None and moe.num_experts % par.expert and (
+            model.source is None or "num_experts" in moe.model_fields_set):
+        raise ValueError(
+            f"training.parallelism.expert: {par.expert} must divide model.moe.numExperts ({moe.num_experts}); "
+            "each expert-parallel rank holds numExperts / expert whole experts"
         )
     chunks = par.pipeline * par.stages_per_rank
     if chunks > 1 and model.source is None and chunks > model.num_layers:

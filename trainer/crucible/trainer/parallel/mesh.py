@@ -6,6 +6,13 @@ ranks, which ``crucible validate`` keeps inside one node (``tensor`` divides gpu
 its per-layer all-reduces ride NVLink. Pipeline neighbours are ``tensor`` ranks apart — with
 ``tensor = gpusPerNode`` on the next node — and exchange one activation per micro-batch; the
 FSDP shard group and the replicas are the outer dimensions.
+
+Expert parallelism (``expert = E`` > 1) splits the shard dimension S into ``dp_shard_mod_ep``
+(S / E, outer) × ``ep`` (E, inner): an expert-parallel group is E shard-neighbours (with
+tensor = pipeline = 1, E consecutive ranks, inside a node when E divides gpusPerNode), and the
+flattened ``dp_shard`` the dense parameters shard over is the same ranks in the same order as
+without EP. Expert weights shard over ``ep`` (whole experts) and FSDP over
+(dp_replicate ×) ``dp_shard_mod_ep``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ class Layout:
     pipeline: int
     tensor: int
     stages_per_rank: int = 1
+    expert: int = 1
 
     @property
     def world_size(self) -> int:
@@ -51,7 +59,12 @@ class Layout:
 
     def describe(self) -> str:
         return (f"dataReplicate {self.replicate} × dataShard {self.shard} × pipeline {self.pipeline} × "
-                f"tensor {self.tensor}")
+                f"tensor {self.tensor}" + (f" (expert {self.expert})" if self.expert > 1 else ""))
+
+    def expert_coordinates(self, rank: int) -> tuple[int, int]:
+        """(group index over dp_shard_mod_ep, rank inside the expert-parallel group)."""
+        s = self.coordinates(rank)["dp_shard"]
+        return s // self.expert, s % self.expert
 
 
 def resolve_layout(par: ParallelismConfig | None, world_size: int, local_world_size: int) -> Layout:
@@ -67,14 +80,29 @@ def resolve_layout(par: ParallelismConfig | None, world_size: int, local_world_s
             f"training.parallelism.tensor: {tensor} does not divide the {local_world_size} processes per node "
             "(LOCAL_WORLD_SIZE); a tensor-parallel group must stay inside one node"
         )
-    return Layout(replicate, shard, pipeline, tensor, par.stages_per_rank)
+    return Layout(replicate, shard, pipeline, tensor, par.stages_per_rank, par.expert)
 
 
 def build_mesh(layout: Layout, device_type: str) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = (layout.replicate, layout.shard, layout.pipeline, layout.tensor)
-    return init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
+    if layout.expert == 1:
+        shape = (layout.replicate, layout.shard, layout.pipeline, layout.tensor)
+        return init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
+    shape5 = (layout.replicate, layout.shard // layout.expert, layout.expert, layout.pipeline, layout.tensor)
+    mesh = init_device_mesh(device_type, shape5, mesh_dim_names=EXPERT_DIMS)
+    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    if layout.replicate > 1:
+        mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp_replicate_shard")
+    return mesh
+
+
+EXPERT_DIMS = ("dp_replicate", "dp_shard_mod_ep", "ep", "pp", "tp")
+
+
+def expert_data_mesh(mesh: Any, layout: Layout) -> Any:
+    """The FSDP2 mesh of the expert weights: (replicate, dp_shard_mod_ep), or dp_shard_mod_ep."""
+    return mesh["dp_replicate", "dp_shard_mod_ep"] if layout.replicate > 1 else mesh["dp_shard_mod_ep"]
 
 
 def data_mesh(mesh: Any, layout: Layout) -> Any:

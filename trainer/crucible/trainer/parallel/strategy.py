@@ -31,7 +31,9 @@ from torch import nn
 from crucible.trainer.config.training import OptimizerConfig, TrainingConfig
 from crucible.trainer.distributed import DistEnv, Strategy, _detached_copy
 from crucible.trainer.faults import SpecError
+from crucible.trainer.moe import MoEBlock, counting_paused
 from crucible.trainer.optim import build_adamw, set_lr
+from crucible.trainer.parallel.expert import clip_, expert_parallel, shard_experts, total_norm
 from crucible.trainer.parallel.llama import (
     LlamaStage,
     WholeModel,
@@ -81,6 +83,8 @@ class ParallelStrategy(Strategy):
             stage.to(env.device)
             if layout.tensor > 1:
                 tensor_parallel(stage, self.mesh["tp"])
+            if layout.expert > 1:
+                expert_parallel(stage, self.mesh, layout)
             if layout.data_size > 1:
                 self._shard(stage)
             self.stages.append(stage)
@@ -91,6 +95,8 @@ class ParallelStrategy(Strategy):
         self.has_first = any(stage.first for stage in self.stages)
         #: whether this rank's loss/token counts are reported (once per data-parallel rank)
         self.report_weight = 1.0 if (self.tp_rank == 0 and self.has_last) else 0.0
+        #: MoE counters live in every stage's blocks: each rank reports its own once per tensor group
+        self.moe_report_weight = 1.0 if self.tp_rank == 0 else 0.0
         self.model = WholeModel(self.stages[0]) if not self.pipelined else None
         self.schedule = self._schedule(grad_accum) if self.pipelined else None
 
@@ -102,6 +108,9 @@ class ParallelStrategy(Strategy):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             self.precision_in_params = True
         for layer in stage.model.layers.values():
+            if self.layout.expert > 1 and isinstance(layer.mlp, MoEBlock):
+                shard_experts(layer.mlp, self.mesh, self.layout,
+                              **{k: v for k, v in kwargs.items() if k != "mesh"})
             fully_shard(layer, **kwargs)
         fully_shard(stage, **kwargs)
 
@@ -112,6 +121,8 @@ class ParallelStrategy(Strategy):
         chunks = self.layout.pipeline * self.layout.stages_per_rank
         pipeline_stages: list[Any] = [PipelineStage(stage, c, chunks, self.env.device, group=group)
                            for stage, c in zip(self.stages, self.chunk_ids, strict=True)]
+        for ps in pipeline_stages:  # the first step's shape inference is a forward the MoE counters must not see
+            _quiet_shape_inference(ps)
         if self.layout.stages_per_rank > 1:
             return ScheduleInterleaved1F1B(pipeline_stages, n_microbatches=microbatches, loss_fn=next_token_loss)
         return Schedule1F1B(pipeline_stages[0], n_microbatches=microbatches, loss_fn=next_token_loss)
@@ -158,15 +169,13 @@ class ParallelStrategy(Strategy):
     def optimizer_step(self, lr: float, grad_clip: float) -> float:
         params = self.parameters()
         grads = [p.grad for p in params if p.grad is not None]
-        norm: Any = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        norm: Any = total_norm(grads)  # DTensors of several meshes with expert parallel
         if self.pipelined:
             squared = norm.to(torch.float64) ** 2
             dist.all_reduce(squared, group=self.mesh["pp"].get_group())
             norm = squared.sqrt().to(norm.dtype)
         if grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
+            clip_(params, grad_clip, norm)
         for optimizer in self.optimizers:
             set_lr(optimizer, lr)
             optimizer.step()
@@ -276,6 +285,18 @@ class ParallelStrategy(Strategy):
     def export_state(self) -> dict[str, torch.Tensor] | None:
         state = self.full_state(with_optimizer=False)
         return None if state is None else state["model"]
+
+
+def _quiet_shape_inference(stage: Any) -> None:
+    infer = getattr(stage, "_forward_metadata_inference", None)
+    if infer is None:  # another torch: its inference (if any) would add one forward to step 1's MoE counts
+        return
+
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        with counting_paused(stage.submod):
+            return infer(*args, **kwargs)
+
+    stage._forward_metadata_inference = quiet
 
 
 def _merge_optimizer(into: dict[str, Any], part: dict[str, Any]) -> None:

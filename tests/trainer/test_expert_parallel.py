@@ -1,0 +1,76 @@
+"""Expert parallelism on 4 gloo ranks: EP 2 and EP 4 match one process (losses, MoE counters, the Mixtral
+export), and checkpoints move between EP degrees both ways (EP 2 → EP 1, one process → PP 2 × EP 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from expert_worker import EXPERT_MODEL, EXPERT_TRAINING, RESUME_STEP
+from trainlib import PYTHON, REPO, free_port, make_engine, trainer_env
+
+from waits import scaled
+
+HERE = Path(__file__).resolve().parent
+
+
+def _records(checkpoints: Path) -> dict[int, dict]:
+    lines = (checkpoints / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "event" not in r}
+
+
+@pytest.mark.slow
+def test_expert_parallel_matches_one_process_and_resumes_across_degrees(shards: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    # capacityFactor 1.0 drops assignments; capacity is per rank and micro-batch, and a rank's
+    # micro-batch is the single process's micro-batch (data rank r of step j = micro-batch j·4 + r),
+    # so the same assignments are dropped in every layout
+    reference = make_engine(shards, tmp_path / "single", model=EXPERT_MODEL, training=dict(EXPERT_TRAINING),
+                            checkpoint={"interval": RESUME_STEP})
+    try:
+        reference.fit()
+        reference.export(str(tmp_path / "single" / "model"))
+    finally:
+        reference.close()
+    expected = _records(tmp_path / "single" / "checkpoints")
+    assert sorted(expected) == list(range(1, 11)) and expected[1]["moeDroppedTokens"] > 0
+
+    cases = [
+        {"name": "ep2", "parallelism": {"expert": 2}},  # EP 2 × dataShard 4 (experts FSDP over 2)
+        {"name": "ep4", "parallelism": {"expert": 4}},  # one expert per rank, not FSDP-sharded
+        {"name": "ep2-to-ep1", "parallelism": {}, "resume": str(tmp_path / "ep2" / "checkpoints")},
+        # and the other way, into pipeline 2 × EP 2 (each stage's experts split over its 2 data ranks)
+        {"name": "one-to-pp2ep2", "parallelism": {"expert": 2, "pipeline": 2},
+         "resume": str(tmp_path / "single" / "checkpoints")},
+    ]
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(HERE / "expert_worker.py"), str(shards), str(tmp_path),
+           json.dumps(cases)]
+    env = trainer_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(400))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    for case in cases:
+        name = case["name"]
+        got = _records(tmp_path / name / "checkpoints")
+        first = RESUME_STEP + 1 if "resume" in case else 1
+        assert sorted(got) == list(range(first, 11)), name
+        for step in got:
+            assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-4 * abs(expected[step]["loss"]), (name, step)
+            # AdamW hides a wrong gradient scale from the loss; the norm does not (experts' share included)
+            assert abs(got[step]["gradNorm"] - expected[step]["gradNorm"]) <= 1e-5 * expected[step]["gradNorm"], (
+                name, step)
+            assert got[step]["moeDroppedTokens"] == expected[step]["moeDroppedTokens"], (name, step)
+            assert got[step]["moeExpertShare"] == pytest.approx(expected[step]["moeExpertShare"], abs=1e-4)
+    assert expected[10]["loss"] < expected[1]["loss"] - 0.3  # and the model learns
+
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ep2" / "model", dtype=torch.float32).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "model", dtype=torch.float32).state_dict()
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    assert ours[key].shape == theirs[key].shape and ours[key].shape[0] == 4  # every expert, gathered
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-4
