@@ -6,7 +6,10 @@ real engine under torchrun with 4 CPU ranks (gloo, one thread each):
 * ``ddp`` (the baseline), ``fsdp`` (FSDP2 over 4), ``tp2-dp2``, ``pp2-dp2``, ``tp2-pp2``
   (``training.parallelism``);
 * ``moe``: a Mixtral-style MoE with the same *active* parameters as the dense model (8 experts of
-  half the MLP width, top-2; 4× the MLP parameters in total), under DDP on 4 ranks beside ``ddp``.
+  half the MLP width, top-2; 4× the MLP parameters in total), under DDP on 4 ranks beside ``ddp``;
+* ``moe-ep1`` / ``moe-ep2`` / ``moe-ep4``: that MoE under FSDP2 over the 4 ranks with expert
+  parallelism 1 (every rank gathers every expert), 2 and 4 (``training.parallelism.expert``: a rank
+  holds 8/EP experts, tokens move by all-to-all), each beside ``moe-ep1``.
 
 Printed per case: median tokens/s over the timed steps (the first ``--warmup`` excluded), the
 ratio to DDP (or to dense), the model-state bytes each rank holds (parameters + gradients +
@@ -17,6 +20,7 @@ bandwidth they are built for, so these figures say what each layout costs here, 
 
     .venv/bin/python bench/parallel_throughput.py            # ~3-5 minutes on an idle 2-core machine
     .venv/bin/python bench/parallel_throughput.py --steps 6 --cases ddp,tp2-dp2
+    .venv/bin/python bench/parallel_throughput.py --steps 8 --cases moe-ep1,moe-ep2,moe-ep4   # expert parallel
 """
 
 from __future__ import annotations
@@ -46,8 +50,12 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # name: (model, tra
     "pp2-dp2": (MODEL, {"strategy": "fsdp", "parallelism": {"pipeline": 2}}),
     "tp2-pp2": (MODEL, {"strategy": "fsdp", "parallelism": {"tensor": 2, "pipeline": 2}}),
     "moe": (MOE, {"strategy": "ddp"}),
+    "moe-ep1": (MOE, {"strategy": "fsdp", "parallelism": {}}),  # FSDP2 over 4, every rank every expert
+    "moe-ep2": (MOE, {"strategy": "fsdp", "parallelism": {"expert": 2}}),  # 4 experts per rank, all-to-all
+    "moe-ep4": (MOE, {"strategy": "fsdp", "parallelism": {"expert": 4}}),  # 2 experts per rank
 }
-BASELINE = {"fsdp": "ddp", "tp2-dp2": "ddp", "pp2-dp2": "ddp", "tp2-pp2": "ddp", "moe": "ddp"}
+BASELINE = {"fsdp": "ddp", "tp2-dp2": "ddp", "pp2-dp2": "ddp", "tp2-pp2": "ddp", "moe": "ddp",
+            "moe-ep1": "moe", "moe-ep2": "moe-ep1", "moe-ep4": "moe-ep1"}
 
 
 def write_data(root: Path, tokens: int, vocab: int) -> Path:

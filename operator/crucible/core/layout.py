@@ -149,7 +149,9 @@ def suggest_layout(model: ModelConfig, vocab: int, training: Any, nodes: int, gp
             if pipeline > model.num_layers or (pipeline > 1 and model.tie_word_embeddings):
                 continue
             shard = world // (tensor * pipeline)
-            estimate = layout_memory(model, vocab, training, (1, shard, pipeline, tensor), expert=1)
+            expert = _expert_degree(training)  # the spec's expert degree where this layout allows it
+            expert = expert if shard % expert == 0 else 1
+            estimate = layout_memory(model, vocab, training, (1, shard, pipeline, tensor), expert=expert)
             if estimate.total_gib <= headroom * gpu_memory_gib:
                 options.append((tensor * pipeline, pipeline, estimate))
     if not options:
