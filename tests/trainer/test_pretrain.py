@@ -28,8 +28,9 @@ def test_pretrain_writes_a_loadable_model_and_a_lineage_receipt(shards: Path, tm
     out = tmp_path / "model"
     receipt = json.loads((out / "_SUCCESS").read_text())
     assert receipt["stage"] == "pretrain"
-    assert receipt["inputs"]["data"] == str(shards)
-    assert receipt["inputs"]["dataManifestSha256"] == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    assert receipt["inputs"]["data"]["uri"] == str(shards)
+    assert receipt["inputs"]["data"]["sha256"] == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    assert receipt["inputs"]["tokenizer"]["files"].keys() >= {"tokenizer.json"}  # the data's tokenizer/, by content
     results = receipt["results"]
     assert results["steps"] == 12 and results["tokens"] == 12 * 256
     assert results["perplexity"] > 1 and results["finalLoss"] < 4.7 and results["parameters"] > 0
@@ -62,7 +63,7 @@ def test_pretrain_writes_a_loadable_model_and_a_lineage_receipt(shards: Path, tm
         ({"training": {"seqLen": 4}}, "spec.training.seqLen"),
         ({"training": {"globalBatchTokens": 300}}, "globalBatchTokens: 300 must be a multiple"),
         ({"data": {"uri": "/nonexistent/data"}}, "data.uri /nonexistent/data: no train/index.json"),
-        ({"model": {"hiddenSize": 30, "numHeads": 4}}, "spec.model: hiddenSize: 30 must be divisible by numHeads (4)"),
+        ({"model": {"hiddenSize": 30, "numHeads": 4}}, "spec.model.hiddenSize: 30 must be divisible by numHeads (4)"),
     ],
 )
 def test_bad_spec_exits_2_naming_the_field(
@@ -90,7 +91,7 @@ def test_pretrain_on_s3(shards: Path, tmp_path: Path, s3_server: str, s3_bucket:
     rc, log = run_stage(spec, tmp_path / "job")
     assert rc == 0, log[-3000:]
     receipt = json.loads(store.read_bytes(f"{root}/model/_SUCCESS"))
-    assert receipt["inputs"]["dataManifestSha256"] == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    assert receipt["inputs"]["data"]["sha256"] == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
     assert store.exists(f"{root}/checkpoints/step-000000012/{MANIFEST}")
     local = store.download_prefix(f"{root}/model", tmp_path / "downloaded")
     assert AutoModelForCausalLM.from_pretrained(local).config.vocab_size == 128

@@ -40,9 +40,13 @@ class Check:
     uri: str
     status: str  # "ok" | "mismatch" | "unchecked"
     detail: str = ""
+    field: str = ""  # the spec field the input came from (spec.model.source, ...), when the receipt names it
 
     def to_json(self) -> dict[str, Any]:
-        return {"what": self.what, "uri": self.uri, "status": self.status, "detail": self.detail}
+        out = {"what": self.what, "uri": self.uri, "status": self.status, "detail": self.detail}
+        if self.field:
+            out["field"] = self.field
+        return out
 
 
 @dataclass
@@ -118,12 +122,28 @@ class Reader:
         return Path(uri).is_dir()
 
 
-def _input_entries(inputs: Any, prefix: str = "inputs") -> list[tuple[str, str, str | None]]:
-    """(dotted name, uri, recorded sha256 or None) for every input a receipt names."""
-    found: list[tuple[str, str, str | None]] = []
+@dataclass
+class Entry:
+    """One input a receipt names: where it was, its recorded hash and what the hash is of."""
+
+    name: str  # dotted, e.g. inputs.modelSource
+    uri: str
+    recorded: str | None
+    spec_field: str = ""
+    hash_of: str = ""  # file | manifest.json | _SUCCESS | files | rawFiles | missing ("" in older receipts)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _input_entries(inputs: Any, prefix: str = "inputs") -> list[Entry]:
+    """Every input a receipt names (``{uri, sha256, ...}`` entries, and the flat form of older receipts)."""
+    found: list[Entry] = []
     if isinstance(inputs, dict):
         if isinstance(inputs.get("uri"), str):
-            found.append((prefix, inputs["uri"], inputs.get("sha256") if isinstance(inputs.get("sha256"), str) else None))
+            recorded = inputs.get("sha256")
+            files = inputs.get("files")
+            found.append(Entry(prefix, inputs["uri"], recorded if isinstance(recorded, str) else None,
+                               str(inputs.get("field") or ""), str(inputs.get("hashOf") or ""),
+                               {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}))
             return found
         for key, value in inputs.items():
             if isinstance(value, str) and key.endswith("Sha256"):
@@ -131,13 +151,20 @@ def _input_entries(inputs: Any, prefix: str = "inputs") -> list[tuple[str, str, 
             name = f"{prefix}.{key}"
             if isinstance(value, str) and (value.startswith(("s3://", "/")) or "/" in value):
                 flat_hash = inputs.get(f"{key}Sha256") or inputs.get(f"{key}ManifestSha256")
-                found.append((name, value, flat_hash if isinstance(flat_hash, str) else None))
+                found.append(Entry(name, value, flat_hash if isinstance(flat_hash, str) else None))
             elif isinstance(value, dict | list):
                 found += _input_entries(value, name)
     elif isinstance(inputs, list):
         for i, value in enumerate(inputs):
             found += _input_entries(value, f"{prefix}[{i}]")
     return found
+
+
+def _fix(entry: Entry, node: Node) -> str:
+    """What to do about an input that changed since ``node``'s run read it."""
+    who = f"run {node.run} again" if node.run else f"run the {node.stage or 'stage'} again"
+    where = f" ({entry.spec_field})" if entry.spec_field else ""
+    return f"restore the input{where} to what the run read, or {who} to train on what is there now"
 
 
 class Walker:
@@ -171,29 +198,60 @@ class Walker:
             node.error = f"stopped after {MAX_DEPTH} levels"
             return node
         checked_sources = set((node.data or {}).get("sourcesWithRawFiles", []))
-        for name, child_uri, recorded in _input_entries(receipt.get("inputs") or {}):
-            if name.removeprefix("inputs.sources.") in checked_sources:
+        for entry in _input_entries(receipt.get("inputs") or {}):
+            if entry.name.removeprefix("inputs.sources.") in checked_sources:
                 continue  # its raw files are checked one by one from the manifest
-            self._input(node, name, child_uri, recorded, depth)
+            self._input(node, entry, depth)
         return node
 
-    def _input(self, node: Node, name: str, uri: str, recorded: str | None, depth: int) -> None:
+    def _input(self, node: Node, entry: Entry, depth: int) -> None:
         reader = self.reader
-        upstream = reader.read(reader.join(uri, SUCCESS)) if not uri.endswith((".jsonl", ".json", ".gguf", ".txt")) else None
+        name, uri, recorded = entry.name, entry.uri, entry.recorded
+        fix = _fix(entry, node)
+        if entry.hash_of == "missing":
+            node.checks.append(Check(name, uri, "unchecked", "nothing was there when the run read it", entry.spec_field))
+            return
+        if entry.hash_of == "files":
+            self._input_files(node, entry, fix)
+            if reader.read(reader.join(uri, SUCCESS)) is not None:
+                node.inputs[name] = self.walk(uri, depth + 1)
+            return
+        is_file = entry.hash_of == "file" or uri.endswith((".jsonl", ".json", ".gguf", ".txt"))
+        upstream = reader.read(reader.join(uri, SUCCESS)) if not is_file else None
         if upstream is not None:
             receipt_hash = hashlib.sha256(upstream).hexdigest()
             manifest = reader.read(reader.join(uri, MANIFEST))
-            if recorded and manifest is not None and recorded == hashlib.sha256(manifest).hexdigest():
-                node.checks.append(Check(f"{name} (its {MANIFEST})", uri, "ok", recorded[:12]))
+            manifest_hash = hashlib.sha256(manifest).hexdigest() if manifest is not None else None
+            if recorded and (entry.hash_of == MANIFEST or recorded == manifest_hash):
+                node.checks.append(_compare(f"{name} (its {MANIFEST})", reader.join(uri, MANIFEST), recorded,
+                                            manifest_hash, entry.spec_field, fix))
             else:
-                node.checks.append(_compare(f"{name} (its {SUCCESS})", uri, recorded, receipt_hash))
+                node.checks.append(_compare(f"{name} (its {SUCCESS})", reader.join(uri, SUCCESS), recorded,
+                                            receipt_hash, entry.spec_field, fix))
             node.inputs[name] = self.walk(uri, depth + 1)
             return
         actual = reader.sha256(uri)
         if actual is None and reader.is_dir(uri):
-            node.checks.append(Check(name, uri, "unchecked", "a folder without a receipt"))
+            node.checks.append(Check(name, uri, "unchecked", "a folder without a receipt", entry.spec_field))
             return
-        node.checks.append(_compare(name, uri, recorded, actual))
+        node.checks.append(_compare(name, uri, recorded, actual, entry.spec_field, fix))
+
+    def _input_files(self, node: Node, entry: Entry, fix: str) -> None:
+        """A folder recorded file by file (a model or tokenizer folder that no Crucible stage wrote):
+        each file re-hashed and named, and on a local disk any file added since."""
+        reader = self.reader
+        for rel, recorded in sorted(entry.files.items()):
+            uri = reader.join(entry.uri, rel)
+            node.checks.append(_compare(f"{entry.name} {rel}", uri, recorded, reader.sha256(uri), entry.spec_field, fix))
+        root = Path(entry.uri)
+        if entry.uri.startswith("s3://") or not root.is_dir():
+            return
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if (path.is_file() and rel not in entry.files and rel != SUCCESS and not path.name.endswith(".tmp")
+                    and rel.split("/")[0] not in ("checkpoints", "_work")):
+                node.checks.append(Check(f"{entry.name} {rel}", str(path), "mismatch",
+                                         f"added since the run (not among the files it read); {fix}", entry.spec_field))
 
     def _check_outputs(self, node: Node, outputs: Any) -> None:
         if not isinstance(outputs, dict) or not outputs:
@@ -236,14 +294,15 @@ class Walker:
                      "documentsIn": manifest.get("documentsIn"), "documentsOut": manifest.get("documentsOut")}
 
 
-def _compare(what: str, uri: str, recorded: str | None, actual: str | None) -> Check:
+def _compare(what: str, uri: str, recorded: str | None, actual: str | None, field: str = "", fix: str = "") -> Check:
     if actual is None:
-        return Check(what, uri, "unchecked", "unreachable")
+        return Check(what, uri, "unchecked", "unreachable", field)
     if not recorded:
-        return Check(what, uri, "unchecked", f"no hash recorded (now {actual[:12]})")
+        return Check(what, uri, "unchecked", f"no hash recorded (now {actual[:12]})", field)
     if recorded == actual:
-        return Check(what, uri, "ok", actual[:12])
-    return Check(what, uri, "mismatch", f"recorded {recorded[:12]}, now {actual[:12]}: changed since the run")
+        return Check(what, uri, "ok", actual[:12], field)
+    detail = f"recorded {recorded[:12]}, now {actual[:12]}: changed since the run"
+    return Check(what, uri, "mismatch", f"{detail}; {fix}" if fix else detail, field)
 
 
 # -- text ----------------------------------------------------------------------------------
@@ -266,7 +325,8 @@ def render(node: Node, indent: str = "", name: str = "", printed: set[str] | Non
     ok = sum(c.status == "ok" for c in node.checks)
     unchecked = [c for c in node.checks if c.status == "unchecked"]
     lines.append(f"{pad}hashes: {ok} ok, {len(bad)} changed, {len(unchecked)} not checked")
-    lines += [f"{pad}{MARK[c.status]} {c.what}: {c.detail}  [{c.uri}]" for c in bad + unchecked]
+    lines += [f"{pad}{MARK[c.status]} {c.what}{f' ({c.field})' if c.field else ''}: {c.detail}  [{c.uri}]"
+              for c in bad + unchecked]
     if node.data is not None:
         lines.append(f"{pad}funnel: {node.data.get('documentsIn')} raw documents -> {node.data.get('documentsOut')} kept")
         for row in node.data["funnel"]:

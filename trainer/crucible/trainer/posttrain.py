@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from crucible.trainer import storage as st
 from crucible.trainer.config.stages import LoraConfig
-from crucible.trainer.stage_io import SUCCESS, SpecError, finished, receipt_sha256, require_uri, write_success
+from crucible.trainer.stage_io import SUCCESS, SpecError, finished, input_receipt, require_uri, write_success
 
 if TYPE_CHECKING:
     from crucible.trainer.engine import Batch, Engine, TrainContext
@@ -102,12 +102,23 @@ def model_size_bytes(directory: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
+INPUT_FIELDS = {"model": "spec.model", "reference": "spec.reference", "dataset": "spec.dataset",
+                "prompts": "spec.prompts", "rewardModel": "spec.reward.model"}
+"""The spec field each named input of a post-training stage comes from (named in its receipt)."""
+
+
 def input_receipts(ws: Workspace, **uris: str | None) -> dict[str, Any]:
-    """``{name: {"uri", "sha256"}}`` of each input that is set, for the ``_SUCCESS`` lineage."""
+    """``{name: {"uri", "sha256", ...}}`` of each input that is set, by content, for the ``_SUCCESS`` lineage.
+
+    The base model is hashed from the copy the stage loaded (an S3 model is not read twice).
+    """
     out: dict[str, Any] = {}
     for name, uri in uris.items():
         if uri:
-            out[name] = {"uri": uri, "sha256": receipt_sha256(ws.store, uri)}
+            from crucible.trainer.gguf_import import is_gguf
+
+            local = ws.base_dir if uri == ws.base_uri and not is_gguf(uri) else None
+            out[name] = input_receipt(ws.store, uri, INPUT_FIELDS.get(name, f"spec.{name}"), local=local)
     return out
 
 

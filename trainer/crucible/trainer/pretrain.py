@@ -129,11 +129,40 @@ def check_memorization(config: PretrainConfig, model_dir: Path, train: ShardSet,
     return result
 
 
-def run(config: PretrainConfig) -> int:
+def input_receipts(config: PretrainConfig, store: st.Storage, source_dir: Path | None,
+                   tokenizer_dir: Path | None) -> dict[str, Any]:
+    """``{uri, sha256, ...}`` of every input the run read (:func:`~crucible.trainer.stage_io.input_receipt`):
+    the token shards (by their manifest), the model it continued from, the tokenizer, harness task files."""
     from crucible.trainer import gguf_import
+    from crucible.trainer.stage_io import input_receipt
+
+    assert config.data.uri is not None
+    inputs: dict[str, Any] = {"data": input_receipt(store, config.data.uri, "spec.data")}
+    if config.model.source is not None and config.model.source.uri:
+        uri = config.model.source.uri
+        gguf = gguf_import.is_gguf(uri)
+        # the copy the stage loaded (an S3 source downloaded once), never the bucket again
+        inputs["modelSource"] = input_receipt(store, uri, "spec.model.source",
+                                              local=source_dir if source_dir is not None and not gguf else None)
+        record = gguf_import.source_record(source_dir) if source_dir is not None else None
+        if record is not None:
+            inputs["modelSourceGguf"] = record
+    if tokenizer_dir is not None:
+        tok_uri = config.tokenizer.uri if config.tokenizer is not None and config.tokenizer.uri else st.join(
+            config.data.uri, "tokenizer")
+        if config.tokenizer is not None and store.exists(st.join(tok_uri, "tokenizer", "tokenizer.json")):
+            tok_uri = st.join(tok_uri, "tokenizer")
+        inputs["tokenizer"] = input_receipt(store, tok_uri, "spec.tokenizer" if config.tokenizer else "spec.data",
+                                            local=tokenizer_dir)
+    if config.eval.harness_task_dir:
+        inputs["evaluation"] = input_receipt(store, config.eval.harness_task_dir, "spec.eval.harnessTaskDir")
+    return inputs
+
+
+def run(config: PretrainConfig) -> int:
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
     from crucible.trainer.model import adopt_source, build_model, load_pretrained
-    from crucible.trainer.output import manifest_sha256, publish
+    from crucible.trainer.output import publish
     from crucible.trainer.stage_io import SUCCESS, finished, write_success
 
     store = st.Storage.from_config(config.storage)
@@ -197,17 +226,7 @@ def run(config: PretrainConfig) -> int:
                 from crucible.trainer.memorization import enforce
 
                 enforce(memorized)  # after publishing: the model stays, the run is not marked succeeded
-            inputs: dict[str, Any] = {
-                "data": config.data.uri,
-                "dataManifestSha256": manifest_sha256(config.data.uri, store),
-            }
-            if config.model.source is not None:
-                inputs["modelSource"] = config.model.source.uri
-                gguf = gguf_import.source_record(source_dir) if source_dir is not None else None
-                if gguf is not None:
-                    inputs["modelSourceGguf"] = gguf
-            if config.tokenizer is not None:
-                inputs["tokenizer"] = config.tokenizer.uri
+            inputs = input_receipts(config, store, source_dir, tokenizer_dir)
             write_success(store, out_uri, STAGE, inputs, results, config)
             log(f"wrote {out_uri} ({result.steps} steps, final loss {result.final_loss:.4f})")
         barrier()

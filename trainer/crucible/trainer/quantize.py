@@ -55,7 +55,7 @@ from crucible.trainer.posttrain import local_model, model_size_bytes, staged_out
 from crucible.trainer.stage_io import (
     SUCCESS,
     finished,
-    receipt_sha256,
+    input_receipt,
     require_uri,
     stage_main,
     write_success,
@@ -317,12 +317,9 @@ def run(config: QuantizeConfig) -> int:
                     f"({config.max_perplexity_increase:.2%}); raise spec.maxPerplexityIncrease, use a smaller "
                     "spec.groupSize, or method int8"
                 )
-        inputs = {"model": {"uri": config.model.uri, "sha256": receipt_sha256(store, str(config.model.uri))}}
-        assert config.evaluation.data is not None
-        inputs["evaluation"] = {
-            "uri": config.evaluation.data.uri,
-            "sha256": receipt_sha256(store, str(config.evaluation.data.uri)),
-        }
+        assert config.evaluation.data is not None and config.evaluation.data.uri and config.model.uri
+        inputs = {"model": input_receipt(store, config.model.uri, "spec.model"),
+                  "evaluation": input_receipt(store, config.evaluation.data.uri, "spec.evaluation.data")}
         write_success(store, out_uri, STAGE, inputs, res, config)
     except ThresholdExceeded as exc:
         log(f"failed: {exc}")

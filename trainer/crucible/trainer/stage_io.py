@@ -54,7 +54,9 @@ __all__ = [
     "SUCCESS",
     "TERMINATION_LOG",
     "SpecError",
+    "file_sha256",
     "finished",
+    "input_receipt",
     "read_spec",
     "read_success",
     "receipt_sha256",
@@ -267,31 +269,116 @@ def success_record(stage: str, inputs: dict[str, Any], results: dict[str, Any], 
 
 # Not part of the artefact: a training run's checkpoints and a DataPipeline's intermediates.
 _NOT_OUTPUTS = ("checkpoints", "_work")
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a local file, read once per (path, size, mtime) in this process.
+
+    A stage whose model and reference are one folder, or whose outputs are hashed after an input
+    hashed the same files, streams each file once (the shards module's one ``sha256_file``).
+    """
+    from crucible.trainer.data.shards import sha256_file
+
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    digest = _HASHED.get(key)
+    if digest is None:
+        digest = _HASHED[key] = sha256_file(path)
+    return digest
+
+
+def folder_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under a local folder (relative path -> hash), less receipts,
+    checkpoints, intermediates and temporary files."""
+    out: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if not path.is_file() or rel == SUCCESS or rel.split("/")[0] in _NOT_OUTPUTS or path.name.endswith(".tmp"):
+            continue
+        out[rel] = file_sha256(path)
+    return out
 
 
 def output_hashes(output_uri: str) -> dict[str, str]:
     """sha256 of every file of a local output (relative path -> hash), for the receipt.
 
     ``crucible lineage`` re-hashes them to tell whether a model or its shards changed after the
-    run. S3 outputs are not re-read here (empty: lineage reports them as not checked).
+    run. S3 outputs are not re-read here (empty: an input receipt of one hashes its files instead).
     """
-    import hashlib
-    from pathlib import Path
-
     root = Path(output_uri)
     if output_uri.startswith("s3://") or not root.is_dir():
         return {}
-    out: dict[str, str] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if not path.is_file() or rel == SUCCESS or rel.split("/")[0] in _NOT_OUTPUTS or path.name.endswith(".tmp"):
-            continue
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            while block := fh.read(1 << 22):
-                digest.update(block)
-        out[rel] = digest.hexdigest()
+    return folder_hashes(root)
+
+
+def files_digest(files: dict[str, str]) -> str:
+    """One sha256 for a folder: of its sorted ``relative path -> sha256`` listing."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".md", ".gguf", ".parquet", ".gz", ".zst", ".bin", ".safetensors")
+
+
+def _read_or_none(store: Storage, uri: str) -> bytes | None:
+    from crucible.trainer.storage import StorageNotFound
+
+    try:
+        return store.read_bytes(uri)
+    except (StorageNotFound, FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def input_receipt(store: Storage, uri: str, field: str, local: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """``{uri, field, sha256, hashOf}`` of one input, by content: what ``crucible lineage`` re-checks.
+
+    ``hashOf`` says what the sha256 is of: ``file`` (the input is one file), ``manifest.json`` (a
+    DataPipeline output: its manifest lists every shard with its own sha256), ``_SUCCESS`` (the
+    output of a Crucible stage whose receipt lists the sha256 of each of its files) or ``files``
+    (any other folder: each file is hashed and listed under ``files``; the sha256 is of that
+    listing). ``local`` is a copy the stage already has on disk (an S3 model it downloaded): it is
+    hashed instead of reading the bucket again. ``field`` is the spec field the input came from.
+    """
+    from crucible.trainer.storage import is_s3, join
+
+    entry: dict[str, Any] = {"uri": uri, "field": field}
+    path = Path(local) if local is not None else (None if is_s3(uri) else Path(uri))
+    if path is not None and path.is_file():
+        return {**entry, "sha256": file_sha256(path), "hashOf": "file"}
+    if path is None and Path(uri.rstrip("/")).suffix in _FILE_SUFFIXES:
+        data = _read_or_none(store, uri)
+        if data is not None:
+            return {**entry, "sha256": hashlib.sha256(data).hexdigest(), "hashOf": "file"}
+    manifest = _read_or_none(store, join(uri, "manifest.json"))
+    if manifest is not None:
+        return {**entry, "sha256": hashlib.sha256(manifest).hexdigest(), "hashOf": "manifest.json"}
+    receipt = _read_or_none(store, join(uri, SUCCESS))
+    if receipt is not None and _lists_outputs(receipt):
+        return {**entry, "sha256": hashlib.sha256(receipt).hexdigest(), "hashOf": SUCCESS}
+    if path is not None and path.is_dir():
+        files = folder_hashes(path)
+    else:  # a folder on S3 with no copy here: each object streamed once
+        prefix = uri.rstrip("/") + "/"
+        files = {}
+        for object_uri in store.list(uri):
+            rel = object_uri[len(prefix):]
+            if rel == SUCCESS or rel.split("/")[0] in _NOT_OUTPUTS:
+                continue
+            files[rel] = hashlib.sha256(store.read_bytes(object_uri)).hexdigest()
+    if not files:
+        return {**entry, "sha256": None, "hashOf": "missing"}
+    out = {**entry, "sha256": files_digest(files), "hashOf": "files", "files": files}
+    if receipt is not None:
+        out["receiptSha256"] = hashlib.sha256(receipt).hexdigest()
     return out
+
+
+def _lists_outputs(raw: bytes) -> bool:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("outputs"), dict) and bool(record["outputs"])
 
 
 def write_success(
@@ -349,17 +436,5 @@ def finished(store: Storage, output_uri: str, config: BaseModel) -> bool:
 
 
 def receipt_sha256(store: Storage, uri: str) -> str | None:
-    """sha256 of an input file, or of a folder's ``_SUCCESS`` receipt (else manifest/config), tying outputs to inputs."""
-    from crucible.trainer.storage import StorageNotFound, join
-
-    if Path(uri.rstrip("/")).suffix in (".jsonl", ".json", ".txt", ".md"):
-        try:
-            return hashlib.sha256(store.read_bytes(uri)).hexdigest()
-        except (StorageNotFound, FileNotFoundError):
-            return None
-    for name in (SUCCESS, "manifest.json", "config.json"):
-        try:
-            return hashlib.sha256(store.read_bytes(join(uri, name))).hexdigest()
-        except (StorageNotFound, FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            continue
-    return None
+    """The sha256 :func:`input_receipt` records for ``uri`` (None when nothing is there)."""
+    return input_receipt(store, uri, "").get("sha256")

@@ -236,6 +236,19 @@ class MinHashConfig(StrictModel):
 class DedupStep(StrictModel):
     exact: bool = Field(default=True, description="Remove exact duplicates of the normalized text.")
     minhash: MinHashConfig = Field(default_factory=MinHashConfig, description="Near-duplicate removal by MinHash LSH.")
+    earlier_revisions: list[str] = Field(
+        default_factory=list, max_length=1000,
+        description="Outputs of earlier revisions of this pipeline: a document whose normalized text one of them "
+                    "kept (its seen.npy) is dropped as dedup:seen_in_earlier_revision. The backends fill it in for "
+                    "a revision (spec.revisions); set it by hand to deduplicate against any earlier output.",
+    )
+
+    @field_validator("earlier_revisions")
+    @classmethod
+    def _earlier(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            check_uri(uri)
+        return value
 
 
 class MixtureStep(StrictModel):

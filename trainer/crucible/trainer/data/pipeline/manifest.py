@@ -22,7 +22,7 @@ from crucible.trainer.data.pipeline import tokenize as tokenize_stage
 from crucible.trainer.data.pipeline.state import NothingLeftError, PipelineState, part_dir
 from crucible.trainer.data.receipts import source_receipts
 from crucible.trainer.data.shards import ShardInfo, write_index
-from crucible.trainer.stage_io import write_success
+from crucible.trainer.stage_io import files_digest, input_receipt, write_success
 
 log = logging.getLogger("crucible.data")
 
@@ -74,6 +74,8 @@ def finalize(pipe: PipelineState) -> Manifest | None:
             for block in iter(lambda f=f: f.read(1 << 20), b""):  # type: ignore[misc]
                 ids_hash.update(block)
     data = build(pipe, filter_stats, token_stats, splits, info, ids_hash.hexdigest())
+    data["revision"] = write_seen(pipe, sum(int(c.get(tokenize_stage.SEEN_REASON, 0))
+                                            for ts in token_stats for c in ts["sources"].values()))
     raw = pipe.ws.write_json(MANIFEST, data)
     manifest_sha = hashlib.sha256(raw).hexdigest()
     if pipe.config.shards.validation_fraction and not data["tokens"]["validation"]:
@@ -88,10 +90,7 @@ def finalize(pipe: PipelineState) -> Manifest | None:
             f"see the funnel in {pipe.ws.uri_of(MANIFEST)} and loosen the matching steps or check sources[*].textField"
         )
     dropped = {f"{row['step']}:{r}": n for row in data["funnel"] for r, n in row["dropped"].items()}
-    inputs = {
-        "sources": {s.name: s.uri for s in pipe.config.sources},
-        "tokenizer": pipe.config.tokenizer.source.uri if pipe.config.tokenizer.source else None,
-    }
+    inputs = input_receipts(pipe, data)
     results = {
         "documentsIn": data["documentsIn"],
         "documentsOut": data["documentsOut"],
@@ -118,6 +117,38 @@ def finalize(pipe: PipelineState) -> Manifest | None:
              data["documentsIn"], data["documentsOut"], data["tokens"]["train"], data["tokens"]["validation"],
              pipe.ws.uri_of(MANIFEST))
     return Manifest(data, pipe.ws.uri_of(MANIFEST), manifest_sha)
+
+
+def write_seen(pipe: PipelineState, seen_dropped: int) -> dict[str, Any]:
+    """``seen.npy``: what this and every earlier revision kept, so the next revision needs only this output."""
+    import numpy as np
+
+    arrays = [np.load(pipe.ws.fetch(f"{part_dir(tokenize_stage.STAGE, p)}/{tokenize_stage.SEEN_KEYS}"))
+              for p in range(pipe.num_parts)]
+    earlier = tokenize_stage.load_seen(pipe)
+    if earlier is not None:
+        arrays.append(earlier)
+    keys = np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, dtype=np.uint64)
+    with open(pipe.ws.path(tokenize_stage.SEEN), "wb") as fh:
+        np.save(fh, keys.astype(np.uint64))
+    pipe.ws.publish(tokenize_stage.SEEN)
+    return {"earlierRevisions": list(pipe.config.steps.dedup.earlier_revisions), "seenInEarlierRevision": seen_dropped,
+            "documentsSeen": len(keys)}
+
+
+def input_receipts(pipe: PipelineState, data: dict[str, Any]) -> dict[str, Any]:
+    """Every input by content: each source by its raw files (each listed with its sha256 in the
+    manifest; the sha256 here is of that listing) and the tokenizer it trained or loaded."""
+    sources: dict[str, Any] = {}
+    for i, source in enumerate(pipe.config.sources):
+        raw = {f["uri"]: f["sha256"] for f in data["sources"][source.name].get("rawFiles") or []}
+        sources[source.name] = {"uri": source.uri, "field": f"spec.sources[{i}]", "sha256": files_digest(raw),
+                                "hashOf": "rawFiles"}
+    inputs: dict[str, Any] = {"sources": sources}
+    tok = pipe.config.tokenizer.source
+    if tok is not None and tok.uri:
+        inputs["tokenizer"] = input_receipt(pipe.storage, tok.uri, "spec.tokenizer.source")
+    return inputs
 
 
 def load(pipe: PipelineState) -> Manifest:
@@ -173,7 +204,7 @@ def build(
         for src, c in ts["sources"].items():
             tok_src[src].update(c)
     for src, c in tok_src.items():
-        for reason in ("exact_duplicate", "near_duplicate"):
+        for reason in ("exact_duplicate", "near_duplicate", tokenize_stage.SEEN_REASON):
             if c[reason]:
                 src_dropped[src][f"dedup:{reason}"] += c[reason]
         if c["downweighted"]:
@@ -182,7 +213,8 @@ def build(
     for c in tok_src.values():
         tot.update(c)
     funnel.append({"step": "dedup", "documentsIn": tot["in"], "documentsOut": tot["out"],
-                   "dropped": {k: tot[k] for k in ("exact_duplicate", "near_duplicate") if tot[k]}})
+                   "dropped": {k: tot[k] for k in ("exact_duplicate", "near_duplicate", tokenize_stage.SEEN_REASON)
+                               if tot[k]}})
     decon_reasons = sorted({r for c in tok_src.values() for r in c
                             if r.startswith("contaminated:") or r == "empty_after_decontamination"})
     if tot["decontamination_in"]:

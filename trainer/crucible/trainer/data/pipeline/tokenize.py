@@ -35,6 +35,39 @@ log = logging.getLogger("crucible.data")
 STAGE = "tokenize"
 TOKENIZE_CHUNK = 2048
 KEPT_IDS = "kept_ids.jsonl"
+SEEN_KEYS = "seen-keys.npy"
+"""Per part: the content key of every document it kept (train with copies, or validation)."""
+SEEN = "seen.npy"
+"""In the output: the sorted content keys of every document this revision and the earlier ones kept."""
+SEEN_REASON = "seen_in_earlier_revision"
+
+
+def content_key(text: str) -> int:
+    """A document's identity across revisions: a 64-bit hash of its normalized text (not its position)."""
+    return int(xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")))
+
+
+def load_seen(pipe: PipelineState) -> np.ndarray | None:
+    """The content keys the earlier revisions kept (``steps.dedup.earlierRevisions``), sorted; None when none named."""
+    import io
+
+    from crucible.trainer.stage_io import SpecError
+    from crucible.trainer.storage import StorageNotFound, join
+
+    uris = pipe.config.steps.dedup.earlier_revisions
+    if not uris:
+        return None
+    arrays = [np.zeros(0, dtype=np.uint64)]
+    for i, uri in enumerate(uris):
+        try:
+            arrays.append(np.load(io.BytesIO(pipe.storage.read_bytes(join(uri, SEEN)))).astype(np.uint64))
+        except (StorageNotFound, FileNotFoundError, NotADirectoryError) as exc:
+            raise SpecError(f"steps.dedup.earlierRevisions[{i}]: {uri} has no {SEEN}; name the output folder of a "
+                            "finished DataPipeline (revisions before this one)") from exc
+        except ValueError as exc:
+            raise SpecError(f"steps.dedup.earlierRevisions[{i}]: {join(uri, SEEN)} is not a key array ({exc}); "
+                            "restore it from the earlier revision or remove the entry") from exc
+    return np.unique(np.concatenate(arrays))
 """Per part, in input order: ``{"id", "split", "copies"}`` of every document written to a split
 (after the split, the decontamination against it and the mixture; zero-weighted ones are absent)."""
 CLUSTER = "_work/cluster"
@@ -88,6 +121,8 @@ def run(pipe: PipelineState, part: int) -> None:
     cluster_once(pipe)
     decisions = DropDecisions(pipe.ws.fetch(f"{CLUSTER}/part-{part:05d}.npy"))
     matcher, held_out = held_out_matcher(pipe)
+    seen = load_seen(pipe)
+    kept_keys: list[int] = []
     info = pipe.ws.read_json(dedup_stage.TOKENIZER_INFO)
     tok = tokenizer_lib.load(pipe.ws.fetch_dir("tokenizer"))
     # "<|endoftext|>" written in a document is text, not a document end.
@@ -147,7 +182,9 @@ def run(pipe: PipelineState, part: int) -> None:
     with open(ids_tmp, "w", encoding="utf-8") as ids_file:
         for chunk in batches():
             codes = decisions.reasons(np.array([rec["k"] for rec in chunk], dtype=np.uint64))
-            for rec, code in zip(chunk, codes.tolist(), strict=True):
+            keys = np.array([content_key(rec["t"]) for rec in chunk], dtype=np.uint64)
+            earlier = np.isin(keys, seen) if seen is not None else np.zeros(len(chunk), dtype=bool)
+            for rec, code, key, was_seen in zip(chunk, codes.tolist(), keys.tolist(), earlier.tolist(), strict=True):
                 src = rec["s"]
                 c = per_source.setdefault(src, Counter())
                 c["in"] += 1
@@ -156,8 +193,13 @@ def run(pipe: PipelineState, part: int) -> None:
                     c[reason] += 1
                     drop_sample(rec, "dedup", reason, rec["t"])
                     continue
+                if was_seen:  # an earlier revision kept this text: it is not trained on again
+                    c[SEEN_REASON] += 1
+                    drop_sample(rec, "dedup", SEEN_REASON, rec["t"])
+                    continue
                 c["out"] += 1
                 if shards_cfg.validation_fraction and unit_hash(rec["id"], shards_cfg.seed) < shards_cfg.validation_fraction:
+                    kept_keys.append(key)
                     pending.append(("validation", src, rec["id"], rec["t"], 1))
                     ids_file.write(json.dumps({"id": rec["id"], "split": "validation", "copies": 1}, ensure_ascii=False) + "\n")
                     continue
@@ -179,6 +221,7 @@ def run(pipe: PipelineState, part: int) -> None:
                     c["downweighted"] += 1
                     continue
                 c["repeats"] += copies - 1
+                kept_keys.append(key)
                 pending.append(("train", src, rec["id"], text, copies))
                 ids_file.write(json.dumps({"id": rec["id"], "split": "train", "copies": copies}, ensure_ascii=False) + "\n")
             if len(pending) >= TOKENIZE_CHUNK:
@@ -186,6 +229,11 @@ def run(pipe: PipelineState, part: int) -> None:
         flush()
     os.replace(ids_tmp, ids_path)
     pipe.ws.publish(f"{part_dir(STAGE, part)}/{KEPT_IDS}")
+    keys_path = pipe.ws.path(f"{part_dir(STAGE, part)}/{SEEN_KEYS}")
+    with open(tmp_name(keys_path), "wb") as keys_file:
+        np.save(keys_file, np.array(kept_keys, dtype=np.uint64))
+    os.replace(tmp_name(keys_path), keys_path)
+    pipe.ws.publish(f"{part_dir(STAGE, part)}/{SEEN_KEYS}")
     if dropped is not None:
         dropped.close()
         pipe.ws.publish(dropped_rel)
