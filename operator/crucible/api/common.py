@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from crucible.api.revisions import RevisionRecord
 from crucible.trainer.config.common import RunRef, StrictModel
 
 GROUP = "crucible.dev"
@@ -356,6 +357,8 @@ class RunStatus(BaseModel):
     loss_spikes: int = Field(default=0, description="Loss spikes detected.")
     message: str | None = Field(default=None, description="Short human-readable state.")
     results: dict[str, Any] = Field(default_factory=dict, description="Stage results (perplexity, sizes, accuracy, receipts).")
+    revision: int | None = Field(default=None, description="With spec.revisions: the revision running or last run.")
+    revisions: list[RevisionRecord] = Field(default_factory=list, description="With spec.revisions: each one finished.")
 
 
 class RunMeta(BaseModel):

@@ -9,11 +9,18 @@ from pydantic import Field, model_validator
 from crucible.api.common import PlacementMixin, Resource, cel, check_single_pod
 from crucible.api.pretrainrun import MODEL_KINDS
 from crucible.api.registry import SHARD_PLACEHOLDER, Kind, Role
+from crucible.api.revisions import DataRevisions
 from crucible.trainer.config.data import DataPipelineConfig
 
 
 class DataPipelineSpec(DataPipelineConfig, PlacementMixin):
-    """Spec of a DataPipeline: the trainer's DataPipelineConfig plus placement."""
+    """Spec of a DataPipeline: the trainer's DataPipelineConfig plus placement and revisions."""
+
+    revisions: DataRevisions | None = Field(
+        default=None,
+        description="Keep every run as a new revision of the output, deduplicated against the earlier ones "
+                    "(status.revisions logs them); empty: a rerun replaces the output.",
+    )
 
     @model_validator(mode="after")
     def _placement(self) -> DataPipelineSpec:

@@ -8,13 +8,27 @@ from pydantic import Field, model_validator
 
 from crucible.api.common import NODE_LOCAL_CHECKPOINT_CEL, PlacementMixin, Resource, cel
 from crucible.api.registry import Kind, one_role
+from crucible.api.revisions import TrainingRevisions
 from crucible.trainer.config.stages import PretrainConfig
 
 MODEL_KINDS = ("PretrainRun", "FinetuneRun", "PreferenceRun")
 
 
 class PretrainRunSpec(PretrainConfig, PlacementMixin):
-    """Spec of a PretrainRun: the trainer's PretrainConfig plus placement."""
+    """Spec of a PretrainRun: the trainer's PretrainConfig plus placement and revisions."""
+
+    revisions: TrainingRevisions | None = Field(
+        default=None,
+        description="Train each new revision of the DataPipeline in data.fromRun, continuing from the previous "
+                    "revision's model (status.revisions logs them); empty: new data starts the run over.",
+    )
+
+    @model_validator(mode="after")
+    def _revisions_follow_a_pipeline(self) -> PretrainRunSpec:
+        if self.revisions is not None and self.data.from_run is None:
+            raise ValueError("revisions: a revision is a new output of the DataPipeline in data.fromRun; set "
+                             "data.fromRun (not data.uri), or remove revisions")
+        return self
 
     @model_validator(mode="after")
     def _layout_fits_cluster(self) -> PretrainRunSpec:
@@ -48,6 +62,9 @@ class PretrainRun(Resource):
     IMMUTABLE: ClassVar[tuple[str, ...]] = ("model", "data", "tokenizer")
     EXTRA_CEL: ClassVar[list[dict[str, str]]] = [
         NODE_LOCAL_CHECKPOINT_CEL,
+        cel("!has(self.revisions) || has(self.data.fromRun)",
+            "revisions: a revision is a new output of the DataPipeline in data.fromRun; set data.fromRun",
+            ".revisions"),
         cel(
             "(has(self.model) && has(self.model.source)) || !has(self.training.seqLen) || "
             "self.training.seqLen <= (has(self.model) && has(self.model.maxPositionEmbeddings) ? "

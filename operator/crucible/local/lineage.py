@@ -380,7 +380,28 @@ def resolve(args: argparse.Namespace) -> str:
                            "name it as KIND/NAME")
     state = matches[0]
     uri = state.status.output_uri or str(workdir.run_dir(state.namespace, state.kind, state.name) / "output")
+    args.revisions = [r.model_dump(mode="json", by_alias=True) for r in state.status.revisions]
     return uri
+
+
+def render_revisions(revisions: list[dict[str, Any]]) -> list[str]:
+    """The logged revisions of a run (status.revisions), newest first."""
+    lines = ["revisions (status.revisions):"]
+    for r in reversed(revisions):
+        parts = [f"  revision {r['revision']}: {r.get('outputURI')}", f"finished {r.get('finishedAt')}"]
+        if r.get("dataManifestSha256"):
+            parts.append(f"data manifest {r['dataManifestSha256'][:12]}")
+        if r.get("newTokens") is not None:
+            parts.append(f"{r['newTokens']} new tokens")
+        if r.get("documentsSeenEarlier"):
+            parts.append(f"{r['documentsSeenEarlier']} documents seen in earlier revisions dropped")
+        if r.get("evalAfter") is not None:
+            before = f"{r['evalBefore']:.2f}" if r.get("evalBefore") is not None else "-"
+            parts.append(f"held-out perplexity {before} -> {r['evalAfter']:.2f}")
+        if r.get("receiptSha256"):
+            parts.append(f"receipt {r['receiptSha256'][:12]}")
+        lines.append(", ".join(parts))
+    return lines
 
 
 def _cluster_output(path: str, namespace: str) -> str:
@@ -411,10 +432,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"crucible lineage: {root.error}", file=sys.stderr)
         return 2
     checks = root.all_checks()
+    revisions = getattr(args, "revisions", None) or []
     if args.json:
-        print(json.dumps(root.to_json(), indent=2, default=str))
+        doc = root.to_json()
+        if revisions:
+            doc["revisions"] = revisions
+        print(json.dumps(doc, indent=2, default=str))
     else:
         print("\n".join(render(root)))
+        if revisions:
+            print("\n".join(render_revisions(revisions)))
         bad = [c for c in checks if c.status == "mismatch"]
         unchecked = [c for c in checks if c.status == "unchecked"]
         print(f"\n{sum(c.status == 'ok' for c in checks)} hash(es) verified, {len(bad)} changed, "

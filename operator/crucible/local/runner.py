@@ -44,6 +44,7 @@ from typing import Any
 from crucible.api.common import Resource, RunStatus
 from crucible.api.registry import kind_of
 from crucible.core import decide as dc
+from crucible.core import revisions as revs
 from crucible.core.plan import LaunchPlan, PlanError, plan
 from crucible.core.reconcile import Settings, run_pass
 from crucible.core.transitions import Transition, next_status
@@ -272,6 +273,26 @@ class Runner:
         output_dir = Path(probe.output_uri)
         explicit = self._explicit_output(item) is not None
 
+        if revs.enabled(resource):  # new input makes the next revision, not a fresh start
+            changed = state.fingerprint is not None and state.fingerprint != fingerprint
+            go, why = revs.next_revision(resource, state.status, time.time(), changed)
+            if go:
+                self.ui.info(f"{label}: its inputs changed since revision {len(state.status.revisions)}; "
+                             f"running revision {len(state.status.revisions) + 1}")
+                state.status = revs.start(state.status)
+                state.fingerprint = fingerprint
+            elif why:
+                self.workdir.save_state(state)
+                self.ui.info(f"{label}: {why}")
+                return RunOutcome(key, state.status.phase, why, skipped=True, restarts=state.status.restarts,
+                                  results=dict(state.status.results), output_uri=state.status.output_uri)
+            resource = revs.for_revision(resource, state.status, self.workdir.storage_root)
+            try:
+                probe = plan(resource, storage_root=self.workdir.storage_root, inputs=inputs)
+            except PlanError as exc:
+                raise RunnerError(f"{item.where}: {exc}") from exc
+            output_dir = Path(probe.output_uri)
+
         if state.fingerprint is not None and state.fingerprint != fingerprint:
             self._check_inputs_intact(item, probe)  # a damaged input is no reason to delete anything
             had_work = (output_dir / "_SUCCESS").exists() or latest_checkpoint(run_dir / "checkpoints")
@@ -310,6 +331,7 @@ class Runner:
                     state.status, dc.Decision(Transition.SUCCEED, message="output/_SUCCESS exists"),
                     now=time.time(), output_uri=probe.output_uri, results=success.get("results") or {},
                 )
+            self._record_revision(resource, state)
             self.workdir.save_state(state)
             self.ui.info(f"{label}: already succeeded (output/_SUCCESS exists), skipped")
             return RunOutcome(key, "Succeeded", "skipped: already succeeded", skipped=True,
@@ -320,9 +342,21 @@ class Runner:
         if status.phase in ("Succeeded", "Failed"):
             # Its output is gone, or it failed last time and is asked to run again: a fresh
             # attempt that keeps the checkpoints (and so resumes from them).
-            status = RunStatus(attempt=status.attempt + 1)
+            status = RunStatus(attempt=status.attempt + 1, revision=status.revision, revisions=status.revisions)
         state.status = status
-        return self._attempts(item, resource, state, policy, inputs, label)
+        outcome = self._attempts(item, resource, state, policy, inputs, label)
+        if outcome.phase == "Succeeded":
+            self._record_revision(resource, state)
+            self.workdir.save_state(state)
+        return outcome
+
+    def _record_revision(self, resource: Resource, state: RunState) -> None:
+        """With spec.revisions: log the finished revision (with its receipt's hash) in status.revisions."""
+        if not revs.enabled(resource) or not state.status.output_uri:
+            return
+        receipt = Path(state.status.output_uri) / "_SUCCESS"
+        digest = hashlib.sha256(receipt.read_bytes()).hexdigest() if receipt.is_file() else None
+        state.status = revs.record(resource, state.status, digest)
 
     def _attempts(
         self, item: LoadedResource, resource: Resource, state: RunState, policy: FailurePolicy,

@@ -209,6 +209,9 @@ def run(config: PretrainConfig) -> int:
         engine = Engine(config, model, PretrainObjective(train, validation), str(tokenizer_dir) if tokenizer_dir else None,
                         env, store)
         try:
+            # continued training (a revision, or any run from a source) reports the source's held-out
+            # perplexity on this data before and after
+            before_eval = engine.evaluate() if config.model.source is not None and validation is not None else {}
             result = engine.fit()
             staging = Path(out_uri) if not st.is_s3(out_uri) else cache / "export"
             engine.export(str(staging))
@@ -220,13 +223,16 @@ def run(config: PretrainConfig) -> int:
             memorized = check_memorization(config, staging, train, validation)
             harness = evaluate.harness_results(config.eval, staging)
             publish(staging, out_uri, store)
-            results = {**result.results(), **harness, "parameters": engine.total_params}
+            results = {**result.results(), **harness, "parameters": engine.total_params, "dataTokens": train.num_tokens}
+            if "perplexity" in before_eval:
+                results["perplexityBefore"] = before_eval["perplexity"]
             if memorized is not None:
                 results["memorization"] = memorized
                 from crucible.trainer.memorization import enforce
 
                 enforce(memorized)  # after publishing: the model stays, the run is not marked succeeded
             inputs = input_receipts(config, store, source_dir, tokenizer_dir)
+            results["dataManifestSha256"] = inputs["data"]["sha256"]  # in status.results: the operator reads no storage
             write_success(store, out_uri, STAGE, inputs, results, config)
             log(f"wrote {out_uri} ({result.steps} steps, final loss {result.final_loss:.4f})")
         barrier()
