@@ -60,6 +60,7 @@ class Trainer:
     exits_left: int = 1  # how many attempts end through exit_at
     resumed_from: list[int] = field(default_factory=list)
     attempts_seen: list[int] = field(default_factory=list)
+    results: Callable[[int], dict[str, Any]] | None = None  # more results of a successful attempt, by attempt
 
 
 class RealisticEmulator(KubernetesEmulator):
@@ -450,7 +451,8 @@ class SimCluster:
                 await self._terminate(rank0, code, message)
                 continue
             if trainer.step >= trainer.total_steps:
-                success = json.dumps({"stage": "pretrain", "results": {"finalLoss": 2.5, "steps": trainer.step}})
+                extra = trainer.results(attempt) if trainer.results is not None else {}
+                success = json.dumps({"stage": "pretrain", "results": {"finalLoss": 2.5, "steps": trainer.step, **extra}})
                 for p in running:
                     await self._terminate(p, 0, success if p["metadata"]["labels"][JOB_INDEX_LABEL] == "0" else "")
 

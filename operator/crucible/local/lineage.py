@@ -362,7 +362,8 @@ def resolve(args: argparse.Namespace) -> str:
     if path.startswith("s3://") or Path(path).exists():
         return path
     if args.cluster:
-        return _cluster_output(path, args.namespace)
+        uri, args.revisions = _cluster_output(path, args.namespace)
+        return uri
     from crucible.local.cli_common import find_workdir
     from crucible.local.workdir import WorkDir
 
@@ -404,7 +405,7 @@ def render_revisions(revisions: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _cluster_output(path: str, namespace: str) -> str:
+def _cluster_output(path: str, namespace: str) -> tuple[str, list[dict[str, Any]]]:
     kind, _, name = path.partition("/")
     if not name:
         raise LineageError(f"{path}: with --cluster, name the run as KIND/NAME (e.g. PretrainRun/my-run)")
@@ -418,7 +419,7 @@ def _cluster_output(path: str, namespace: str) -> str:
     uri = (obj.get("status") or {}).get("outputURI")
     if not uri:
         raise LineageError(f"{kind}/{name} in {namespace} has no status.outputURI yet: it has not succeeded")
-    return str(uri)
+    return str(uri), list((obj.get("status") or {}).get("revisions") or [])
 
 
 def run(args: argparse.Namespace) -> int:

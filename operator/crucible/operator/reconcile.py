@@ -24,6 +24,7 @@ as a fallback.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -38,6 +39,7 @@ from pydantic import ValidationError
 from crucible.api import GROUP, KIND_MODELS, VERSION, Resource
 from crucible.api.common import RunStatus
 from crucible.api.validate import Problem, validate_document
+from crucible.core import revisions as revs
 from crucible.core import status as st
 from crucible.core.decide import Dependency
 from crucible.core.plan import LaunchPlan, role_names
@@ -52,8 +54,9 @@ from crucible.core.reconcile import (
     reject,
     run_pass,
 )
+from crucible.core.schedule import due
 from crucible.core.status import MetricsSample
-from crucible.core.transitions import Event
+from crucible.core.transitions import Decision, Event, Transition
 from crucible.operator import kube as k
 from crucible.operator.metrics import OperatorMetrics
 from crucible.operator.observe import AttemptView, observe_attempt
@@ -125,9 +128,21 @@ class Reconciler:
             if m.body is None or m.lock.locked():
                 continue
             phase = (m.body.get("status") or {}).get("phase")
-            if phase in ("Running", "Restarting") or now - m.last_pass >= self.config.resync:
+            if (phase in ("Running", "Restarting") or now - m.last_pass >= self.config.resync
+                    or self._schedule_fired(m)):
                 out.append(m.body)
         return out
+
+    @staticmethod
+    def _schedule_fired(m: _RunMemory) -> bool:
+        """A finished run whose spec.revisions.schedule fired since its last revision (the cron of revisions)."""
+        if m.parsed is None:
+            return False
+        schedule = getattr(getattr(m.parsed[1].spec, "revisions", None), "schedule", None)
+        status = m.body.get("status") or {} if m.body is not None else {}
+        if not schedule or status.get("phase") not in ("Succeeded", "Failed") or not status.get("revisions"):
+            return False
+        return due(schedule, st.parse_time(status["revisions"][-1].get("finishedAt")), time.time())
 
     def dependents(self, body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
         """Known runs waiting on this one (``fromRun``), to reconcile when it finishes."""
@@ -136,8 +151,9 @@ class Reconciler:
         for (_, ns, _), m in list(self._runs.items()):
             if ns != namespace or m.body is None or m.parsed is None:
                 continue
-            if (m.body.get("status") or {}).get("phase") not in (None, "Pending", "Waiting"):
-                continue
+            phase = (m.body.get("status") or {}).get("phase")
+            if phase not in (None, "Pending", "Waiting") and not (phase == "Succeeded" and revs.enabled(m.parsed[1])):
+                continue  # a finished run with spec.revisions looks for a new revision of its input
             if any((ref.kind, ref.name) == (kind, name) for ref in m.parsed[1].input_refs().values()):
                 out.append(m.body)
         return out
@@ -194,9 +210,48 @@ class Reconciler:
                     await backend.emit_event(None, event)
             return
         if status.phase in ("Succeeded", "Failed"):
-            self.metrics.set_phase(key, status.phase)  # finished: nothing to look at
-            return
-        await run_pass(backend, resource, status, now, settings=self.settings)
+            started = await self._next_revision(resource, status, backend, now) if revs.enabled(resource) else None
+            if started is None:
+                self.metrics.set_phase(key, status.phase)  # finished: nothing to look at
+                return
+            status, backend = started, KubeBackend(self, self._memory(key).body or body, key)
+        step = await run_pass(backend, revs.for_revision(resource, status, self.settings.storage_root), status, now,
+                              settings=self.settings)
+        written = ((self._memory(key).body or {}).get("status") or {}).get("phase") == "Succeeded"
+        if revs.enabled(resource) and step.decision.transition is Transition.SUCCEED and written:
+            logged = revs.record(resource, step.status, _receipt_sha256(step.status.output_uri), now)
+            if logged != step.status:  # the revision that just finished, in status.revisions
+                await KubeBackend(self, self._memory(key).body or body, key).write(
+                    step.status, logged, Step(Decision(Transition.FINISHED, attempt=logged.attempt), logged))
+
+    async def _next_revision(self, resource: Resource, status: RunStatus, backend: KubeBackend, now: float
+                             ) -> RunStatus | None:
+        """spec.revisions of a finished run: log the revision that finished, and start the next one when
+        it is due (a DataPipeline's schedule fired; a PretrainRun's DataPipeline has a new manifest).
+        Returns the status the next revision starts from (already written), else None."""
+        logged = revs.record(resource, status, _receipt_sha256(status.output_uri), now)
+        go, why = revs.next_revision(resource, logged, now, await self._revision_input_changed(resource, logged))
+        new = revs.start(logged) if go else logged
+        if go:
+            new.message = f"revision {new.revision}: {'the schedule fired' if resource.kind == 'DataPipeline' else 'new data'}"
+        elif why and logged.message != why and logged.phase == "Succeeded":
+            new = logged.model_copy(update={"message": why})
+        if new == status:
+            return None
+        written = await backend.write(status, new, Step(Decision(Transition.FINISHED, attempt=status.attempt), new))
+        return new if go and written else None
+
+    async def _revision_input_changed(self, resource: Resource, status: RunStatus) -> bool:
+        if resource.kind == "DataPipeline":  # the sources are read again at each fire time
+            return bool(getattr(resource.spec.revisions, "schedule", None))
+        ref = resource.input_refs().get("data")
+        if ref is None or not status.revisions:
+            return False
+        obj = await self.kube.get(cr_res(ref.kind), resource.metadata.namespace, ref.name)
+        upstream = (obj or {}).get("status") or {}
+        manifest = (upstream.get("results") or {}).get("manifestSha256")
+        return (upstream.get("phase") == "Succeeded" and bool(manifest)
+                and manifest != status.revisions[-1].data_manifest_sha256)
 
     def _parse(self, body: Mapping[str, Any], key: tuple[str, str, str]) -> tuple[Resource | None, list[Problem]]:
         """The typed resource, validated once per generation (the spec changes only with it)."""
@@ -444,6 +499,13 @@ def _results(view: AttemptView, output_uri: str | None) -> dict[str, Any] | None
             if isinstance(doc, dict) and isinstance(doc.get("results"), dict):
                 return doc["results"]
     return None
+
+
+def _receipt_sha256(output_uri: str | None) -> str | None:
+    """sha256 of a finished output's ``_SUCCESS`` when it is on a volume the operator sees (else None:
+    the operator reads no bucket)."""
+    text = _read_local_success(output_uri)
+    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
 
 
 def _read_local_success(output_uri: str | None) -> str | None:
