@@ -61,6 +61,9 @@ def test_a_data_revision_dedups_against_every_earlier_output_with_the_first_toke
     plain = build(manifest("DataPipeline", "news", data_spec(revisions={"dedupAgainstEarlier": False})))
     assert revs.for_revision(plain, status, "s3://b").spec.steps.dedup.earlier_revisions == []
     assert revs.for_revision(dp, RunStatus(), "s3://b") is dp  # revision 1: the run as written
+    # once revision 3 is logged too, it still runs as it ran (a rerun finds its own _SUCCESS)
+    done = revs.record(dp, status.model_copy(update={"phase": "Succeeded", "output_uri": "s3://b/o3"}))
+    assert revs.for_revision(dp, done, "s3://b").spec == spec
 
 
 def test_a_model_revision_continues_from_the_previous_model() -> None:

@@ -46,7 +46,7 @@ def for_revision(run: Resource, status: RunStatus, storage_root: str) -> Resourc
     revision = status.revision or 1
     if not enabled(run) or revision <= 1:
         return run
-    earlier = [r.output_uri for r in status.revisions if r.output_uri]
+    earlier = [r.output_uri for r in status.revisions if r.output_uri and r.revision < revision]
     if not earlier:
         return run
     wire = run.model_dump(mode="json", by_alias=True, exclude_none=True)
