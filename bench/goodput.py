@@ -141,6 +141,27 @@ class Run:
     def state(self) -> dict[str, Any]:
         return json.loads((self.run_dir / "state.json").read_text())
 
+    @property
+    def warm(self) -> bool:
+        return os.environ.get("CRUCIBLE_WARM_SPARES", "1") != "0"
+
+    def spare_ready(self) -> bool:
+        """A warm spare for the next attempt has finished its imports (its preload log says so)."""
+        for log in (self.run_dir / "logs").glob("spare-*.log"):
+            with contextlib.suppress(OSError):
+                if b"crucible-spare: ready" in log.read_bytes():
+                    return True
+        return False
+
+    def timeline(self) -> list[dict[str, Any]]:
+        """The runner's per-attempt events (processes started warm or cold, exits seen)."""
+        path = self.run_dir / "logs" / "timeline.jsonl"
+        out = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted((self.run_dir / "logs").glob("attempt-*.log")))
 
@@ -156,6 +177,16 @@ def inject_faults(run: Run, mtbf: float, rng: random.Random, stop: threading.Eve
             last = faults[-1]["lastStep"] if faults else 0
             if stop.wait(0.05) or not run.steps() or run.steps()[-1]["step"] < last + every_steps:
                 continue
+            if run.warm and not run.spare_ready():
+                # The smoke run checks warm restarts: the trainer is paused (SIGSTOP, no CPU taken) until
+                # the next attempt's spare has done its imports, then killed — on a busy machine too.
+                paused = [p for p in run.trainer_pids() if _alive(p)]
+                for pid in paused:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
+                deadline = time.monotonic() + 900
+                while paused and not run.spare_ready() and time.monotonic() < deadline and not stop.wait(0.1):
+                    pass
         elif stop.wait(rng.expovariate(1.0 / mtbf)):
             return
         pids = run.trainer_pids()
@@ -184,20 +215,33 @@ def analyse(run: Run, faults: list[dict[str, Any]], reference: Run | None) -> di
     wall = run.ended - run.started
     useful = sum(float(r.get("stepSeconds") or 0.0) for r in kept.values())
     per_fault = []
+    timeline = run.timeline()
+    attempts = [r for r in run.records() if r.get("event") == "attempt"]
     for f in faults:
         after = [r for r in steps if r["time"] > f["time"]]
         if not after:
             continue
         first = after[0]
-        per_fault.append({"atStep": f["lastStep"], "resumedFrom": first["step"] - 1,
-                          "stepsLost": max(0, f["lastStep"] - (first["step"] - 1)),
-                          "restartLatencySeconds": round(first["time"] - f["time"], 2)})
+        entry: dict[str, Any] = {"atStep": f["lastStep"], "resumedFrom": first["step"] - 1,
+                                 "stepsLost": max(0, f["lastStep"] - (first["step"] - 1)),
+                                 "restartLatencySeconds": round(first["time"] - f["time"], 2)}
+        # where the restart latency went: fault → exit seen → started → imports done → checkpoint read → step
+        seen = next((e for e in timeline if e["event"] == "exitSeen" and e["time"] >= f["time"]), None)
+        started = next((e for e in timeline if e["event"] == "started" and e["time"] >= f["time"]), None)
+        attempt = next((a for a in attempts if (a.get("resumedAt") or 0) >= f["time"]), None)
+        if seen and started and attempt and attempt.get("importsDoneAt"):
+            marks = [f["time"], seen["time"], started["time"], max(started["time"], attempt["importsDoneAt"]),
+                     attempt["resumedAt"], first["time"]]
+            entry["warm"] = bool(started.get("warm"))
+            entry["phases"] = {name: round(b - a, 2) for name, a, b in zip(PHASES, marks, marks[1:], strict=False)}
+        per_fault.append(entry)
     logs = run.logs()
     intervals = [int(m.group(1)) for m in re.finditer(r"checkpoint interval auto: (\d+) steps", logs)]
     decisions = re.findall(r"checkpoint interval auto: .*", logs)
     saves = [float(r["blockingSeconds"]) for r in run.records() if r.get("event") == "checkpoint"]
     startup = (steps[0]["time"] - run.started) if steps else math.nan
     tail = (run.ended - steps[-1]["time"]) if steps else math.nan
+    phased = [f["phases"] for f in per_fault if "phases" in f]
     out: dict[str, Any] = {
         "wallSeconds": round(wall, 1),
         "usefulStepSeconds": round(useful, 1),
@@ -212,6 +256,9 @@ def analyse(run: Run, faults: list[dict[str, Any]], reference: Run | None) -> di
         "meanStepsLost": round(float(np.mean([f["stepsLost"] for f in per_fault])), 1) if per_fault else 0.0,
         "meanRestartLatencySeconds": round(float(np.mean([f["restartLatencySeconds"] for f in per_fault])), 2)
         if per_fault else 0.0,
+        "warmRestarts": sum(1 for f in per_fault if f.get("warm")),
+        "restartPhasesMeanSeconds": {k: round(float(np.mean([p[k] for p in phased])), 2) for k in PHASES}
+        if phased else {},
         "checkpointIntervals": intervals,
         "checkpointDecisions": decisions[-3:],
         "checkpoints": len(saves),
@@ -243,6 +290,9 @@ def analyse(run: Run, faults: list[dict[str, Any]], reference: Run | None) -> di
         out["referenceWallSeconds"] = round(reference.ended - reference.started, 1)
         ref_useful = sum(float(r.get("stepSeconds") or 0.0) for r in ref_kept.values())
         out["referenceGoodput"] = round(ref_useful / (reference.ended - reference.started), 4)
+        # stricter: the uninterrupted run's step time over the faulted run's wall time (steps slowed
+        # by spares importing or checkpoint writes beside them count as lost here)
+        out["goodputAgainstReferenceSteps"] = round(ref_useful / wall, 4) if wall > 0 else None
     return out
 
 
@@ -254,6 +304,9 @@ def waste_model(save_s: float, restart_s: float, mtbf_s: float, interval_s: floa
     return {"intervalSeconds": round(tau, 1), **{k: round(v, 4) for k, v in parts.items()},
             "goodput": round(max(0.0, 1.0 - sum(parts.values())), 4)}
 
+
+PHASES = ("exitSeen", "processStarted", "importsDone", "checkpointRead", "firstStepDone")
+"""The parts of a restart's latency, each from the end of the one before (the first from the kill)."""
 
 CLUSTER = {"gpus": 1000, "mtbfSeconds": 3 * 3600.0, "saveSeconds": 10.0, "restartSeconds": 240.0}
 """The 1,000-GPU case of docs/operator.md: one fault per 3 h; a 10 s blocking save (each GPU's
@@ -362,9 +415,12 @@ def _print(f: dict[str, Any]) -> None:
           f"(+{f['faultsMissed']} between attempts), {f['restarts']} restarts")
     print(f"  goodput                 {f['goodput']:.1%}  (useful step time {f['usefulStepSeconds']} s / wall); "
           f"runner's status.goodput {f['runnerGoodput']}")
-    print(f"  reference (no faults)   {f['referenceGoodput']:.1%}  in {f['referenceWallSeconds']} s wall")
+    print(f"  reference (no faults)   {f['referenceGoodput']:.1%}  in {f['referenceWallSeconds']} s wall; "
+          f"the reference's step time over the faulted run's wall {f['goodputAgainstReferenceSteps']:.1%}")
     print(f"  steps lost per fault    {f['meanStepsLost']} (mean), median step {f['medianStepSeconds']} s")
-    print(f"  restart latency         {f['meanRestartLatencySeconds']} s (mean, fault → first new step done)")
+    print(f"  restart latency         {f['meanRestartLatencySeconds']} s (mean, fault → first new step done); "
+          f"{f['warmRestarts']} of {f['faults']} restarts on a warm spare")
+    print(f"    mean of each part     {f['restartPhasesMeanSeconds']} s")
     print(f"  checkpoint interval     {f['checkpointIntervals']} steps (Young/Daly, in order); "
           f"{f['checkpoints']} saves, {f['meanCheckpointBlockingSeconds']} s blocking each")
     for line in f["checkpointDecisions"]:

@@ -17,17 +17,34 @@ How the proof works — by tracing reads, not by a list kept in sync:
   read, and every field that no variant sets — so a new field fails it until a variant sets it and the
   operator uses it (or it is listed in :data:`DOCUMENTED` with the reason nothing reads it).
 
-The trainer-side fields (``training``, ``model``, ...) are consumed by the stages in their own
-process; their accepted-but-ignored cases are refused by the validators tested in
-``test_validate_gaps.py``.
+Every field of every kind's spec model — the trainer's (``training``, ``model``, ``lossSpike``...,
+the models of ``crucible/trainer/config/``) as much as the operator's (``crucible/api/``) — is
+also proven read by code outside the models, by a static scan (:func:`unread_fields`):
+
+* The consumers are every module of ``crucible`` except the model definitions themselves
+  (``trainer/config/`` and ``api/``), whose validators read fields only to accept or refuse them.
+* A field is read when a consumer loads the attribute (``cfg.max_rollbacks``), or uses its wire
+  name or Python name as a key (``spec["maxSteps"]``, ``.get("maxSteps")``, ``getattr(x, "seed")``,
+  ``"seed" in d``) — not in messages. A field read only by a property or method of its model (not
+  a validator) is read when a consumer reads that property or method (``hang_timeout`` through
+  ``hang_timeout_seconds``), transitively.
+* What the scan cannot see is listed in :data:`METADATA` with the reason (fields that take effect
+  in validation, like the data policy, or that only describe the resource).
+
+A field added to any spec model and read by nothing outside the models fails
+:func:`test_every_spec_field_is_read_outside_its_model` (and the placement test above, for the
+placement roots); :func:`test_the_scan_flags_a_field_nothing_reads` proves that it can fail.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+import functools
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -248,3 +265,176 @@ def _given(spec: dict[str, Any], prefix: str = "") -> set[str]:
 def _is_parent(path: str, fields: set[str]) -> bool:
     """A field holding a model is covered through its own fields."""
     return any(other.startswith(path + ".") for other in fields)
+
+
+# ------------------------------------------------------------------ every spec field (static scan)
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = (REPO / "trainer" / "crucible", REPO / "operator" / "crucible")
+DEFINITIONS = (REPO / "trainer" / "crucible" / "trainer" / "config", REPO / "operator" / "crucible" / "api")
+"""Where the spec models live: reads there are validation, not use."""
+
+METADATA: dict[str, str] = {
+    "DataPolicy.require_license": "takes effect in validation: DataPipelineConfig._policy refuses a source "
+                                  "without a licence (tests/data/test_source_receipts.py)",
+    "DataPolicy.allowed_licenses": "takes effect in validation: DataPipelineConfig._policy refuses a source "
+                                   "whose licence is not listed",
+    "DataPolicy.require_consent": "takes effect in validation: DataPipelineConfig._policy refuses a source "
+                                  "without a consent basis",
+}
+"""``Model.field`` that no consumer reads, and why that is right."""
+
+_KEY_CALLS = frozenset({"get", "pop", "getattr", "hasattr", "setdefault"})
+
+
+def spec_models() -> dict[str, type[BaseModel]]:
+    """Every pydantic model reachable from a kind's ``spec``, by qualified name."""
+    found: dict[str, type[BaseModel]] = {}
+
+    def walk(model: type[BaseModel]) -> None:
+        if found.get(model.__qualname__) is model:
+            return
+        found[model.__qualname__] = model
+        for info in model.model_fields.values():
+            for nested in models_in(info.annotation):
+                walk(nested)
+
+    for kind_model in KIND_MODELS.values():
+        for nested in models_in(kind_model.model_fields["spec"].annotation):
+            walk(nested)
+    return found
+
+
+def models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+
+def _python_files(roots: Iterable[Path]) -> list[Path]:
+    return sorted(f for root in roots for f in root.rglob("*.py"))
+
+
+def _is_definition(path: Path) -> bool:
+    return any(path.is_relative_to(d) for d in DEFINITIONS)
+
+
+@functools.cache
+def consumer_reads() -> frozenset[str]:
+    """Attribute names loaded, and string keys used, by the consumer modules."""
+    names: set[str] = set()
+    for path in _python_files(SOURCES):
+        if _is_definition(path):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                names.add(node.attr)
+            elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+                names.add(str(node.slice.value))
+            elif isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+                if called in _KEY_CALLS:
+                    names.update(str(a.value) for a in node.args if isinstance(a, ast.Constant))
+            elif isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) and any(
+                    isinstance(op, ast.In | ast.NotIn) for op in node.ops):
+                names.add(str(node.left.value))
+    return frozenset(names)
+
+
+@functools.cache
+def model_methods() -> dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]]:
+    """class -> method/property -> (``self.`` attributes it reads, string keys it uses); validators left out."""
+    out: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {}
+    for path in _python_files(DEFINITIONS):
+        for cls in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            methods = out.setdefault(cls.name, {})
+            for fn in cls.body:
+                if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) or any(
+                        "validator" in ast.unparse(d) for d in fn.decorator_list):
+                    continue
+                attrs = frozenset(n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)
+                                  and isinstance(n.value, ast.Name) and n.value.id == "self")
+                keys = frozenset(str(n.slice.value) for n in ast.walk(fn)
+                                 if isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Constant)) | frozenset(
+                    str(n.left.value) for n in ast.walk(fn) if isinstance(n, ast.Compare)
+                    and isinstance(n.left, ast.Constant))
+                methods[fn.name] = (attrs, keys)
+    return out
+
+
+def _read_through_methods(model: type[BaseModel], name: str, wire: str, reads: frozenset[str]) -> bool:
+    """Whether a method/property of the model (or a base) that reads ``self.name``, or a method of any
+    model class that reads the wire key (``Resource.input_refs`` and ``fromRun``), is itself read by a
+    consumer — directly or through other methods of the model."""
+    own: dict[str, frozenset[str]] = {}
+    for base in reversed(model.__mro__):
+        own.update({m: attrs for m, (attrs, _) in model_methods().get(base.__name__, {}).items()})
+    wanted = {m for m, attrs in own.items() if name in attrs}
+    wanted |= {m for methods in model_methods().values() for m, (_, keys) in methods.items() if wire in keys}
+    seen: set[str] = set()
+    while wanted:
+        method = wanted.pop()
+        if method in reads:
+            return True
+        seen.add(method)
+        wanted |= {m for m, attrs in own.items() if method in attrs and m not in seen}
+    return False
+
+
+def unread_fields(models: dict[str, type[BaseModel]] | None = None,
+                  reads: frozenset[str] | None = None) -> list[str]:
+    """``Model.field (wireName)`` of every spec field no consumer reads and :data:`METADATA` does not explain."""
+    models = spec_models() if models is None else models
+    reads = consumer_reads() if reads is None else reads
+    out = []
+    for qualname, model in sorted(models.items()):
+        for name, info in model.model_fields.items():
+            wire = info.alias or name
+            if f"{qualname}.{name}" in METADATA or name in reads or wire in reads:
+                continue
+            if _read_through_methods(model, name, wire, reads):
+                continue
+            out.append(f"{qualname}.{name} ({wire})")
+    return out
+
+
+def test_every_spec_field_is_read_outside_its_model() -> None:
+    models = spec_models()
+    assert {"TrainingConfig", "LossSpikeConfig", "LoraConfig", "Resources", "FailurePolicy"} <= set(models)
+    assert sum(len(m.model_fields) for m in models.values()) > 300
+    unread = unread_fields(models)
+    assert not unread, ("spec fields nothing outside the models reads (make them take effect where the stage or "
+                        "operator runs, refuse them, or list them in METADATA with why):\n" + "\n".join(unread))
+    stale = [k for k in METADATA if k.split(".")[0] not in models or k.split(".")[1] not in
+             models[k.split(".")[0]].model_fields]
+    assert not stale, f"METADATA names fields that do not exist: {stale}"
+
+
+def test_the_scan_flags_a_field_nothing_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A field added to a trainer model (here lossSpike) and read by nothing is reported; one that only a
+    validator reads is reported too; one a consumer reads, or reads through a property, is not."""
+    from crucible.trainer.config.common import FailurePolicy
+    from crucible.trainer.config.training import LossSpikeConfig
+
+    assert unread_fields({"LossSpikeConfig": LossSpikeConfig}) == []
+    from pydantic.fields import FieldInfo
+
+    fresh = FieldInfo(annotation=int, default=0, alias="dummyUnreadKnob", description="a knob nobody reads")
+    monkeypatch.setitem(LossSpikeConfig.model_fields, "dummy_unread_knob", fresh)
+    assert unread_fields({"LossSpikeConfig": LossSpikeConfig}) == ["LossSpikeConfig.dummy_unread_knob (dummyUnreadKnob)"]
+    # the whole walk flags it too (the test above would fail)
+    assert "LossSpikeConfig.dummy_unread_knob (dummyUnreadKnob)" in unread_fields()
+    # an existing field whose only consumer read is taken away is flagged (the engine reads max_rollbacks)
+    assert "LossSpikeConfig.max_rollbacks (maxRollbacks)" in unread_fields(
+        {"LossSpikeConfig": LossSpikeConfig}, consumer_reads() - {"max_rollbacks", "maxRollbacks"})
+    # read only by a validator of the model: still unread (validation is not use)
+    assert "_hang_timeout" in ast.unparse(ast.parse((DEFINITIONS[0] / "common.py").read_text()))
+    without_property = consumer_reads() - {"hang_timeout_seconds", "hang_timeout", "hangTimeout"}
+    assert "FailurePolicy.hang_timeout (hangTimeout)" in unread_fields({"FailurePolicy": FailurePolicy},
+                                                                      without_property)
+    # read through a property a consumer reads (hang_timeout_seconds): covered
+    assert "hang_timeout_seconds" in consumer_reads()
+    assert "FailurePolicy.hang_timeout (hangTimeout)" not in unread_fields(
+        {"FailurePolicy": FailurePolicy}, consumer_reads() - {"hang_timeout", "hangTimeout"})

@@ -29,3 +29,8 @@ def test_goodput_smoke_loses_nothing_to_sigkills(tmp_path: Path) -> None:
     assert f["steps"] == 80 and all(x["stepsLost"] >= 0 for x in f["perFault"])
     assert 0 < f["goodput"] < f["referenceGoodput"] <= 1
     assert "goodput" in proc.stdout and "restart latency" in proc.stdout
+    # every restart ran on a warm spare (imports done before the fault): its latency is taken apart
+    assert f["warmRestarts"] == f["faults"], f["perFault"]
+    phases = f["restartPhasesMeanSeconds"]
+    assert set(phases) == {"exitSeen", "processStarted", "importsDone", "checkpointRead", "firstStepDone"}
+    assert all(v >= 0 for v in phases.values())

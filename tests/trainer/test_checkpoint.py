@@ -170,13 +170,22 @@ def test_interval_auto_follows_young_daly(shards: Path, tmp_path: Path) -> None:
     engine = make_engine(shards, tmp_path, training={"maxSteps": 30},
                          checkpoint={"interval": "auto", "asyncSave": False},
                          failurePolicy={"failureRatePerHour": 3600.0})  # one fault a second: save often
-    assert engine.interval == 3  # before any save is measured: a tenth of the run
+    assert engine.interval == 1  # the first checkpoint follows step 1: the save cost is measured, not assumed
     LOG.clear()
     engine.fit()
     engine.close()
     assert any("checkpoint interval auto" in line and "Young/Daly" in line for line in LOG), LOG
-    cost = max(engine.checkpointer.last_blocking_s, engine.checkpointer.last_total_s)
-    assert engine.interval == young_daly_interval(cost, 3600.0, engine._median_step_s)
+    assert engine._save_cost() is not None and engine._save_cost() > 0
+    assert engine.interval == young_daly_interval(engine._save_cost(), 3600.0, engine._median_step_s)
+    # no failure seen yet and no rate given: Young/Daly with one a day, bounded by 1 % of the time on saves
+    unseen = make_engine(shards, tmp_path / "unseen", training={"maxSteps": 30}, checkpoint={"interval": "auto"})
+    unseen._save_costs, unseen._median_step_s = [0.1], 0.01
+    unseen._retune_interval()
+    assert unseen.interval == round(0.1 / 0.01 / 0.01) < young_daly_interval(0.1, 1 / 24, 0.01)
+    unseen._save_costs, unseen._median_step_s = [100.0], 1.0  # a slow save: one a day checkpoints more often
+    unseen._retune_interval()
+    assert unseen.interval == young_daly_interval(100.0, 1 / 24, 1.0) < 100.0 / 0.01
+    unseen.close()
 
 
 class _RunsCode:

@@ -102,15 +102,19 @@ class NanObjective(PretrainObjective):
         return (loss * float("nan"), extra) if self.calls >= self.nan_from else (loss, extra)
 
 
-def test_nan_before_the_first_checkpoint_fails_as_unstable_and_is_counted(shards: Path, tmp_path: Path) -> None:
-    """Before: "no checkpoint to roll back to; continuing" on every later step, never counted (issue #11)."""
+def test_nan_for_good_before_the_first_checkpoint_rolls_back_to_the_start_until_maxrollbacks(
+        shards: Path, tmp_path: Path) -> None:
+    """Before: "no checkpoint to roll back to; continuing" on every later step, never counted (issue #11).
+    Now each NaN before the first checkpoint rolls back to the initial state and counts; a loss that
+    stays NaN fails as unstable once lossSpike.maxRollbacks is used up."""
     import pytest
 
     from crucible.trainer.engine import UnstableTrainingError
     from crucible.trainer.faults import EXIT_APPLICATION_ERROR, classify
 
     objective = NanObjective(ShardSet(shards / "train"), None, nan_from=3)
-    engine = make_engine(shards, tmp_path, objective=objective, lossSpike={**SPIKE, "action": "rollback"},
+    engine = make_engine(shards, tmp_path, objective=objective,
+                         lossSpike={**SPIKE, "action": "rollback", "maxRollbacks": 2},
                          training={"maxSteps": 40}, checkpoint={"interval": 20})
     try:
         with pytest.raises(UnstableTrainingError) as err:
@@ -118,7 +122,67 @@ def test_nan_before_the_first_checkpoint_fails_as_unstable_and_is_counted(shards
     finally:
         engine.close()
     message = str(err.value)
-    assert "non-finite loss (nan) at step" in message and "before the first checkpoint" in message
-    assert "rollback 1 of lossSpike.maxRollbacks 5" in message
-    assert engine.detector.rollbacks == 1 and engine.step < 20
+    assert "non-finite loss (nan) at step" in message and "3 loss-spike rollbacks exceed lossSpike.maxRollbacks (2)" in message
+    assert engine.detector.rollbacks == 2 and engine.step == 0
     assert classify(err.value)[0] == EXIT_APPLICATION_ERROR
+    events = read_step_log(tmp_path / "checkpoints" / "metrics.jsonl")
+    assert [e["toStep"] for e in events if e.get("event") == "rollback"] == [0, 0]
+
+
+class NanAt(BatchIterator):
+    """The batches of data positions [start, end) carry a marker that turns their loss NaN (a bad stretch)."""
+
+    def __init__(self, inner: BatchIterator, start: int, end: int) -> None:
+        super().__init__(inner.sampler, inner.fetch)
+        self.start, self.end = start, end
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        position = self.position
+        while (end := self.sampler._skipped(position)) is not None:
+            position = end
+        batch = super().__next__()
+        return {**batch, "nan": torch.ones(())} if self.start <= position < self.end else batch
+
+
+class NanWindowObjective(PretrainObjective):
+    def __init__(self, *args: Any, window: tuple[int, int], pre_skip: bool = False) -> None:
+        super().__init__(*args)
+        self.window, self.pre_skip = window, pre_skip
+
+    def train_batches(self, ctx: Any) -> BatchIterator:
+        it = NanAt(super().train_batches(ctx), *self.window)
+        if self.pre_skip:  # the twin: never sees the window at all
+            it.skip(*self.window)
+        return it
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> Any:
+        poisoned = batch.pop("nan", None) is not None
+        loss, extra = super().loss(model, batch)
+        return (loss * float("nan"), extra) if poisoned else (loss, extra)
+
+
+def test_nan_before_the_first_checkpoint_rolls_back_to_the_initial_state_exactly(shards: Path, tmp_path: Path) -> None:
+    """A NaN at step 3 with the first checkpoint due at step 20: back to step 0 (weights, optimizer,
+    RNG, data position), the bad window skipped, counted — and from there bit for bit the run that
+    never saw the window."""
+    bad = ((3 - 1) * ITEMS_PER_STEP, 3 * ITEMS_PER_STEP)
+    spec: dict[str, Any] = {"lossSpike": {**SPIKE, "action": "rollback"}, "training": {"maxSteps": 8},
+                            "optimizer": {"lr": 1e-2, "warmupSteps": 2}, "checkpoint": {"interval": 20}}
+    runs = {}
+    for name, pre_skip in (("rolled", False), ("twin", True)):
+        objective = NanWindowObjective(ShardSet(shards / "train"), None, window=bad, pre_skip=pre_skip)
+        engine = make_engine(shards, tmp_path / name, objective=objective, **spec)
+        result = engine.fit()
+        weights = {k: v.detach().clone() for k, v in engine.strategy.module.state_dict().items()}
+        engine.close()
+        events = read_step_log(tmp_path / name / "checkpoints" / "metrics.jsonl")
+        runs[name] = (result, weights, events)
+    result, weights, events = runs["rolled"]
+    rollbacks = [e for e in events if e.get("event") == "rollback"]
+    assert [(e["step"], e["toStep"], e["skip"]) for e in rollbacks] == [(3, 0, list(bad))]
+    assert result.steps == 8 and result.rollbacks == 1 and result.loss_spikes == 1
+    twin_result, twin_weights, twin_events = runs["twin"]
+    assert twin_result.rollbacks == 0
+    kept = {e["step"]: float(e["loss"]).hex() for e in events if "event" not in e and e["step"] > 0}
+    assert kept == {e["step"]: float(e["loss"]).hex() for e in twin_events if "event" not in e}
+    assert weights.keys() == twin_weights.keys() and all(torch.equal(weights[k], twin_weights[k]) for k in weights)

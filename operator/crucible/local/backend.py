@@ -8,11 +8,21 @@ failure classification and the order of a DataPipeline's roles are the core's. O
 the processes' exit codes, ``<checkpoint.uri>/metrics.jsonl`` (what the trainer reported) and
 the checkpoint folder; act starts a role's process group (torchrun-style, see
 :mod:`.processes`) or stops the attempt; the status goes to ``state.json``; events are printed.
+
+Restarts are warm (:mod:`.warm`): once an attempt of a trainer stage has trained a step, the
+backend pre-starts one spare interpreter per rank with the stage's imports done, and the next
+attempt's processes are those spares, released with the attempt's arguments and environment.
+``<run>/logs/timeline.jsonl`` records, per attempt, when its processes started (warm or cold) and
+when their exit was seen; the trainer adds when its imports were done and its checkpoint read
+(``metrics.jsonl``), so a restart's latency can be taken apart (``bench/goodput.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,9 +43,11 @@ from crucible.core.reconcile import (
 )
 from crucible.core.status import MetricsSample, status_patch
 from crucible.core.transitions import Event
+from crucible.local import warm
 from crucible.local.metrics import MetricsTail, latest_checkpoint, read_success
 from crucible.local.processes import ProcessGroup, ProcessSpec, free_port, torchrun_env
 from crucible.local.ui import Ui
+from crucible.local.warm import Spare
 from crucible.local.workdir import RunState, WorkDir, write_json_atomic
 
 LOG_TAIL_LINES = 20
@@ -57,6 +69,11 @@ class LocalBackend:
     tail: MetricsTail | None = None
     checkpoint_step: int | None = None
     on_event: Callable[[Event], None] | None = None
+    python: str = sys.executable
+    spares: list[Spare] = field(default_factory=list)
+    """Warm interpreters for the next attempt's first role, rank by rank."""
+    started_at: float = 0.0
+    exit_seen: bool = False
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -84,6 +101,11 @@ class LocalBackend:
         failure = None
         if state == "failed":
             ends = self._ends()
+            if not self.exit_seen:
+                self.exit_seen = True
+                self._timeline("exitSeen", codes=[c for g in self.groups.values() for c in g.codes()])
+        elif state == "running":
+            self._prestart_spares()
         elif state == "succeeded" and self.plan is not None:
             success = read_success(Path(self.plan.output_uri))
             if success is None:
@@ -146,10 +168,61 @@ class LocalBackend:
         self._start_role(next(r for r in plan.roles if r.name == role))
 
     def _start_role(self, role: Role) -> None:
-        group = ProcessGroup(self._process_specs(role))
-        group.start()
+        specs = self._process_specs(role)
+        spares = self._take_spares(specs) if self.plan is not None and role is self.plan.roles[0] else []
+        group = ProcessGroup(specs)
+        group.start(spares)
         self.groups[role.name] = group
         self.state.pids = group.pids
+        self.started_at = time.time()
+        self.exit_seen = False
+        self._timeline("started", role=role.name, pids=group.pids, warm=bool(spares))
+
+    # -- warm spares ---------------------------------------------------------------------
+    def _take_spares(self, specs: list[ProcessSpec]) -> list[Spare | None]:
+        """The spares, when every rank has one that fits; else none (they are discarded)."""
+        spares, self.spares = self.spares, []
+        if not spares:
+            return []
+        why = None if len(spares) == len(specs) else f"{len(spares)} spares for {len(specs)} processes"
+        for spare, spec in zip(spares, specs, strict=False):
+            why = why or spare.usable_for(spec.argv, spec.env)
+        if why is not None:
+            self.ui.info(f"{self.label}: starting the attempt cold: {why}")
+            for spare in spares:
+                spare.discard()
+            return []
+        return list(spares)
+
+    def _prestart_spares(self) -> None:
+        """Once the first role's attempt has trained a step, start its ranks' spares for the next attempt."""
+        if self.spares or self.plan is None or self.trainer_command is not None or not warm.enabled():
+            return
+        first = self.plan.roles[0].name
+        group = self.groups.get(first)
+        if group is None or len(self.groups) != 1 or self.tail is None:
+            return
+        if self.tail.last_advance is None or self.tail.last_advance < self.started_at:
+            return  # not before this attempt's own imports are done: they are on the critical path
+        if not all(warm.is_trainer_argv(spec.argv, self.python) for spec in group.specs):
+            return
+        folder = self.workdir.run_dir(*self.key) / "logs"
+        self.spares = [Spare.start(self.python, spec.argv[3], spec.env, folder, spec.rank) for spec in group.specs]
+        self._timeline("sparesStarted", pids=[sp.pid for sp in self.spares])
+
+    def discard_spares(self) -> None:
+        for spare in self.spares:
+            spare.discard()
+        self.spares = []
+
+    def _timeline(self, event: str, **fields: Any) -> None:
+        record = {"time": round(time.time(), 3), "attempt": self.plan.attempt if self.plan else None,
+                  "event": event, **fields}
+        folder = self.workdir.run_dir(*self.key) / "logs"
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "timeline.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
 
     async def ensure_attempt(self, run: Resource, action: EnsureAttempt) -> None:
         return None  # processes are started whole or not at all
@@ -162,6 +235,11 @@ class LocalBackend:
             group.kill() if kill else group.stop()
         self.groups = {}
         self.state.pids = []
+
+    def close(self) -> None:
+        """The run is over here (finished, failed or interrupted): its processes and spares go."""
+        self.stop_all()
+        self.discard_spares()
 
     async def write_status(self, run: Resource, old: RunStatus, new: RunStatus, step: Step) -> bool:
         changed = status_patch(self.state.status, new) is not None

@@ -24,6 +24,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crucible.local.warm import Spare
 
 TERMINATE_GRACE_SECONDS = 10.0
 
@@ -87,13 +91,19 @@ class ProcessGroup:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _stopped: set[int] = field(default_factory=set)
 
-    def start(self) -> None:
-        for spec in self.specs:
+    def start(self, spares: Sequence[Spare | None] = ()) -> None:
+        """Start every process; ``spares[i]`` (a warm spare that fits spec i) becomes process i instead."""
+        for i, spec in enumerate(self.specs):
             spec.log.parent.mkdir(parents=True, exist_ok=True)
+            spare = spares[i] if i < len(spares) else None
             with open(spec.log, "ab") as log:
+                warm = f" (warm spare, pid {spare.pid})" if spare is not None else ""
                 log.write(f"--- crucible: started {' '.join(spec.argv)} (rank {spec.rank}) at "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}{warm}\n".encode())
                 log.flush()
+                if spare is not None:
+                    self.procs.append(spare.release(spec.argv, spec.env, spec.log))
+                    continue
                 proc = subprocess.Popen(
                     list(spec.argv),
                     env=dict(spec.env),

@@ -415,7 +415,7 @@ class Runner:
                 self.ui.update(ui_key, state.status.progress.step, total, self._detail(backend, total))
                 self._stop.wait(timeout=self.options.poll_seconds)  # Ctrl-C: handled at the top
         finally:
-            backend.stop_all()
+            backend.close()
 
     def _detail(self, backend: LocalBackend, total: int | None) -> str:
         p = backend.state.status.progress

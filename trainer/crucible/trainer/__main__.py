@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
+import crucible.trainer
 from crucible.trainer.config.common import EXIT_APPLICATION_ERROR, EXIT_BAD_INPUT
 
 STAGES: dict[str, str] = {
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return EXIT_APPLICATION_ERROR
+    crucible.trainer.IMPORTS_DONE_AT = time.time()
     stage_main = getattr(module, "main", None)
     if stage_main is None:
         print(f"crucible.trainer: {module_name} has no main(argv) function", file=sys.stderr)

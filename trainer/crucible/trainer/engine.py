@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from crucible.trainer import storage as st
-from crucible.trainer.checkpoint import Checkpointer, young_daly_interval
+from crucible.trainer.checkpoint import Checkpointer, rng_state, set_rng_state, young_daly_interval
 from crucible.trainer.config.stages import TrainStageConfig
 from crucible.trainer.distributed import DistEnv, Strategy, broadcast_object, build_strategy
 from crucible.trainer.faults import RetriableError, SpecError
@@ -171,6 +171,20 @@ def _moe_experts(model: torch.nn.Module) -> int:
     return blocks[0].num_experts if blocks else 0
 
 
+UNSEEN_FAILURES_OVERHEAD = 0.01
+"""``checkpoint.interval: auto`` before any failure is seen (no ``failurePolicy.failureRatePerHour``,
+no restart yet): the interval is the shorter of Young/Daly with :data:`PRIOR_FAILURES_PER_HOUR`
+and the one that spends this share of the time on blocking saves (τ = C / 1 %). An unknown
+failure rate is no reason to risk hours of work when a save costs a fraction of a second."""
+PRIOR_FAILURES_PER_HOUR = 1.0 / 24.0
+
+
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's storage of a parameter (the local shard of an FSDP2/tensor-parallel DTensor)."""
+    inner = getattr(t, "_local_tensor", None)
+    return inner if isinstance(inner, torch.Tensor) else t
+
+
 def total_steps(config: TrainStageConfig) -> int:
     tr = config.training
     if tr.max_steps is not None:
@@ -241,6 +255,9 @@ class Engine:
         self.tokens = 0
         self.last_loss = math.nan
         self.interval: int = self._initial_interval()
+        self._save_costs: list[float] = []
+        self._median_step_s: float | None = None
+        self._initial: dict[str, Any] | None = None
         self._stop_signal = False
 
     # -- small helpers ------------------------------------------------------------------------
@@ -253,19 +270,19 @@ class Engine:
         interval = self.config.checkpoint.interval
         if isinstance(interval, int):
             return interval
-        return max(1, min(100, self.total_steps // 10 or 1))
+        return 1  # auto: the first checkpoint follows the first step, so its cost is measured, not assumed
 
-    def _failure_rate(self) -> tuple[float, str]:
+    def _failure_rate(self) -> tuple[float | None, str]:
+        """Failures per hour: the spec's, or this run's restarts so far; None before any is seen."""
         rate = self.config.failure_policy.failure_rate_per_hour
         if rate:
             return rate, "failurePolicy.failureRatePerHour"
         restarts = int(os.environ.get("CRUCIBLE_RESTARTS", "0") or 0)
         started = float(os.environ.get("CRUCIBLE_RUN_STARTED", "0") or 0)
-        prior = 1.0 / 24.0  # one fault a day until restarts say otherwise
         if restarts and started:
             hours = max((time.time() - started) / 3600.0, 1e-3)
-            return max(restarts / hours, prior), f"{restarts} restarts in {hours:.2f} h"
-        return prior, "default prior (1 per 24 h)"
+            return restarts / hours, f"{restarts} restarts in {hours:.2f} h"
+        return None, "none seen yet"
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -284,6 +301,8 @@ class Engine:
             "lossSpike": self.detector.state_dict(),
             "interval": self.interval,
             "loss": self.last_loss,
+            "saveSeconds": self._save_cost(),
+            "stepSeconds": self._median_step_s,
         }
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -296,21 +315,35 @@ class Engine:
         self.metrics.set(checkpoint_save_seconds=self.checkpointer.last_total_s or blocking)
         if self.checkpointer.last_step is not None:
             self.metrics.set(checkpoint_last_step=self.checkpointer.last_step)
+            self._initial = None  # a checkpoint exists now: rollbacks go there
+        self._save_costs = [*self._save_costs[-4:], blocking]
         if self.config.checkpoint.interval == "auto":
-            self._retune_interval(blocking)
+            self._retune_interval()
 
-    def _retune_interval(self, blocking: float) -> None:
+    def _save_cost(self) -> float | None:
+        """C of Young/Daly: the median blocking time of the last saves (what a save costs training)."""
+        costs = sorted(self._save_costs)
+        return costs[len(costs) // 2] if costs else None
+
+    def _retune_interval(self) -> None:
+        """``checkpoint.interval: auto``: Young/Daly's √(2·C·MTBF) from the measured save cost and step time."""
         decision = None
         if self.env.is_main:
-            cost = max(blocking, self.checkpointer.last_total_s)
+            cost = self._save_cost() or 1e-3
             rate, source = self._failure_rate()
-            step_s = getattr(self, "_median_step_s", None) or 1.0
-            decision = young_daly_interval(cost, rate, step_s)
+            step_s = self._median_step_s or 1.0
+            if rate is None:
+                daly = young_daly_interval(cost, PRIOR_FAILURES_PER_HOUR, step_s)
+                bounded = max(1, round(cost / UNSEEN_FAILURES_OVERHEAD / step_s))
+                decision = min(daly, bounded)
+                why = (f"no failure seen yet: one a day, or at most {UNSEEN_FAILURES_OVERHEAD:.0%} of the time "
+                       "on saves, whichever checkpoints more often")
+            else:
+                decision = young_daly_interval(cost, rate, step_s)
+                why = f"failures {rate:.3g}/h from {source}"
             if decision != self.interval:
-                self.log(
-                    f"checkpoint interval auto: {decision} steps (Young/Daly: save {cost:.2f}s, "
-                    f"step {step_s:.3f}s, failures {rate:.3g}/h from {source})"
-                )
+                self.log(f"checkpoint interval auto: {decision} steps (Young/Daly: save {cost:.3f}s, "
+                         f"step {step_s:.3f}s, {why})")
         self.interval = int(broadcast_object(decision))
 
     def resume(self) -> int | None:
@@ -349,37 +382,88 @@ class Engine:
         self.last_loss = float(state.get("loss", math.nan))
         if self.config.checkpoint.interval == "auto":
             self.interval = int(state.get("interval", self.interval))
+            if isinstance(state.get("saveSeconds"), int | float) and not self._save_costs:
+                self._save_costs = [float(state["saveSeconds"])]
+            if isinstance(state.get("stepSeconds"), int | float) and self._median_step_s is None:
+                self._median_step_s = float(state["stepSeconds"])
+            if self._save_costs and self._median_step_s:
+                self._retune_interval()  # a restart since the save may have taught the failure rate
+
+    def _snapshot_initial(self) -> None:
+        """Before the first step of a fresh run: the state a spike before the first checkpoint rolls back to.
+
+        The trainable parameters (this rank's shards, on CPU), the RNG, the data position and the
+        loss scaler; the optimizer has no state yet. Dropped once a checkpoint exists. DeepSpeed
+        keeps fp32 master weights of its own, so there a spike before the first checkpoint fails."""
+        cfg = self.config.loss_spike
+        if not (cfg.enabled and cfg.action == "rollback") or self.strategy.world_size_bound:
+            return
+        import copy
+
+        params = [p for opt in self._optimizers() for group in opt.param_groups for p in group["params"]]
+        self._initial = {
+            "params": [_local_tensor(p).detach().to("cpu", copy=True) for p in params],
+            "rng": rng_state(),
+            "trainer": copy.deepcopy(self.trainer_state()),
+            "extra": copy.deepcopy(self.strategy.extra_state()),
+        }
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(getattr(self.strategy, "optimizers", None) or [self.strategy.optimizer])
+
+    def _restore_initial(self) -> None:
+        assert self._initial is not None
+        params = [p for opt in self._optimizers() for group in opt.param_groups for p in group["params"]]
+        with torch.no_grad():
+            for param, saved in zip(params, self._initial["params"], strict=True):
+                _local_tensor(param).copy_(saved)
+        for opt in self._optimizers():
+            opt.zero_grad(set_to_none=True)
+            opt.state.clear()  # as before the first step: Adam starts its moments (and step count) afresh
+        self.strategy.load_extra_state(self._initial["extra"])
+        set_rng_state(self._initial["rng"])
+        self._restore(self._initial["trainer"])
 
     def rollback(self, spike: Spike, window: tuple[int, int]) -> None:
-        """PaLM-style: reload the last checkpoint and never train on the offending window again."""
+        """PaLM-style: reload the last checkpoint and never train on the offending window again.
+
+        Before the first checkpoint the run rolls back to its initial state (the snapshot taken
+        before step 1), counted against ``lossSpike.maxRollbacks`` like any rollback."""
         spikes, rollbacks = self.detector.spikes, self.detector.rollbacks + 1
         if rollbacks > self.config.loss_spike.max_rollbacks:
             raise UnstableTrainingError(
-                f"training is unstable: {rollbacks} loss-spike rollbacks exceed lossSpike.maxRollbacks "
-                f"({self.config.loss_spike.max_rollbacks}); lower optimizer.lr or raise warmupSteps"
+                f"training is unstable: {spike.describe()}; {rollbacks} loss-spike rollbacks exceed "
+                f"lossSpike.maxRollbacks ({self.config.loss_spike.max_rollbacks}); lower optimizer.lr or raise "
+                "warmupSteps"
             )
         self.checkpointer.wait()
         found = self.checkpointer.latest_valid(self.strategy)
-        if found is None:
+        if found is None and self._initial is None:
             # Continuing would train on from weights the spike already damaged (a NaN poisons every
             # later step): fail now, counted, instead of retrying until the hang watchdog fires.
             self.detector.rollbacks = rollbacks
             raise UnstableTrainingError(
-                f"training is unstable: {spike.describe()} before the first checkpoint, so there is nothing to "
-                f"roll back to (rollback {rollbacks} of lossSpike.maxRollbacks {self.config.loss_spike.max_rollbacks}); "
-                "lower optimizer.lr, raise optimizer.warmupSteps, or checkpoint earlier (checkpoint.interval)"
+                f"training is unstable: {spike.describe()} before the first checkpoint, and strategy "
+                f"{self.strategy.name} keeps no initial state to roll back to (rollback {rollbacks} of "
+                f"lossSpike.maxRollbacks {self.config.loss_spike.max_rollbacks}); lower optimizer.lr, raise "
+                "optimizer.warmupSteps, or checkpoint earlier (checkpoint.interval)"
             )
-        ref, local = found
-        state = self.checkpointer.load(ref, local, self.strategy, self.config.training.seed)
         extra = self.config.loss_spike.skip_batches * self.grad_accum * self.ctx.micro_batch_size * self.data_size
         skip = (window[0], window[1] + extra)
         skips = [*self.checkpointer.read_skips(), list(skip)]
         self.checkpointer.write_skips(skips)
-        self._restore(state)
+        if found is None:
+            self._restore_initial()
+            where = "the initial state (no checkpoint yet)"
+        else:
+            ref, local = found
+            self._restore(self.checkpointer.load(ref, local, self.strategy, self.config.training.seed))
+            where = f"step {self.step}"
         self.detector.spikes, self.detector.rollbacks = spikes, rollbacks
         self.log(
-            f"loss spike: {spike.describe()}; rolled back to step {self.step} and skipping "
-            f"data positions [{skip[0]}, {skip[1]})"
+            f"loss spike: {spike.describe()}; rolled back to {where} and skipping "
+            f"data positions [{skip[0]}, {skip[1]}) (rollback {rollbacks} of lossSpike.maxRollbacks "
+            f"{self.config.loss_spike.max_rollbacks})"
         )
         self.step_log.event("rollback", step=spike.step, toStep=self.step, skip=list(skip), loss=spike.loss)
 
@@ -494,6 +578,14 @@ class Engine:
             # The metrics server stays up: export, prompts, harness and upload follow, and a run whose
             # endpoint vanished would look dead. The stage closes it last (close_metrics) or exits.
 
+    def _record_attempt_start(self, resumed: int | None) -> None:
+        """When this process had imported its stage and read its checkpoint (``bench/goodput.py`` times restarts)."""
+        import crucible.trainer
+
+        self.step_log.event("attempt", step=self.step, resumedFrom=resumed, attempt=os.environ.get("CRUCIBLE_ATTEMPT"),
+                            importsDoneAt=crucible.trainer.IMPORTS_DONE_AT, resumedAt=round(time.time(), 3),
+                            warm=os.environ.get("CRUCIBLE_WARM_START") == "1")
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop_signal = True
 
@@ -501,6 +593,12 @@ class Engine:
         cfg = self.config
         resumed = self.resume()
         watchdog.beat("resume")
+        if resumed is None:
+            if cfg.checkpoint.resume != "never":
+                for start, end in self.checkpointer.read_skips():  # windows an earlier attempt rolled back from
+                    self.train_iter.skip(start, end)
+            self._snapshot_initial()
+        self._record_attempt_start(resumed)
         self.log(
             f"training {self.total_steps} steps of {cfg.training.global_batch_tokens} tokens: "
             f"{self.data_size} data-parallel ranks × {cfg.training.micro_batch_size} × {cfg.training.seq_len} tokens "
@@ -531,6 +629,8 @@ class Engine:
             self.last_loss = loss
             step_times.append(elapsed)
             self._median_step_s = sorted(step_times[-50:])[len(step_times[-50:]) // 2]
+            if cfg.checkpoint.interval == "auto" and len(step_times) == 5 and self._save_costs:
+                self._retune_interval()  # the first steps' times are known now, not only the first one's
             tps = step_tokens / elapsed if elapsed > 0 else 0.0
             util = mfu(tps, self.flops_per_token, self.peak, self.env.world_size)
             lr = lr_at(self.step - 1, self.total_steps, cfg.optimizer)
