@@ -13,13 +13,20 @@ death (KilledBySignal), restarts the attempt, and the trainer resumes from its l
 checkpoint, choosing its checkpoint interval by Young/Daly from the save cost it measures and
 the failure rate it has seen. Then the same spec runs once more without faults (the reference).
 
-Printed, from the runs' own ``metrics.jsonl`` and logs:
+Restarts are warm (``crucible.local.warm``): the runner keeps a spare interpreter with the
+stage's imports done for the next attempt, so a restart costs the fault's detection, the
+checkpoint read and the model build, not the imports. ``CRUCIBLE_WARM_SPARES=0`` measures the
+cold path. In the smoke mode each fault waits (the trainer SIGSTOPped) until the spare is ready.
+
+Printed, from the runs' own ``metrics.jsonl``, ``logs/timeline.jsonl`` and logs:
 
 * goodput: the step time of the steps the final model kept ÷ the wall time of ``crucible run``
   (first start to exit: imports, restarts, lost steps, checkpoints and export all count
   against it); also the runner's own ``status.goodput``;
 * per fault: steps lost (the last step done before the kill − the step resumed from) and the
-  restart latency (the kill → the first step of the next attempt done);
+  restart latency (the kill → the first step of the next attempt done), taken apart: the exit
+  seen by the runner, the next attempt's processes started (warm or cold), the stage imported,
+  the checkpoint read, the first step done;
 * the checkpoint intervals chosen (Young/Daly) and the measured save cost;
 * whether every step's loss and the final weights equal the uninterrupted run's.
 
@@ -263,6 +270,9 @@ def analyse(run: Run, faults: list[dict[str, Any]], reference: Run | None) -> di
         "checkpointDecisions": decisions[-3:],
         "checkpoints": len(saves),
         "meanCheckpointBlockingSeconds": round(float(np.mean(saves)), 4) if saves else None,
+        # the fault handling alone: useful step time over the time from the first step to the last
+        "goodputFirstToLastStep": round(useful / (steps[-1]["time"] - steps[0]["time"]
+                                                  + float(steps[0].get("stepSeconds") or 0)), 4) if steps else None,
         "firstStepAfterSeconds": round(startup, 1),
         "exportAndExitSeconds": round(tail, 1),
     }
@@ -280,8 +290,9 @@ def analyse(run: Run, faults: list[dict[str, Any]], reference: Run | None) -> di
     chosen = intervals[-1] * step_s if intervals and step_s else None
     out["model"] = {"thisRun": waste_model(save, out["meanRestartLatencySeconds"], mtbf, chosen),
                     "thisRunOptimal": waste_model(save, out["meanRestartLatencySeconds"], mtbf),
-                    "cluster1000Gpus": {**CLUSTER, **waste_model(CLUSTER["saveSeconds"], CLUSTER["restartSeconds"],
-                                                                 CLUSTER["mtbfSeconds"])}}
+                    "cluster1000Gpus": {**CLUSTER, **waste_model(
+                        CLUSTER["saveSeconds"], CLUSTER["restartSeconds"] + CLUSTER["backoffSeconds"],
+                        CLUSTER["mtbfSeconds"])}}
     if reference is not None:
         ref_kept = reference.kept()
         out["lossesEqualReference"] = sorted(kept) == sorted(ref_kept) and all(
@@ -308,11 +319,14 @@ def waste_model(save_s: float, restart_s: float, mtbf_s: float, interval_s: floa
 PHASES = ("exitSeen", "processStarted", "importsDone", "checkpointRead", "firstStepDone")
 """The parts of a restart's latency, each from the end of the one before (the first from the kill)."""
 
-CLUSTER = {"gpus": 1000, "mtbfSeconds": 3 * 3600.0, "saveSeconds": 10.0, "restartSeconds": 240.0}
+CLUSTER = {"gpus": 1000, "mtbfSeconds": 3 * 3600.0, "saveSeconds": 10.0, "restartSeconds": 240.0,
+           "backoffSeconds": 30.0}
 """The 1,000-GPU case of docs/operator.md: one fault per 3 h; a 10 s blocking save (each GPU's
 ~1 GiB shard of a 70B model's weights and Adam state copied off the GPU before the asynchronous
 write); 4 min from the fault to the first new step (node NotReady after the 40 s grace period,
-the next attempt scheduled, image cached, NCCL rendezvous of 1,000 ranks, checkpoint read)."""
+the next attempt scheduled, image cached, NCCL rendezvous of 1,000 ranks, checkpoint read); plus
+the default ``backoffSeconds`` (30 s): the attempt before a fault ran for hours, far past
+``maxBackoffSeconds``, so the backoff has reset and never doubles."""
 
 
 def _weights_equal(a: Path, b: Path) -> bool:
@@ -414,7 +428,8 @@ def _print(f: dict[str, Any]) -> None:
     print(f"faulted run: {f['steps']} steps in {f['wallSeconds']} s wall, {f['faults']} faults "
           f"(+{f['faultsMissed']} between attempts), {f['restarts']} restarts")
     print(f"  goodput                 {f['goodput']:.1%}  (useful step time {f['usefulStepSeconds']} s / wall); "
-          f"runner's status.goodput {f['runnerGoodput']}")
+          f"runner's status.goodput {f['runnerGoodput']}; from the first step to the last "
+          f"{f['goodputFirstToLastStep']:.1%} (start-up and export left out)")
     print(f"  reference (no faults)   {f['referenceGoodput']:.1%}  in {f['referenceWallSeconds']} s wall; "
           f"the reference's step time over the faulted run's wall {f['goodputAgainstReferenceSteps']:.1%}")
     print(f"  steps lost per fault    {f['meanStepsLost']} (mean), median step {f['medianStepSeconds']} s")
