@@ -99,6 +99,14 @@ def trainers_of(workdir: Path) -> list[int]:
     return found
 
 
+def input_entries(inputs: Any) -> Any:
+    if isinstance(inputs, dict) and "uri" in inputs:
+        yield inputs
+    elif isinstance(inputs, dict):
+        for value in inputs.values():
+            yield from input_entries(value)
+
+
 @pytest.mark.slow
 def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> None:
     folder = tmp_path / "quickstart"
@@ -172,6 +180,12 @@ def test_shortened_quickstart_survives_sigkill_and_resumes(tmp_path: Path) -> No
         stages.append(node["stage"])
         node = node["inputs"].get("inputs.model") or node["inputs"].get("inputs.data")  # the model's own line
     assert stages == ["quantize", "preference", "finetune", "pretrain", "data"]
+    # every input of every stage is recorded by content: {uri, sha256, ...}
+    receipts = sorted(workdir.glob("default/*/*/output/_SUCCESS"))
+    assert len(receipts) == 6
+    for path in receipts:
+        entries = list(input_entries(json.loads(path.read_text())["inputs"]))
+        assert entries and all(isinstance(e.get("sha256"), str) and len(e["sha256"]) == 64 for e in entries), path
     shard = next((workdir / "default" / "datapipeline" / "stdlib-corpus" / "output" / "train").glob("*.bin"))
     shard.write_bytes(shard.read_bytes()[::-1])  # tamper with the training data after the fact
     tampered = subprocess.run([*CRUCIBLE, "lineage", "stdlib-int8", "-w", str(workdir)], env=env,
