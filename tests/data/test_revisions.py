@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def test_a_document_an_earlier_revision_kept_is_not_kept_again(tmp_path: Path,
         v for k, v in dedup["dropped"].items() if k != "seen_in_earlier_revision")
     assert second.data["revision"]["earlierRevisions"] == [str(tmp_path / "rev1")]
     assert second.data["sources"]["web"]["dropped"]["dedup:seen_in_earlier_revision"] == kept_first
+    receipt = json.loads((tmp_path / "rev2" / "_SUCCESS").read_text())["inputs"]["earlierRevisions"]
+    assert receipt == [{"uri": str(tmp_path / "rev1"), "field": "spec.steps.dedup.earlierRevisions[0]",
+                        "hashOf": "manifest.json", "sha256": first.sha256}]
     # seen.npy is cumulative: the next revision needs only this one
     assert len(np.load(tmp_path / "rev2" / SEEN)) == kept_first + second.data["documentsOut"]
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 CRUCIBLE = [sys.executable, "-m", "crucible.cli"]
@@ -47,6 +48,7 @@ def status(work: Path, kind: str, name: str) -> dict[str, Any]:
     return json.loads((work / "default" / kind.lower() / name / "state.json").read_text())["status"]
 
 
+@pytest.mark.slow
 def test_two_revisions_in_embedded_mode(tmp_path: Path) -> None:
     from crucible.trainer.data.synthetic import generate_corpus
 
@@ -85,6 +87,7 @@ def test_two_revisions_in_embedded_mode(tmp_path: Path) -> None:
     history = crucible("lineage", "lm", "-w", str(work))
     assert history.returncode == 0, history.stdout + history.stderr
     assert "revision 2:" in history.stdout and "revision 1:" in history.stdout
+    assert "earlierRevisions[0]: data DataPipeline/news" in history.stdout  # data revision 2 -> 1
 
     again = crucible("run", str(folder), "-w", str(work))  # nothing new: no third revision
     assert again.returncode == 0 and len(status(work, "PretrainRun", "lm")["revisions"]) == 2

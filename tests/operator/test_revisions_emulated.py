@@ -12,6 +12,7 @@ from simcluster import SimCluster
 from test_operator_emulated import pretrain, run
 
 from crucible.operator import kube as k
+from waits import scaled
 
 
 def test_a_schedule_starts_data_revisions_and_the_model_follows_them() -> None:
@@ -39,11 +40,11 @@ def test_a_schedule_starts_data_revisions_and_the_model_follows_them() -> None:
             status = (await c.get(kind, name)).get("status") or {}
             return status["revisions"] if len(status.get("revisions") or []) >= n else None
 
-        data = await c.wait_for(lambda: revisions("DataPipeline", "news", 2), timeout=45, what="two data revisions")
+        data = await c.wait_for(lambda: revisions("DataPipeline", "news", 2), timeout=scaled(45), what="two data revisions")
         assert [r["revision"] for r in data[:2]] == [1, 2]
         assert data[1]["outputURI"] == "s3://bucket/runs/ml/datapipeline/news/output-rev2"
         assert data[1]["documentsSeenEarlier"] == 7 and data[1]["dataManifestSha256"] != data[0]["dataManifestSha256"]
-        model = await c.wait_for(lambda: revisions("PretrainRun", "lm", 2), timeout=45, what="two model revisions")
+        model = await c.wait_for(lambda: revisions("PretrainRun", "lm", 2), timeout=scaled(45), what="two model revisions")
         assert model[1]["outputURI"] == "s3://bucket/runs/ml/pretrainrun/lm/output-rev2"
         assert (model[1]["evalBefore"], model[1]["evalAfter"]) == (10.0, 8.0)
         status = (await c.get("PretrainRun", "lm"))["status"]
@@ -52,7 +53,7 @@ def test_a_schedule_starts_data_revisions_and_the_model_follows_them() -> None:
         assert spec["data"]["uri"].startswith("s3://bucket/runs/ml/datapipeline/news/output-rev")
         assert spec["checkpoint"]["uri"].endswith("checkpoints-rev2")  # never resumes revision 1's state
         # maxRevisions: later data revisions are not trained on
-        await c.wait_for(lambda: revisions("DataPipeline", "news", 4), timeout=45, what="more data revisions")
+        await c.wait_for(lambda: revisions("DataPipeline", "news", 4), timeout=scaled(45), what="more data revisions")
         status = (await c.get("PretrainRun", "lm"))["status"]
         assert len(status["revisions"]) == 2 and "maxRevisions (2) reached" in status["message"]
         data_cm = json.loads((await c.kube.get(k.CONFIGMAPS, "ml", "news-1-spec"))["data"]["spec.json"])

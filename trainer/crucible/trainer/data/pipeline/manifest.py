@@ -149,6 +149,10 @@ def input_receipts(pipe: PipelineState, data: dict[str, Any]) -> dict[str, Any]:
     tok = pipe.config.tokenizer.source
     if tok is not None and tok.uri:
         inputs["tokenizer"] = input_receipt(pipe.storage, tok.uri, "spec.tokenizer.source")
+    earlier = pipe.config.steps.dedup.earlier_revisions
+    if earlier:  # their seen.npy decided what this revision dropped: lineage walks back through them
+        inputs["earlierRevisions"] = [input_receipt(pipe.storage, uri, f"spec.steps.dedup.earlierRevisions[{i}]")
+                                      for i, uri in enumerate(earlier)]
     return inputs
 
 
