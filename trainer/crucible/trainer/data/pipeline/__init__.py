@@ -51,6 +51,9 @@ the other workers' markers between stages (one Indexed Job can run the whole pip
      "splits": {"train": {"tokens", "documents", "dtype", "shards": [{"name", "tokens",
                 "documents", "sha256"}]}, "validation": {...}},
      "keptDocumentIdsSha256": "...",  # sha256 of the kept ids (JSON strings, one per line, input order)
+     "revision": {"earlierRevisions": [uri, ...],    # steps.dedup.earlierRevisions (a revision's)
+                  "seenInEarlierRevision": 50,      # documents dropped as dedup:seen_in_earlier_revision
+                  "documentsSeen": 80},             # entries of seen.npy (this and the earlier revisions)
      "tokenizer": {"vocabSize", "eosId", "eosToken", "sha256", "origin"},
      "droppedSamples": ["dropped/part-00000.jsonl.zst", "dropped/dedup-part-00000.jsonl.zst"],
                                      # when dropped.keep: {"id", "source", "step", "reason", "text"} per line
