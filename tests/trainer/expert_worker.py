@@ -1,7 +1,7 @@
 """Run under torchrun (4 ranks, gloo): a tiny MoE trained with expert parallelism, and resumed across EP degrees.
 
 ``python expert_worker.py DATA OUT CASES_JSON`` — CASES_JSON is a list of
-``{"name", "parallelism", "resume": CHECKPOINT_DIR | null}``; every case trains in this one process
+``{"name", "parallelism", "training": {...} (optional overrides), "resume": CHECKPOINT_DIR | null}``; every case trains in this one process
 group (saving start-up time). A case with ``resume`` starts from a copy of that checkpoint folder
 holding only its step-5 checkpoint. Rank 0 writes ``OUT/<name>/checkpoints/metrics.jsonl`` and each
 case exports ``OUT/<name>/model``.
@@ -47,12 +47,14 @@ def main() -> None:
         if resume and env.rank == 0:
             copy_until(Path(resume), out / name / "checkpoints", RESUME_STEP)
         dist.barrier()
-        training: dict[str, Any] = {**EXPERT_TRAINING, "strategy": "fsdp", "parallelism": case["parallelism"]}
+        training: dict[str, Any] = {**EXPERT_TRAINING, **case.get("training", {}), "strategy": "fsdp",
+                                    "parallelism": case["parallelism"]}
         spec = tiny_spec(data, out / name, model=EXPERT_MODEL, training=training,
                          checkpoint={"interval": RESUME_STEP})
         config = parse_stage_spec("pretrain", spec)
         model = build_model(config.model, train.vocab_size, config.training.seed)  # type: ignore[attr-defined]
-        engine = Engine(config, model, PretrainObjective(train, None), None, env)
+        validation = ShardSet(data / "validation") if training.get("evalEvery") else None
+        engine = Engine(config, model, PretrainObjective(train, validation), None, env)
         try:
             engine.fit()
             engine.export(str(out / name / "model"))

@@ -41,9 +41,12 @@ def test_expert_parallel_matches_one_process_and_resumes_across_degrees(shards: 
     assert sorted(expected) == list(range(1, 11)) and expected[1]["moeDroppedTokens"] > 0
 
     cases = [
-        {"name": "ep2", "parallelism": {"expert": 2}},  # EP 2 × dataShard 4 (experts FSDP over 2)
-        {"name": "ep4", "parallelism": {"expert": 4}},  # one expert per rank, not FSDP-sharded
-        {"name": "ep2-to-ep1", "parallelism": {}, "resume": str(tmp_path / "ep2" / "checkpoints")},
+        # EP 2 × dataShard 4 (experts FSDP over 2), evaluating under EP at steps 5 and 10
+        {"name": "ep2", "parallelism": {"expert": 2}, "training": {"evalEvery": 5}},
+        # one expert per rank, not FSDP-sharded; activation checkpointing recomputes the all-to-alls
+        {"name": "ep4", "parallelism": {"expert": 4}, "training": {"activationCheckpointing": True}},
+        {"name": "ep2-to-ep1", "parallelism": {}, "training": {"evalEvery": 5},
+         "resume": str(tmp_path / "ep2" / "checkpoints")},
         # and the other way, into pipeline 2 × EP 2 (each stage's experts split over its 2 data ranks)
         {"name": "one-to-pp2ep2", "parallelism": {"expert": 2, "pipeline": 2},
          "resume": str(tmp_path / "single" / "checkpoints")},
@@ -68,6 +71,10 @@ def test_expert_parallel_matches_one_process_and_resumes_across_degrees(shards: 
             assert got[step]["moeDroppedTokens"] == expected[step]["moeDroppedTokens"], (name, step)
             assert got[step]["moeExpertShare"] == pytest.approx(expected[step]["moeExpertShare"], abs=1e-4)
     assert expected[10]["loss"] < expected[1]["loss"] - 0.3  # and the model learns
+    evals = {name: [json.loads(line) for line in (tmp_path / name / "checkpoints" / "metrics.jsonl").read_text()
+                    .splitlines() if '"eval"' in line] for name in ("ep2", "ep2-to-ep1")}
+    assert [e["step"] for e in evals["ep2"]] == [5, 10] and [e["step"] for e in evals["ep2-to-ep1"]] == [10]
+    assert evals["ep2"][1]["loss"] == pytest.approx(evals["ep2-to-ep1"][0]["loss"], rel=1e-5)  # EP 2 = EP 1 (4 ranks)
 
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ep2" / "model", dtype=torch.float32).state_dict()
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "model", dtype=torch.float32).state_dict()
