@@ -21,7 +21,7 @@ def main() -> None:
     from crucible.trainer.data.shards import ShardSet
     from crucible.trainer.distributed import init_distributed, shutdown
     from crucible.trainer.engine import Engine
-    from crucible.trainer.model import build_model
+    from crucible.trainer.model import build_meta_model
     from crucible.trainer.pretrain import PretrainObjective
 
     data, out, layouts = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
@@ -31,7 +31,7 @@ def main() -> None:
         spec = tiny_spec(data, out / name, training={**LAYOUT_TRAINING, "strategy": "fsdp", "parallelism": parallelism},
                          checkpoint={"interval": 100})
         config = parse_stage_spec("pretrain", spec)
-        model = build_model(config.model, train.vocab_size, config.training.seed)  # type: ignore[attr-defined]
+        model = build_meta_model(config.model, train.vocab_size, config.training.seed)  # type: ignore[attr-defined]
         engine = Engine(config, model, PretrainObjective(train, None), None, env)
         try:
             engine.fit()

@@ -274,9 +274,27 @@ class Strategy:
         return True
 
     def export_state(self) -> dict[str, torch.Tensor] | None:
-        """The full model weights on rank 0 (for the Hugging Face export); collective."""
+        """The full model weights on rank 0 (LoRA exports, DeepSpeed); collective. The engine's
+        Hugging Face export streams instead (:meth:`export_stream`)."""
         state = self.full_state(with_optimizer=False)
         return None if state is None else state["model"]
+
+    def export_stream(self) -> tuple[list[Spec], Iterator[tuple[str, torch.Tensor | None]]]:
+        """The model's (name, global shape, dtype) in order, and an iterator that gathers one tensor
+        at a time (a collective for a sharded one): in full on rank 0, None on the others."""
+        state = self.module.state_dict()
+        specs = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+
+        def items() -> Iterator[tuple[str, torch.Tensor | None]]:
+            for name, t in state.items():
+                full = t.full_tensor() if hasattr(t, "full_tensor") else t
+                yield name, (full.detach().to("cpu") if self.env.is_main else None)
+                del full
+
+        return specs, items()
+
+
+Spec = tuple[str, tuple[int, ...], torch.dtype]
 
 
 def _detached_copy(obj: Any) -> Any:
@@ -297,7 +315,9 @@ class DDPStrategy(Strategy):
 
     def __init__(self, module: torch.nn.Module, env: DistEnv, training: TrainingConfig, optim: OptimizerConfig):
         super().__init__(module, env, training)
-        module.to(env.device)
+        from crucible.trainer.meta_init import materialise_whole
+
+        materialise_whole(module, env.device)  # full replicas: what DDP is; built once, on the device
         if env.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -326,7 +346,11 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        module.to(env.device)
+        from crucible.trainer.meta_init import materialise_sharded, pending_init
+
+        deferred = pending_init(module)
+        if deferred is None:
+            module.to(env.device)
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         kwargs: dict[str, Any] = {"mesh": mesh}
         if env.device.type == "cuda" and self.precision.dtype is not None:  # on CPU: autocast (gloo)
@@ -335,6 +359,8 @@ class FSDPStrategy(Strategy):
         for layer in _decoder_layers(module):
             fully_shard(layer, **kwargs)
         fully_shard(module, **kwargs)
+        if deferred is not None:  # sharded on meta: now each rank allocates and fills its own shards
+            materialise_sharded([module], deferred, env.device)
         self.model = module
         self.optimizer = build_adamw(module, optim, env.device)
 
@@ -369,8 +395,9 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         self.scaler = None  # DeepSpeed scales fp16 losses itself
+        from crucible.trainer.meta_init import materialise_whole
 
-        module.to(env.device)
+        materialise_whole(module, env.device)
         zero: dict[str, Any] = {"stage": training.zero_stage}
         if env.device.type == "cpu":
             zero["reduce_scatter"] = False  # gloo has no reduce_scatter for stage 1/2 buckets
@@ -437,6 +464,11 @@ class DeepSpeedStrategy(Strategy):
                 state = _detached_copy(self.module.state_dict()) if self.env.is_main else None
             return state
         return _detached_copy(self.module.state_dict()) if self.env.is_main else None
+
+    def export_stream(self) -> tuple[list[Spec], Iterator[tuple[str, torch.Tensor | None]]]:
+        """DeepSpeed's ZeRO partitions have no global shapes here: gathered whole on rank 0 first."""
+        state = self.export_state() or {}
+        return [(n, tuple(t.shape), t.dtype) for n, t in state.items()], iter(list(state.items()))
 
 
 def _rank_of(filename: str) -> int | None:

@@ -697,14 +697,21 @@ class Engine:
             self.log(f"eval at step {self.step}: loss {result['loss']:.4f} perplexity {result['perplexity']:.2f}")
         return result
 
-    def export(self, out_dir: str) -> None:
-        """The final model in Hugging Face format into the local folder ``out_dir`` (rank 0)."""
-        from crucible.trainer.output import save_hf_model
+    def export(self, out_dir: str, shard_bytes: int | None = None) -> dict[str, int]:
+        """The final model in Hugging Face format into the local folder ``out_dir`` (rank 0 writes).
 
-        state = self.strategy.export_state()  # collective
+        Streamed: tensors are gathered one at a time and written into safetensors files whose
+        headers were planned from the shapes, so no rank materialises the whole model. Collective.
+        """
+        from crucible.trainer.output import SHARD_BYTES, write_hf_model
+
+        specs, items = self.strategy.export_stream()
+        stats = write_hf_model(self.strategy.module, specs, items, out_dir if self.env.is_main else None,
+                               self.tokenizer, shard_bytes or SHARD_BYTES)
         if self.env.is_main:
-            assert state is not None
-            save_hf_model(self.strategy.module, state, out_dir, self.tokenizer)
+            self.log(f"exported {stats['bytes'] / 2**20:.1f} MiB in {stats['files']} safetensors file(s); "
+                     f"largest group held at once {stats['peakGroupBytes'] / 2**20:.1f} MiB")
+        return stats
 
     def close(self) -> None:
         """Stop the checkpointer's background writes; the metrics endpoint stays until :meth:`close_metrics`."""

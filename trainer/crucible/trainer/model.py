@@ -40,15 +40,22 @@ def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seed: int, eos_id: int | None = None) -> torch.nn.Module:
-    """A freshly initialised LlamaForCausalLM (fp32, CPU); identical on every rank for one seed."""
-    from transformers import LlamaForCausalLM
-
+def _check_vocab(cfg: ModelConfig, vocab_size: int) -> None:
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
         raise SpecError(
             f"model.vocabSize ({cfg.vocab_size}) is smaller than the data's vocabulary ({vocab_size}); "
             "leave it empty to take the tokenizer's size"
         )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int, eos_id: int | None = None) -> torch.nn.Module:
+    """A freshly initialised LlamaForCausalLM (fp32, CPU); identical on every rank for one seed.
+
+    The same weights as :func:`build_meta_model` followed by materialising it (tested).
+    """
+    from transformers import LlamaForCausalLM
+
+    _check_vocab(cfg, vocab_size)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(cfg, cfg.vocab_size or vocab_size, eos_id))
     model.config.use_cache = False
@@ -58,6 +65,40 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, eos_id: int | None
         moe = cfg.moe_config
         assert moe is not None
         install_moe(model, moe, expert_width(cfg), cfg.initializer_range, seed)
+    return model
+
+
+def build_meta_model(cfg: ModelConfig, vocab_size: int, seed: int, eos_id: int | None = None) -> torch.nn.Module:
+    """:func:`build_model`'s model on the ``meta`` device, holding no memory.
+
+    The strategy shards it first and then materialises it (:mod:`crucible.trainer.meta_init`):
+    every rank allocates only its own shards and fills them with exactly the values
+    :func:`build_model` would give, one full tensor at a time.
+    """
+    from transformers import LlamaForCausalLM
+
+    from crucible.trainer.meta_init import DeferredInit, record_construction
+
+    _check_vocab(cfg, vocab_size)
+    config = llama_config(cfg, cfg.vocab_size or vocab_size, eos_id)
+    model: Any
+    model, draws = record_construction(lambda: LlamaForCausalLM(config))
+    model.config.use_cache = False
+
+    def twin() -> torch.nn.Module:
+        with torch.device("meta"):
+            return LlamaForCausalLM(llama_config(cfg, cfg.vocab_size or vocab_size, eos_id))
+
+    init = DeferredInit(draws, twin, seed)
+    if cfg.architecture == "mixtral":
+        from crucible.trainer.moe import expert_width, install_moe, seeded_moe_init
+
+        moe = cfg.moe_config
+        assert moe is not None
+        with torch.device("meta"):
+            install_moe(model, moe, expert_width(cfg), cfg.initializer_range, seed=None)
+        init.then(seeded_moe_init(model, cfg.initializer_range, seed))
+    model._crucible_deferred_init = init  # type: ignore[assignment]
     return model
 
 

@@ -318,6 +318,24 @@ def install_moe(model: nn.Module, cfg: MoEConfig, width: int, std: float, seed: 
     config.crucible_moe = {**cfg.model_dump(), "expert_intermediate_size": width}
 
 
+def seeded_moe_init(model: nn.Module, std: float, seed: int) -> Any:
+    """:func:`install_moe`'s seeded init as a meta-init step: each expert tensor drawn at full size
+    on CPU in the same order, handed to ``write(name, tensor)`` (which keeps this rank's slice)."""
+    layers: Any = model.model.layers  # type: ignore[union-attr]
+    names = [(f"model.layers.{i}.mlp.", layer.mlp) for i, layer in enumerate(layers) if isinstance(layer.mlp, MoEBlock)]
+
+    def step(write: Any) -> None:
+        torch.manual_seed(seed + 1)
+        for prefix, block in names:
+            for local in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):
+                full = torch.empty(block.get_parameter(local).shape)
+                nn.init.normal_(full, mean=0.0, std=std)
+                write(prefix + local, full)
+                del full
+
+    return step
+
+
 def mixtral_config(llama_config: Any) -> Any:
     """The MixtralConfig equivalent to a Llama config with ``crucible_moe`` set."""
     from transformers import MixtralConfig
@@ -350,13 +368,15 @@ def mixtral_config(llama_config: Any) -> Any:
     )
 
 
-def to_mixtral_state(state: dict[str, torch.Tensor], llama_config: Any) -> dict[str, torch.Tensor]:
+def to_mixtral_state(state: dict[str, torch.Tensor], llama_config: Any,
+                     layers: list[int] | None = None) -> dict[str, torch.Tensor]:
     """A Llama+MoE state dict in Mixtral's names; dense blocks become identical experts with a zero
-    router (the renormalised top-k weights of identical experts sum to 1: the dense output)."""
+    router (the renormalised top-k weights of identical experts sum to 1: the dense output).
+    ``layers``: the decoder layers ``state`` holds (default all; the export streams one at a time)."""
     moe = llama_config.crucible_moe
     experts = moe["num_experts"]
     out: dict[str, torch.Tensor] = {}
-    for i in range(llama_config.num_hidden_layers):
+    for i in (range(llama_config.num_hidden_layers) if layers is None else layers):
         prefix = f"model.layers.{i}.mlp."
         if is_moe_layer(i, moe["every_n_layers"]):
             continue

@@ -161,7 +161,7 @@ def input_receipts(config: PretrainConfig, store: st.Storage, source_dir: Path |
 
 def run(config: PretrainConfig) -> int:
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
-    from crucible.trainer.model import adopt_source, build_model, load_pretrained
+    from crucible.trainer.model import adopt_source, build_meta_model, load_pretrained
     from crucible.trainer.output import publish
     from crucible.trainer.stage_io import SUCCESS, finished, write_success
 
@@ -198,7 +198,8 @@ def run(config: PretrainConfig) -> int:
                     f"the data {train.vocab_size}; tokenize the data with the model's tokenizer"
                 )
         else:
-            model = build_model(config.model, train.vocab_size, config.training.seed, eos_id=train.eos_id)
+            # on meta: the strategy shards it, then each rank fills only its own shards
+            model = build_meta_model(config.model, train.vocab_size, config.training.seed, eos_id=train.eos_id)
         before: list[str] | None = None
         if config.eval.prompts and env.is_main and tokenizer_dir is not None and config.model.source is not None:
             tok = evaluate.load_tokenizer(source_dir) if source_dir is not None else None

@@ -74,13 +74,17 @@ class ParallelStrategy(Strategy):
         if layout.tensor > 1 and training.seq_len % layout.tensor:
             raise SpecError(f"training.seqLen: {training.seq_len} must be divisible by parallelism.tensor "
                             f"({layout.tensor}) for sequence parallelism")
+        from crucible.trainer.meta_init import materialise_sharded, pending_init
+
+        deferred = pending_init(module)  # built on meta: cut, split and shard first, then fill the shards
         layer_ids = split_layers(config.num_hidden_layers, chunks)
         self.chunk_ids = [self.pp_rank + k * layout.pipeline for k in range(layout.stages_per_rank)]
         self.stages: list[LlamaStage] = []
         for k, c in enumerate(self.chunk_ids):
             source = module if k == len(self.chunk_ids) - 1 else copy.deepcopy(module)
             stage = LlamaStage(source, layer_ids[c], first=c == 0, last=c == chunks - 1)
-            stage.to(env.device)
+            if deferred is None:
+                stage.to(env.device)
             if layout.tensor > 1:
                 tensor_parallel(stage, self.mesh["tp"])
             if layout.expert > 1:
@@ -88,6 +92,8 @@ class ParallelStrategy(Strategy):
             if layout.data_size > 1:
                 self._shard(stage)
             self.stages.append(stage)
+        if deferred is not None:
+            materialise_sharded(list(self.stages), deferred, env.device)
         self.optimizers = [build_adamw(stage, optim, env.device) for stage in self.stages]
         self.optimizer = self.optimizers[0]
         self.pipelined = layout.pipeline > 1
@@ -285,6 +291,43 @@ class ParallelStrategy(Strategy):
     def export_state(self) -> dict[str, torch.Tensor] | None:
         state = self.full_state(with_optimizer=False)
         return None if state is None else state["model"]
+
+    def export_stream(self) -> tuple[list[Any], Iterator[tuple[str, torch.Tensor | None]]]:
+        """Every stage's tensors in Hugging Face order (chunk by chunk), one at a time: gathered over
+        the tensor and data dimensions inside the owning pipeline group, then sent by that group's
+        leader to rank 0. No rank holds more than one full tensor."""
+        from crucible.trainer.distributed import all_gather_object
+
+        mine = [(c, name, tuple(t.shape), t.dtype)
+                for stage, c in zip(self.stages, self.chunk_ids, strict=True)
+                for name, t in stage.state_dict().items()]
+        seen: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        for rank_items in all_gather_object(mine):
+            for c, name, shape, dtype in rank_items:
+                seen.setdefault(name, (c, shape, dtype))
+        order = sorted(seen, key=lambda n: seen[n][0])  # stable: each chunk keeps its own order
+        specs = [(n, seen[n][1], seen[n][2]) for n in order]
+        local = {name: t for stage in self.stages for name, t in stage.state_dict().items()}
+        tensor = self.layout.tensor
+
+        def items() -> Iterator[tuple[str, torch.Tensor | None]]:
+            for name in order:
+                chunk, shape, dtype = seen[name]
+                owner = chunk % self.layout.pipeline
+                leader = owner * tensor  # data coordinates 0, pipeline `owner`, tensor 0
+                full: torch.Tensor | None = None
+                if self.pp_rank == owner:
+                    t = local[name]
+                    full = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().contiguous()
+                    if self.env.rank == leader and leader != 0:
+                        dist.send(full.to(self.env.device), dst=0)
+                if self.env.is_main and leader != 0:
+                    full = torch.empty(shape, dtype=dtype, device=self.env.device)
+                    dist.recv(full, src=leader)
+                yield name, (full.to("cpu") if self.env.is_main and full is not None else None)
+                del full
+
+        return specs, items()
 
 
 def _quiet_shape_inference(stage: Any) -> None:
