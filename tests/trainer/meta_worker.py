@@ -27,11 +27,11 @@ SHARD_BYTES = 20_000  # a 30k-parameter model in several files
 
 
 def main() -> None:
+    from transformers import AutoModelForCausalLM
+
     from crucible.trainer.config import parse_stage_spec
     from crucible.trainer.distributed import build_strategy, init_distributed, shutdown
     from crucible.trainer.engine import grad_accum_steps
-    from transformers import AutoModelForCausalLM
-
     from crucible.trainer.model import build_meta_model, build_model
     from crucible.trainer.output import save_hf_model, write_hf_model
 
@@ -72,6 +72,28 @@ def main() -> None:
                       "configSame": json.loads((old / "config.json").read_text())
                       == json.loads((out / name / "new" / "config.json").read_text())}
             (out / f"{name}.json").write_text(json.dumps(result))
+    if len(sys.argv) > 2:  # a Hugging Face source in several safetensors files: each rank reads its slices
+        source = Path(sys.argv[2])
+        from crucible.trainer.config.training import TrainingConfig
+        from crucible.trainer.meta_init import pending_init
+        from crucible.trainer.model import source_meta_model
+
+        meta = source_meta_model(source, str(source))
+        assert meta is not None
+        reader = pending_init(meta)
+        training = TrainingConfig.model_validate({"strategy": "fsdp", "seqLen": 32, "globalBatchTokens": 128,
+                                                  "microBatchSize": 2, "maxSteps": 1})
+        strategy = build_strategy(meta, env, training, config.optimizer, 1)  # type: ignore[attr-defined]
+        got = strategy.export_state()
+        from crucible.trainer.distributed import all_gather_object
+
+        reads = all_gather_object(reader.bytes_read)  # type: ignore[union-attr]
+        if env.is_main:
+            assert got is not None
+            want = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+            differ = sorted(k for k in want if k not in got or not torch.equal(got[k], want[k]))
+            (out / "source.json").write_text(json.dumps({"differ": differ, "reads": reads,
+                                                          "total": reader.bytes_total}))  # type: ignore[union-attr]
     shutdown()
 
 

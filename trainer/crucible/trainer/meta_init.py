@@ -21,8 +21,10 @@ and buffer of the live model must be written exactly once; one that is not is an
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -154,6 +156,59 @@ def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
             target.copy_(full)
 
 
+class _Targets:
+    """The live tensors of ``modules`` by name, allocated (``to_empty``) on ``device``, and which were written."""
+
+    def __init__(self, modules: list[nn.Module], device: torch.device) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        for module in modules:
+            _to_empty_keeping_ties(module, device)
+            for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                self.tensors.setdefault(name, t)  # a tied weight is listed once, under its source
+        self.written: set[str] = set()
+
+    def write(self, name: str, full: torch.Tensor) -> None:
+        target = self.tensors.get(name)
+        if target is None:  # on another rank, replaced (a dense MLP under MoE) or tied away
+            return
+        copy_into(target, full)
+        self.written.add(name)
+
+    def unwritten(self) -> set[str]:
+        return set(self.tensors) - self.written
+
+    def check(self, what: str) -> None:
+        missing = sorted(self.unwritten())
+        if missing:
+            raise RuntimeError(f"{what} left {len(missing)} tensors unset, e.g. {missing[:3]}")
+
+
+def init_non_random(twin: nn.Module, wanted: set[str], write: Callable[[str, torch.Tensor], None]) -> None:
+    """Norm weights, rotary tables, zero biases: the model's own ``_init_weights`` on CPU, module by
+    module of a meta ``twin``; a tensor that init does not set (it was set at construction) is an error."""
+    if not wanted:
+        return
+    with torch.random.fork_rng(devices=[]):  # nothing random is kept from here on
+        for prefix, module in twin.named_modules():
+            own = [(f"{prefix}.{n}" if prefix else n)
+                   for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+            if not wanted.intersection(own):
+                continue
+            module.to_empty(device="cpu", recurse=False)
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            for t in tensors:
+                if t.is_floating_point():
+                    t.data.fill_(float("nan"))
+            twin._init_weights(module)  # type: ignore[operator]
+            for name, t in zip(own, tensors, strict=True):
+                if name in wanted:
+                    if t.is_floating_point() and bool(t.isnan().any()):
+                        raise NotImplementedError(f"meta-device init: {name} is set at construction, "
+                                                  "not by the model's _init_weights")
+                    write(name, t)
+            module.to_empty(device="meta", recurse=False)
+
+
 @dataclass
 class DeferredInit:
     """How to materialise a model built on meta with the seeded init a CPU build would give it."""
@@ -170,60 +225,103 @@ class DeferredInit:
     def materialise(self, modules: list[nn.Module], device: torch.device) -> None:
         """Allocate ``modules`` (this rank's shards of one model, or pieces of it) on ``device`` and
         fill them; no collectives: every rank computes the same full tensors and keeps its slice."""
-        targets: dict[str, torch.Tensor] = {}
-        for module in modules:
-            _to_empty_keeping_ties(module, device)
-            for name, t in [*module.named_parameters(), *module.named_buffers()]:
-                targets.setdefault(name, t)  # a tied weight is listed once, under its source
-        written: set[str] = set()
-
-        def write(name: str, full: torch.Tensor) -> None:
-            target = targets.get(name)
-            if target is None:  # on another rank, replaced (a dense MLP under MoE) or tied away
-                return
-            copy_into(target, full)
-            written.add(name)
-
+        targets = _Targets(modules, device)
         # the global generator advances exactly as the CPU build advanced it
         torch.manual_seed(self.seed)
         random_names = set()
         for draw in self.draws:
             value = _redraw(draw)
             if value is not None and draw.keep is not None:
-                write(draw.keep, value)
+                targets.write(draw.keep, value)
                 random_names.add(draw.keep)
             del value
         for step in self.later:
-            step(write)
-        self._non_random(set(targets) - written - random_names, write)
-        missing = sorted(set(targets) - written)
-        if missing:
-            raise RuntimeError(f"meta-device init left {len(missing)} tensors unset, e.g. {missing[:3]}")
+            step(targets.write)
+        init_non_random(self.twin(), targets.unwritten() - random_names, targets.write)
+        targets.check("meta-device init")
 
-    def _non_random(self, wanted: set[str], write: Callable[[str, torch.Tensor], None]) -> None:
-        """Norm weights, rotary tables, zero biases: the twin's own ``_init_weights`` on CPU, module by module."""
-        if not wanted:
-            return
-        twin = self.twin()
-        with torch.random.fork_rng(devices=[]):  # nothing random is kept from here on
-            for prefix, module in twin.named_modules():
-                own = [(f"{prefix}.{n}" if prefix else n)
-                       for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
-                if not wanted.intersection(own):
-                    continue
-                module.to_empty(device="cpu", recurse=False)
-                for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                    if t.is_floating_point():
-                        t.data.fill_(float("nan"))
-                twin._init_weights(module)  # type: ignore[operator]
-                for name, t in zip(own, [*module.parameters(recurse=False), *module.buffers(recurse=False)],
-                                   strict=True):
-                    if name in wanted:
-                        if t.is_floating_point() and bool(t.isnan().any()):
-                            raise NotImplementedError(f"meta-device init: {name} is set at construction, "
-                                                      "not by the model's _init_weights")
-                        write(name, t)
-                module.to_empty(device="meta", recurse=False)
+
+@dataclass
+class SafetensorsInit:
+    """Materialise a model built on meta from a Hugging Face folder's safetensors, each rank reading
+    only the slices it holds (``safe_open(...).get_slice``, files found through the index)."""
+
+    folder: Path
+    twin: Callable[[], nn.Module]
+    uri: str  #: for messages: what the user named (``model.source.uri``)
+    #: bytes of tensor data this rank read, and the source's total
+    bytes_read: int = 0
+    bytes_total: int = 0
+
+    def weight_map(self) -> dict[str, str]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / "model.safetensors"), framework="pt") as f:
+            return {name: "model.safetensors" for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+
+    def materialise(self, modules: list[nn.Module], device: torch.device) -> None:
+        from safetensors import safe_open
+
+        targets = _Targets(modules, device)
+        where = self.weight_map()
+        by_file: dict[str, list[str]] = {}
+        for name in targets.tensors:
+            if name in where:
+                by_file.setdefault(where[name], []).append(name)
+        for filename, names in sorted(by_file.items()):
+            with safe_open(str(self.folder / filename), framework="pt", device="cpu") as f:
+                for name in names:
+                    sl = f.get_slice(name)
+                    self.bytes_total += _slice_nbytes(sl, None)
+                    target = targets.tensors[name]
+                    index = _local_index(target)
+                    piece = sl[index] if index is not None else sl[:]
+                    self.bytes_read += piece.numel() * piece.element_size()
+                    if index is not None:
+                        with torch.no_grad():
+                            _local(target).copy_(piece)
+                        targets.written.add(name)
+                    else:
+                        targets.write(name, piece)
+                    del piece
+        for filename in set(where.values()) - set(by_file):  # files this rank needs nothing from
+            with safe_open(str(self.folder / filename), framework="pt") as f:
+                self.bytes_total += sum(_slice_nbytes(f.get_slice(n), None) for n in f.keys())  # noqa: SIM118
+        stored = set(where)
+        init_non_random(self.twin(), {n for n in targets.unwritten() if n not in stored}, targets.write)
+        missing = sorted(targets.unwritten())
+        if missing:
+            from crucible.trainer.faults import SpecError
+
+            raise SpecError(f"model.source.uri {self.uri}: the safetensors lack {len(missing)} tensors of the "
+                            f"model its config.json describes, e.g. {missing[:3]}; export the model with "
+                            "transformers' save_pretrained")
+
+
+def _slice_nbytes(sl: Any, _: Any) -> int:
+    n = 1
+    for d in sl.get_shape():
+        n *= int(d)
+    return n * _ST_ITEMSIZE.get(sl.get_dtype(), 4)
+
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _local_index(target: torch.Tensor) -> tuple[slice, ...] | None:
+    """This rank's block of a DTensor sharded by plain ``Shard``/``Replicate`` placements, as slices of
+    the global tensor; None for a plain tensor or a strided layout (then read whole and sliced)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(target, DTensor) or not all(type(p) in (Shard, Replicate) for p in target.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
 
 
 def _to_empty_keeping_ties(module: nn.Module, device: torch.device) -> None:
@@ -241,7 +339,7 @@ def _to_empty_keeping_ties(module: nn.Module, device: torch.device) -> None:
                 holder._parameters[leaf] = source
 
 
-def pending_init(module: nn.Module) -> DeferredInit | None:
+def pending_init(module: nn.Module) -> DeferredInit | SafetensorsInit | None:
     return getattr(module, "_crucible_deferred_init", None)
 
 
@@ -257,7 +355,7 @@ def materialise_whole(module: nn.Module, device: torch.device) -> None:
     _done(module)
 
 
-def materialise_sharded(modules: list[nn.Module], init: DeferredInit, device: torch.device) -> None:
+def materialise_sharded(modules: list[nn.Module], init: DeferredInit | SafetensorsInit, device: torch.device) -> None:
     """Modules already sharded on meta (FSDP2, tensor parallel) made real: each rank its own shards."""
     init.materialise(modules, device)
     for module in modules:

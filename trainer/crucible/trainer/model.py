@@ -126,13 +126,48 @@ def adopt_source(model: torch.nn.Module, cfg: ModelConfig, uri: str) -> torch.nn
     return model
 
 
-def load_pretrained(uri: str, store: st.Storage, cache_dir: str | None = None) -> tuple[torch.nn.Module, Path]:
-    """A Hugging Face causal LM from a local directory or an ``s3://`` prefix (fp32 for training)."""
+def source_meta_model(local: Path, uri: str) -> torch.nn.Module | None:
+    """A Hugging Face Llama folder's model on ``meta``, to be filled from its safetensors slice by slice.
+
+    The strategy shards it, then each rank reads only the slices of the tensors it holds
+    (:class:`crucible.trainer.meta_init.SafetensorsInit`; ``.bytes_read`` counts them). None when
+    the folder needs the whole-model path: no safetensors, or not a Llama (a Mixtral is converted).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from crucible.trainer.meta_init import SafetensorsInit
+
+    if not (local / "config.json").is_file():
+        raise SpecError(f"model.source.uri {uri}: no config.json there; point it at a Hugging Face model folder")
+    if not ((local / "model.safetensors.index.json").is_file() or (local / "model.safetensors").is_file()):
+        return None
+    config = AutoConfig.from_pretrained(local)
+    if getattr(config, "model_type", "") != "llama":
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+
+    def twin() -> torch.nn.Module:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    model._crucible_deferred_init = SafetensorsInit(local, twin, uri)  # type: ignore[assignment]
+    return model
+
+
+def load_pretrained(uri: str, store: st.Storage, cache_dir: str | None = None,
+                    label: str | None = None) -> tuple[torch.nn.Module, Path]:
+    """A Hugging Face causal LM, whole, from a local directory or an ``s3://`` prefix (fp32 for training).
+
+    ``label``: the URI the user gave, for messages, when ``uri`` is already a local copy of it.
+    """
     from transformers import AutoModelForCausalLM
 
     local = store.local_path(uri, cache_dir or tempfile.mkdtemp(prefix="crucible-model-"), field="model.source.uri")
     if not (Path(local) / "config.json").is_file():
-        raise SpecError(f"model.source.uri {uri}: no config.json there; point it at a Hugging Face model folder")
+        raise SpecError(f"model.source.uri {label or uri}: no config.json there; point it at a Hugging Face "
+                        "model folder")
     model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
     model.config.use_cache = False
     return model, Path(local)

@@ -71,7 +71,7 @@ def open_split(data_uri: str, split: str, store: st.Storage, cache: Path, requir
                 "(its train/ and validation/ token shards)"
             )
         return None
-    local = store.local_path(split_uri, cache / split)
+    local = store.node_local_path(split_uri, field="data.uri", log=log)  # once per node, not per rank
     try:
         return ShardSet(local)
     except ShardFormatError as exc:
@@ -88,7 +88,7 @@ def find_tokenizer(config: PretrainConfig, data_uri: str, store: st.Storage, cac
         candidates = [st.join(data_uri, "tokenizer")]
     for candidate in candidates:
         if store.exists(st.join(candidate, "tokenizer.json")):
-            return store.local_path(candidate, cache / "tokenizer")
+            return store.node_local_path(candidate, field="tokenizer", log=log)
     if config.tokenizer is not None:
         raise SpecError(f"tokenizer.uri {config.tokenizer.uri}: no tokenizer.json there or in tokenizer/")
     log(f"warning: {data_uri} has no tokenizer/; the model is exported without tokenizer files")
@@ -129,6 +129,17 @@ def check_memorization(config: PretrainConfig, model_dir: Path, train: ShardSet,
     return result
 
 
+def _report_source_reads(sliced: Any, engine: Engine) -> dict[str, Any]:
+    """Bytes of the source's tensors each rank read (its slices), logged and put in the results."""
+    from crucible.trainer.distributed import all_gather_object
+
+    per_rank = [int(b) for b in all_gather_object(sliced.bytes_read)]
+    total = int(sliced.bytes_total)
+    engine.log("model.source: each rank read only its slices: " + ", ".join(
+        f"rank {r} {b} bytes ({b / max(total, 1):.1%})" for r, b in enumerate(per_rank)) + f" of {total}")
+    return {"sourceBytesRead": per_rank, "sourceBytes": total}
+
+
 def input_receipts(config: PretrainConfig, store: st.Storage, source_dir: Path | None,
                    tokenizer_dir: Path | None) -> dict[str, Any]:
     """``{uri, sha256, ...}`` of every input the run read (:func:`~crucible.trainer.stage_io.input_receipt`):
@@ -161,7 +172,7 @@ def input_receipts(config: PretrainConfig, store: st.Storage, source_dir: Path |
 
 def run(config: PretrainConfig) -> int:
     from crucible.trainer.distributed import barrier, init_distributed, shutdown
-    from crucible.trainer.model import adopt_source, build_meta_model, load_pretrained
+    from crucible.trainer.model import adopt_source, build_meta_model, load_pretrained, source_meta_model
     from crucible.trainer.output import publish
     from crucible.trainer.stage_io import SUCCESS, finished, write_success
 
@@ -186,15 +197,26 @@ def run(config: PretrainConfig) -> int:
         validation = open_split(config.data.uri, "validation", store, cache, required=False)
         tokenizer_dir = find_tokenizer(config, config.data.uri, store, cache)
         source_dir: Path | None = None
+        sliced: Any = None  # the per-rank safetensors reader of a model.source, when it is one
         if config.model.source is not None:
             if not config.model.source.uri:
                 raise SpecError("model.source.fromRun was not resolved to model.source.uri")
             model: Any
-            model, source_dir = load_pretrained(config.model.source.uri, store, str(cache / "source"))
-            model = adopt_source(model, config.model, config.model.source.uri)
+            source_uri = config.model.source.uri
+            source_dir = store.node_local_path(source_uri, field="model.source.uri", log=log)
+            model = None
+            if config.model.architecture == "llama" and config.training.strategy != "deepspeed":
+                model = source_meta_model(source_dir, source_uri)  # each rank reads only its slices
+            if model is not None:
+                from crucible.trainer.meta_init import pending_init
+
+                sliced = pending_init(model)
+            else:
+                model, _ = load_pretrained(str(source_dir), store, label=source_uri)
+                model = adopt_source(model, config.model, source_uri)
             if model.config.vocab_size < train.vocab_size:
                 raise SpecError(
-                    f"model.source {config.model.source.uri} has vocabulary {model.config.vocab_size}, "
+                    f"model.source {source_uri} has vocabulary {model.config.vocab_size}, "
                     f"the data {train.vocab_size}; tokenize the data with the model's tokenizer"
                 )
         else:
@@ -204,11 +226,15 @@ def run(config: PretrainConfig) -> int:
         if config.eval.prompts and env.is_main and tokenizer_dir is not None and config.model.source is not None:
             tok = evaluate.load_tokenizer(source_dir) if source_dir is not None else None
             if tok is not None:
+                # the starting model answers on rank 0 alone (a sliced source is read whole for this)
+                base = model if sliced is None or source_dir is None else evaluate.load_model(source_dir)[0]
                 # an instruct model is asked the way it was tuned to be asked: through its own chat template
-                before = evaluate.answer_prompts(model, tok, config.eval.prompts, config.eval.max_new_tokens,
+                before = evaluate.answer_prompts(base, tok, config.eval.prompts, config.eval.max_new_tokens,
                                                  getattr(tok, "chat_template", None))
+                del base
         engine = Engine(config, model, PretrainObjective(train, validation), str(tokenizer_dir) if tokenizer_dir else None,
                         env, store)
+        source_read = _report_source_reads(sliced, engine) if sliced is not None else None
         try:
             # continued training (a revision, or any run from a source) reports the source's held-out
             # perplexity on this data before and after
@@ -227,6 +253,8 @@ def run(config: PretrainConfig) -> int:
             results = {**result.results(), **harness, "parameters": engine.total_params, "dataTokens": train.num_tokens}
             if "perplexity" in before_eval:
                 results["perplexityBefore"] = before_eval["perplexity"]
+            if source_read is not None:
+                results.update(source_read)
             if memorized is not None:
                 results["memorization"] = memorized
                 from crucible.trainer.memorization import enforce

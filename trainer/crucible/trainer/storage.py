@@ -22,6 +22,7 @@ Local writes are atomic (temporary file + rename), so a reader never sees half a
 from __future__ import annotations
 
 import base64
+import builtins
 import os
 import shutil
 import tempfile
@@ -327,6 +328,67 @@ class Storage:
         files.sort(key=lambda p: p.relative_to(root).as_posix() in last)
         for path in files:
             self.upload_file(path, join(uri, path.relative_to(root).as_posix()))
+
+    def node_local_path(self, uri: str, field: str = "model source", log: Callable[[str], None] | None = None) -> Path:
+        """:meth:`local_path` fetched once per node, not once per rank.
+
+        A local path is returned as it is. An ``s3://`` prefix (or a ``.gguf`` to convert) goes into
+        the node's cache (``$CRUCIBLE_NODE_CACHE``, default ``<tmp>/crucible-node-cache``) under a key
+        of the URI and the objects' names, sizes and ETags: the first rank of the node to take the
+        entry's file lock downloads it (into a temporary folder, renamed when complete); the others
+        wait on the lock and find it there, as does a restarted run whose source has not changed.
+        """
+        import fcntl
+        import hashlib
+
+        from crucible.trainer import gguf_import
+
+        if not is_s3(uri) and not gguf_import.is_gguf(uri):
+            return self.local_path(uri, tempfile.gettempdir(), field=field)
+        signature = [uri]
+        if is_s3(uri):
+            signature += self._signature(uri)
+        key = hashlib.sha256("\n".join(signature).encode()).hexdigest()[:24]
+        root = Path(os.environ.get("CRUCIBLE_NODE_CACHE") or Path(tempfile.gettempdir()) / "crucible-node-cache")
+        root.mkdir(parents=True, exist_ok=True)
+        entry = root / key
+        with open(root / f"{key}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the other ranks of the node wait here
+            try:
+                done = entry / ".crucible-complete"
+                if done.is_file():
+                    found = Path(done.read_text().strip() or entry)
+                    if log is not None:
+                        log(f"{field} {uri}: from the node cache {found}")
+                    return found
+                partial = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=root))
+                try:
+                    got = self.local_path(uri, partial, field=field)
+                    rel = got.relative_to(partial) if got.is_relative_to(partial) else None
+                    shutil.rmtree(entry, ignore_errors=True)
+                    partial.rename(entry)
+                except BaseException:
+                    shutil.rmtree(partial, ignore_errors=True)
+                    raise
+                found = entry / rel if rel is not None else got
+                (entry / ".crucible-complete").write_text(str(found))
+                if log is not None:
+                    size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+                    log(f"{field} {uri}: downloaded once for this node ({size} bytes) into {found}")
+                return found
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _signature(self, uri: str) -> builtins.list[str]:
+        """Name, size and ETag of every object below an S3 prefix (what decides a cache entry)."""
+        loc = S3Location.parse(uri.rstrip("/") + "/")
+        paginator = self.client.get_paginator("list_objects_v2")
+        out: builtins.list[str] = []
+        pages = self._s3_call(uri, lambda: list(paginator.paginate(Bucket=loc.bucket, Prefix=loc.key)))
+        for page in pages:
+            for obj in page.get("Contents", []):
+                out.append(f"{obj['Key']} {obj['Size']} {obj.get('ETag', '')}")
+        return sorted(out)
 
     def local_path(self, uri: str, cache_dir: str | os.PathLike[str], field: str = "model source") -> Path:
         """A local directory holding ``uri``: the path itself, or an S3 prefix downloaded to cache_dir.
