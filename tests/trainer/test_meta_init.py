@@ -105,9 +105,10 @@ def test_sharded_layouts_fill_their_shards_with_the_cpu_build_and_export_shard_w
 
 def test_continued_pretraining_from_s3_reads_a_quarter_per_rank_and_fetches_once_per_node(
         shards: Path, tmp_path: Path, s3_server: str, s3_bucket: str) -> None:
+    from trainlib import run_stage, step_losses, tiny_spec
+
     from crucible.trainer import storage as st
     from crucible.trainer.config.common import S3Config
-    from trainlib import run_stage, step_losses, tiny_spec
 
     source = save_tiny_source(tmp_path / "src")
     store = st.Storage(S3Config(endpoint_url=s3_server, addressing_style="path"))
