@@ -11,7 +11,13 @@ FSDP2, takes one AdamW step (so the optimizer state exists), then measures, per 
 * the time the training loop is blocked by the save (staging copy) and the background write time;
 * the peak RSS during a load (verify + DCP load into the live model);
 * the old format beside it: ``Strategy.full_state`` (every rank gathers, rank 0 keeps the full
-  model and optimizer) + ``torch.save`` on rank 0 — its peak RSS and time.
+  model and optimizer) + ``torch.save`` on rank 0 — its peak RSS and time;
+* model build, per rank: peak RSS of building on meta + FSDP2 + filling the shards
+  (``build_meta_model``) against building the whole model on CPU and then sharding it (``build_model``);
+* the Hugging Face export: the streamed, shard-wise export (one tensor gathered at a time, safetensors
+  files planned from the shapes) against the whole-state gather + ``save_pretrained`` on rank 0;
+* loading that export back as a ``model.source``: each rank reads only its safetensors slices
+  (bytes read per rank, peak RSS) against ``from_pretrained`` of the whole model on every rank.
 
 Prints a table and writes ``--json`` (default checkpoint_scale.json). The default shape is ~120M
 parameters; ``--hidden 1536 --layers 16`` is about 0.5B (needs ~4 × 9 GB here: run it once).
@@ -57,17 +63,22 @@ def worker(args: argparse.Namespace) -> None:
     from crucible.trainer.checkpoint import Checkpointer
     from crucible.trainer.config.training import ModelConfig, OptimizerConfig, TrainingConfig
     from crucible.trainer.distributed import FSDPStrategy, all_gather_object, barrier, init_distributed
-    from crucible.trainer.model import build_model
+    from crucible.trainer.model import build_meta_model, build_model
 
     torch.set_num_threads(1)
     env = init_distributed()
     cfg = ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                       vocab_size=args.vocab, max_position_embeddings=256)
-    model = build_model(cfg, args.vocab, seed=1)
-    params = sum(p.numel() for p in model.parameters())
     training = TrainingConfig(max_steps=1, strategy="fsdp", seq_len=16, global_batch_tokens=16 * env.world_size,
                               micro_batch_size=1, precision="fp32")
+    barrier()
+    before, _ = _rss()
+    _reset_peak()
+    started = time.perf_counter()
+    model = build_meta_model(cfg, args.vocab, seed=1)  # on meta, sharded, then each rank fills its shards
+    params = sum(p.numel() for p in model.parameters())
     strategy = FSDPStrategy(model, env, training, OptimizerConfig())
+    build_new = {"build_s": time.perf_counter() - started, "build_peak_above_rss": _rss()[1] - before}
     ids = torch.randint(0, args.vocab, (1, 16))
     strategy.model(input_ids=ids, labels=ids).loss.backward()
     strategy.optimizer_step(1e-4, 1.0)
@@ -75,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     root = Path(args.dir)
     ckpt = Checkpointer(str(root / "new"), st.Storage(), env, keep=1, async_save=True, config_hash="bench",
                         log=lambda m: None)
-    out: dict[str, Any] = {"rank": env.rank, "params": params}
+    out: dict[str, Any] = {"rank": env.rank, "params": params, **build_new}
 
     barrier()
     before, _ = _rss()
@@ -113,9 +124,81 @@ def worker(args: argparse.Namespace) -> None:
     out["old_gather_s"] = time.perf_counter() - started
     out["old_gather_peak_above_rss"] = _rss()[1] - before
     ckpt.close()
+    out.update(_export_and_source(args, env, strategy, training, root))
+    del strategy
+
+    barrier()
+    before, _ = _rss()
+    _reset_peak()
+    started = time.perf_counter()
+    old_model = build_model(cfg, args.vocab, seed=1)  # the old build: the whole model on every rank first
+    old_strategy = FSDPStrategy(old_model, env, training, OptimizerConfig())
+    out["old_build_s"] = time.perf_counter() - started
+    out["old_build_peak_above_rss"] = _rss()[1] - before
+    del old_strategy, old_model
     rows = all_gather_object(out)
     if env.is_main:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def _export_and_source(args: argparse.Namespace, env: Any, strategy: Any, training: Any, root: Path) -> dict[str, Any]:
+    """Streamed export vs the whole-state export; the export read back by slices vs from_pretrained."""
+    from crucible.trainer.config.training import OptimizerConfig
+    from crucible.trainer.distributed import FSDPStrategy, all_gather_object, barrier
+    from crucible.trainer.meta_init import pending_init
+    from crucible.trainer.model import source_meta_model
+    from crucible.trainer.output import save_hf_model, write_hf_model
+
+    out: dict[str, Any] = {}
+    export = root / "export"
+    barrier()
+    before, _ = _rss()
+    _reset_peak()
+    started = time.perf_counter()
+    specs, items = strategy.export_stream()
+    stats = write_hf_model(strategy.module, specs, items, export if env.is_main else None, None,
+                           shard_bytes=args.export_shard_mib * 2**20)
+    barrier()
+    out.update(export_s=time.perf_counter() - started, export_peak_above_rss=_rss()[1] - before,
+               export_files=stats["files"], export_bytes=stats["bytes"])
+
+    barrier()
+    before, _ = _rss()
+    _reset_peak()
+    started = time.perf_counter()
+    state = strategy.export_state()  # the old export: the whole state on rank 0, then save_pretrained
+    if env.is_main:
+        assert state is not None
+        save_hf_model(strategy.module, state, root / "old-export", None)
+    del state
+    barrier()
+    out.update(old_export_s=time.perf_counter() - started, old_export_peak_above_rss=_rss()[1] - before)
+
+    barrier()
+    before, _ = _rss()
+    _reset_peak()
+    started = time.perf_counter()
+    meta = source_meta_model(export, str(export))
+    assert meta is not None
+    reader = pending_init(meta)
+    loaded = FSDPStrategy(meta, env, training, OptimizerConfig())
+    out.update(source_s=time.perf_counter() - started, source_peak_above_rss=_rss()[1] - before,
+               source_bytes_read=reader.bytes_read, source_bytes=reader.bytes_total)  # type: ignore[union-attr]
+    del loaded, meta
+
+    barrier()
+    before, _ = _rss()
+    _reset_peak()
+    started = time.perf_counter()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    whole = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)  # the old load: all of it, every rank
+    old_loaded = FSDPStrategy(whole, env, training, OptimizerConfig())
+    out.update(old_source_s=time.perf_counter() - started, old_source_peak_above_rss=_rss()[1] - before)
+    del old_loaded, whole
+    all_gather_object(None)
+    return out
 
 
 def _free_port() -> int:
@@ -133,6 +216,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--export-shard-mib", type=int, default=128, help="largest safetensors file of the export")
     parser.add_argument("--json", default="checkpoint_scale.json")
     parser.add_argument("--dir", default=None, help="where the checkpoints go (default: a temporary folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -144,7 +228,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
                "--master-addr=127.0.0.1", f"--master-port={_free_port()}", __file__, "--worker",
                f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}",
-               f"--vocab={args.vocab}", f"--json={os.path.abspath(args.json)}", f"--dir={args.dir or tmp}"]
+               f"--vocab={args.vocab}", f"--export-shard-mib={args.export_shard_mib}", f"--json={os.path.abspath(args.json)}", f"--dir={args.dir or tmp}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(REPO / "trainer"), str(REPO / "operator"),
                                               os.environ.get("PYTHONPATH", "")])}
@@ -165,6 +249,17 @@ def main() -> int:
     old = rows[0]["old_gather_peak_above_rss"] / gib
     blocked = max(r["blocked_s"] for r in rows)
     write = max(r["background_write_s"] for r in rows)
+    print(f"{'rank':>4} {'build peak+':>11} {'old build+':>10} {'export peak+':>12} {'old export+':>11} "
+          f"{'source read GiB':>15} {'source peak+':>12} {'old source+':>11}")
+    for r in rows:
+        print(f"{r['rank']:>4} {r['build_peak_above_rss'] / gib:11.3f} {r['old_build_peak_above_rss'] / gib:10.3f} "
+              f"{r['export_peak_above_rss'] / gib:12.3f} {r['old_export_peak_above_rss'] / gib:11.3f} "
+              f"{r['source_bytes_read'] / gib:15.3f} {r['source_peak_above_rss'] / gib:12.3f} "
+              f"{r['old_source_peak_above_rss'] / gib:11.3f}")
+    r0 = rows[0]
+    print(f"export: {r0['export_files']} safetensors files, {r0['export_bytes'] / gib:.3f} GiB in {r0['export_s']:.1f} s "
+          f"(whole-state export {r0['old_export_s']:.1f} s); source: {r0['source_bytes'] / gib:.3f} GiB, each rank read "
+          f"{max(r['source_bytes_read'] for r in rows) / max(r0['source_bytes'], 1):.1%} at most")
     print(f"peak extra memory per rank during a save: sharded {worst_save:.3f} GiB vs rank-0 gather {old:.3f} GiB "
           f"({old / max(worst_save, 1e-9):.1f}x); blocked {blocked:.3f} s of a {write + blocked:.2f} s save "
           f"({blocked / max(write + blocked, 1e-9):.1%})")
