@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,18 @@ CASES = {
 }
 
 SHARD_BYTES = 20_000  # a 30k-parameter model in several files
+
+
+def _losses(strategy: Any) -> list[str]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 96, (2, 32), generator=gen)
+    out = []
+    for _ in range(2):
+        loss = strategy.model(input_ids=ids, labels=ids).loss
+        strategy.backward(loss, last=True)
+        strategy.optimizer_step(1e-2, 1.0)
+        out.append(float(loss.detach()).hex())
+    return out
 
 
 def main() -> None:
@@ -71,6 +84,14 @@ def main() -> None:
                       "newFiles": sorted(p.name for p in (out / name / "new").iterdir()),
                       "configSame": json.loads((old / "config.json").read_text())
                       == json.loads((out / name / "new" / "config.json").read_text())}
+        if not getattr(strategy, "pipelined", False):  # the same 2 training steps from both builds
+            cpu = build_strategy(build_model(config.model, 96, config.training.seed),  # type: ignore[attr-defined]
+                                 env, config.training, config.optimizer, accum)  # type: ignore[attr-defined]
+            same = _losses(strategy) == _losses(cpu)
+        else:
+            same = True
+        if env.is_main:
+            result["lossesEqual"] = same
             (out / f"{name}.json").write_text(json.dumps(result))
     if len(sys.argv) > 2:  # a Hugging Face source in several safetensors files: each rank reads its slices
         source = Path(sys.argv[2])
