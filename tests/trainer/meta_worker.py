@@ -20,6 +20,8 @@ CASES = {
                        "moe": {"numExperts": 4, "topK": 2, "everyNLayers": 2}}, {"strategy": "fsdp"}),
     "ddp": ({}, {"strategy": "ddp"}),
     "tp2": ({}, {"strategy": "fsdp", "parallelism": {"tensor": 2}}),
+    "ep2": ({"architecture": "mixtral", "moe": {"numExperts": 4, "topK": 2}},
+            {"strategy": "fsdp", "parallelism": {"expert": 2}}),
     "pp2": ({}, {"strategy": "fsdp", "parallelism": {"pipeline": 2}, "globalBatchTokens": 256,
                  "microBatchSize": 2}),
 }

@@ -74,9 +74,12 @@ class ParallelStrategy(Strategy):
         if layout.tensor > 1 and training.seq_len % layout.tensor:
             raise SpecError(f"training.seqLen: {training.seq_len} must be divisible by parallelism.tensor "
                             f"({layout.tensor}) for sequence parallelism")
-        from crucible.trainer.meta_init import materialise_sharded, pending_init
+        from crucible.trainer.meta_init import materialise_sharded, materialise_whole, pending_init
 
         deferred = pending_init(module)  # built on meta: cut, split and shard first, then fill the shards
+        if deferred is not None and layout.expert > 1:  # expert parallel re-wraps the experts: built whole first
+            materialise_whole(module, torch.device("cpu"))
+            deferred = None
         layer_ids = split_layers(config.num_hidden_layers, chunks)
         self.chunk_ids = [self.pp_rank + k * layout.pipeline for k in range(layout.stages_per_rank)]
         self.stages: list[LlamaStage] = []
