@@ -92,8 +92,6 @@ def build_mesh(layout: Layout, device_type: str) -> Any:
     shape5 = (layout.replicate, layout.shard // layout.expert, layout.expert, layout.pipeline, layout.tensor)
     mesh = init_device_mesh(device_type, shape5, mesh_dim_names=EXPERT_DIMS)
     mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
-    if layout.replicate > 1:
-        mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp_replicate_shard")
     return mesh
 
 
@@ -107,7 +105,11 @@ def expert_data_mesh(mesh: Any, layout: Layout) -> Any:
 
 def data_mesh(mesh: Any, layout: Layout) -> Any:
     """The FSDP2 mesh: (replicate, shard) for HSDP, else the shard dimension."""
-    return mesh["dp_replicate", "dp_shard"] if layout.replicate > 1 else mesh["dp_shard"]
+    import warnings
+
+    with warnings.catch_warnings():  # with EP, dp_shard is a flattened dim; torch 2.13 warns it may go
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+        return mesh["dp_replicate", "dp_shard"] if layout.replicate > 1 else mesh["dp_shard"]
 
 
 def all_reduce_over(tensor: torch.Tensor, mesh: Any, dim: str) -> torch.Tensor:
