@@ -31,6 +31,7 @@ import numpy as np
 import xxhash
 
 from crucible.trainer.config.data import DecontaminationSet, DecontaminationStep, SourceConfig
+from crucible.trainer.data import private_tmp
 from crucible.trainer.data.document import Document
 from crucible.trainer.data.minhash import mix64
 from crucible.trainer.data.step import Step
@@ -119,7 +120,7 @@ def held_out_table(parts: Iterable[tuple[dict[str, np.ndarray], Any]]) -> dict[i
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = private_tmp(path)
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
@@ -147,7 +148,7 @@ def merge_tables(tables: Iterable[dict[int, np.ndarray]]) -> dict[int, np.ndarra
 
 
 def save_table(path: Path, table: dict[int, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = private_tmp(path)
     with open(tmp, "wb") as f:
         np.savez(f, **{f"n{length}": grams for length, grams in table.items()})  # type: ignore[arg-type]
     os.replace(tmp, path)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crucible.trainer.data import private_tmp
 from crucible.trainer.data.minhash import cluster_roots
 
 MAGIC = b"CRCBKT01"
@@ -53,7 +54,7 @@ REASON_NEAR = 2
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return private_tmp(path)
 
 
 def bucket_of(keys: np.ndarray, buckets: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from crucible.trainer.data import private_tmp
 from crucible.trainer.storage import Storage, is_s3, join
 
 
@@ -96,9 +97,8 @@ class Workspace:
 
 
 def tmp_name(path: Path) -> Path:
-    """A temporary sibling private to this process: a duplicate worker (a pod restarted while
-    the old one still runs) never writes into the same temporary file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """A temporary sibling private to this writer (:func:`crucible.trainer.data.private_tmp`)."""
+    return private_tmp(path)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
