@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from expert_worker import EXPERT_MODEL, EXPERT_TRAINING, RESUME_STEP
-from trainlib import PYTHON, REPO, free_port, make_engine, trainer_env
+from trainlib import PYTHON, REPO, VOCAB, free_port, make_engine, run_stage, tiny_spec, trainer_env
 
 from waits import scaled
 
@@ -81,3 +81,22 @@ def test_expert_parallel_matches_one_process_and_resumes_across_degrees(shards: 
     key = "model.layers.0.mlp.experts.gate_up_proj"
     assert ours[key].shape == theirs[key].shape and ours[key].shape[0] == 4  # every expert, gathered
     assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-4
+
+
+@pytest.mark.slow
+def test_expert_degree_not_dividing_a_source_models_experts_is_refused_at_start(shards: Path, tmp_path: Path) -> None:
+    """`crucible validate` cannot see a source model's experts; the trainer refuses at start, naming the field."""
+    from crucible.trainer.config.training import ModelConfig
+    from crucible.trainer.model import build_model
+    from crucible.trainer.output import save_hf_model
+
+    cfg = ModelConfig.model_validate({"architecture": "mixtral", "hiddenSize": 32, "numLayers": 2, "numHeads": 4,
+                                      "intermediateSize": 64, "moe": {"numExperts": 3, "topK": 1}})
+    model = build_model(cfg, VOCAB, seed=0)
+    save_hf_model(model, model.state_dict(), tmp_path / "source", None)
+    spec = tiny_spec(shards, tmp_path / "run", model={"architecture": "mixtral", "source": {"uri": str(tmp_path / "source")}},
+                     training={"strategy": "fsdp", "parallelism": {"expert": 2}, "globalBatchTokens": 256,
+                               "microBatchSize": 2, "maxSteps": 2})
+    rc, log = run_stage(spec, tmp_path / "run" / "job", nproc=2)
+    assert rc != 0, log[-3000:]  # torchrun ends 1 (ChildFailedError); each rank exits 2 (bad input)
+    assert "bad input (exit 2): SpecError: training.parallelism.expert: 2 must divide the model's 3 experts" in log
