@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     from crucible.trainer.checkpoint import Checkpointer
     from crucible.trainer.config.training import ModelConfig, OptimizerConfig, TrainingConfig
     from crucible.trainer.distributed import FSDPStrategy, all_gather_object, barrier, init_distributed
-    from crucible.trainer.model import build_meta_model, build_model
+    from crucible.trainer.model import build_meta_model
 
     torch.set_num_threads(1)
     env = init_distributed()
@@ -71,14 +71,9 @@ def worker(args: argparse.Namespace) -> None:
                       vocab_size=args.vocab, max_position_embeddings=256)
     training = TrainingConfig(max_steps=1, strategy="fsdp", seq_len=16, global_batch_tokens=16 * env.world_size,
                               micro_batch_size=1, precision="fp32")
-    barrier()
-    before, _ = _rss()
-    _reset_peak()
-    started = time.perf_counter()
     model = build_meta_model(cfg, args.vocab, seed=1)  # on meta, sharded, then each rank fills its shards
     params = sum(p.numel() for p in model.parameters())
     strategy = FSDPStrategy(model, env, training, OptimizerConfig())
-    build_new = {"build_s": time.perf_counter() - started, "build_peak_above_rss": _rss()[1] - before}
     ids = torch.randint(0, args.vocab, (1, 16))
     strategy.model(input_ids=ids, labels=ids).loss.backward()
     strategy.optimizer_step(1e-4, 1.0)
@@ -86,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
     root = Path(args.dir)
     ckpt = Checkpointer(str(root / "new"), st.Storage(), env, keep=1, async_save=True, config_hash="bench",
                         log=lambda m: None)
-    out: dict[str, Any] = {"rank": env.rank, "params": params, **build_new}
+    out: dict[str, Any] = {"rank": env.rank, "params": params}
 
     barrier()
     before, _ = _rss()
@@ -124,81 +119,85 @@ def worker(args: argparse.Namespace) -> None:
     out["old_gather_s"] = time.perf_counter() - started
     out["old_gather_peak_above_rss"] = _rss()[1] - before
     ckpt.close()
-    out.update(_export_and_source(args, env, strategy, training, root))
-    del strategy
-
-    barrier()
-    before, _ = _rss()
-    _reset_peak()
-    started = time.perf_counter()
-    old_model = build_model(cfg, args.vocab, seed=1)  # the old build: the whole model on every rank first
-    old_strategy = FSDPStrategy(old_model, env, training, OptimizerConfig())
-    out["old_build_s"] = time.perf_counter() - started
-    out["old_build_peak_above_rss"] = _rss()[1] - before
-    del old_strategy, old_model
+    out.update(_export(args, env, strategy, root))
     rows = all_gather_object(out)
     if env.is_main:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def _export_and_source(args: argparse.Namespace, env: Any, strategy: Any, training: Any, root: Path) -> dict[str, Any]:
-    """Streamed export vs the whole-state export; the export read back by slices vs from_pretrained."""
-    from crucible.trainer.config.training import OptimizerConfig
-    from crucible.trainer.distributed import FSDPStrategy, all_gather_object, barrier
-    from crucible.trainer.meta_init import pending_init
-    from crucible.trainer.model import source_meta_model
+def _export(args: argparse.Namespace, env: Any, strategy: Any, root: Path) -> dict[str, Any]:
+    """The streamed export against the whole-state export (gather + save_pretrained on rank 0)."""
+    from crucible.trainer.distributed import barrier
     from crucible.trainer.output import save_hf_model, write_hf_model
 
     out: dict[str, Any] = {}
-    export = root / "export"
     barrier()
     before, _ = _rss()
     _reset_peak()
     started = time.perf_counter()
     specs, items = strategy.export_stream()
-    stats = write_hf_model(strategy.module, specs, items, export if env.is_main else None, None,
+    stats = write_hf_model(strategy.module, specs, items, root / "export" if env.is_main else None, None,
                            shard_bytes=args.export_shard_mib * 2**20)
     barrier()
     out.update(export_s=time.perf_counter() - started, export_peak_above_rss=_rss()[1] - before,
                export_files=stats["files"], export_bytes=stats["bytes"])
-
     barrier()
     before, _ = _rss()
     _reset_peak()
     started = time.perf_counter()
-    state = strategy.export_state()  # the old export: the whole state on rank 0, then save_pretrained
+    state = strategy.export_state()
     if env.is_main:
         assert state is not None
         save_hf_model(strategy.module, state, root / "old-export", None)
     del state
     barrier()
     out.update(old_export_s=time.perf_counter() - started, old_export_peak_above_rss=_rss()[1] - before)
-
-    barrier()
-    before, _ = _rss()
-    _reset_peak()
-    started = time.perf_counter()
-    meta = source_meta_model(export, str(export))
-    assert meta is not None
-    reader = pending_init(meta)
-    loaded = FSDPStrategy(meta, env, training, OptimizerConfig())
-    out.update(source_s=time.perf_counter() - started, source_peak_above_rss=_rss()[1] - before,
-               source_bytes_read=reader.bytes_read, source_bytes=reader.bytes_total)  # type: ignore[union-attr]
-    del loaded, meta
-
-    barrier()
-    before, _ = _rss()
-    _reset_peak()
-    started = time.perf_counter()
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    whole = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)  # the old load: all of it, every rank
-    old_loaded = FSDPStrategy(whole, env, training, OptimizerConfig())
-    out.update(old_source_s=time.perf_counter() - started, old_source_peak_above_rss=_rss()[1] - before)
-    del old_loaded, whole
-    all_gather_object(None)
     return out
+
+
+def measure(args: argparse.Namespace) -> None:
+    """One model build or source load in a fresh process per rank (imports warmed first), its peak RSS."""
+    import torch
+
+    from crucible.trainer.config.training import ModelConfig, OptimizerConfig, TrainingConfig
+    from crucible.trainer.distributed import FSDPStrategy, all_gather_object, barrier, init_distributed
+    from crucible.trainer.meta_init import pending_init
+    from crucible.trainer.model import build_meta_model, build_model, source_meta_model
+
+    torch.set_num_threads(1)
+    env = init_distributed()
+    training = TrainingConfig(max_steps=1, strategy="fsdp", seq_len=16, global_batch_tokens=16 * env.world_size,
+                              micro_batch_size=1, precision="fp32")
+    tiny = ModelConfig(hidden_size=64, num_layers=1, num_heads=4, vocab_size=128, max_position_embeddings=64)
+    FSDPStrategy(build_meta_model(tiny, 128, seed=1), env, training, OptimizerConfig())  # imports, warmed
+    FSDPStrategy(build_model(tiny, 128, seed=1), env, training, OptimizerConfig())
+    cfg = ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                      vocab_size=args.vocab, max_position_embeddings=256)
+    export = Path(args.dir) / "export"
+    barrier()
+    before, _ = _rss()
+    _reset_peak()
+    started = time.perf_counter()
+    row: dict[str, Any] = {"rank": env.rank}
+    if args.measure == "build-new":  # on meta, sharded, each rank fills its own shards
+        model = build_meta_model(cfg, args.vocab, seed=1)
+    elif args.measure == "build-old":  # the whole model on every rank, then sharded
+        model = build_model(cfg, args.vocab, seed=1)
+    elif args.measure == "source-new":  # each rank reads its safetensors slices
+        model = source_meta_model(export, str(export))
+        reader = pending_init(model)
+    else:  # from_pretrained of the whole model on every rank, then sharded
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    strategy = FSDPStrategy(model, env, training, OptimizerConfig())
+    row.update(seconds=time.perf_counter() - started, peak_above_rss=_rss()[1] - before)
+    if args.measure == "source-new":
+        row.update(bytes_read=reader.bytes_read, bytes=reader.bytes_total)  # type: ignore[union-attr]
+    del strategy, model
+    rows = all_gather_object(row)
+    if env.is_main:
+        Path(args.json).write_text(json.dumps(rows))
 
 
 def _free_port() -> int:
@@ -220,10 +219,15 @@ def main() -> int:
     parser.add_argument("--json", default="checkpoint_scale.json")
     parser.add_argument("--dir", default=None, help="where the checkpoints go (default: a temporary folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        measure(args)
+        return 0
     if args.worker:
         worker(args)
         return 0
+    measured: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
                "--master-addr=127.0.0.1", f"--master-port={_free_port()}", __file__, "--worker",
@@ -235,6 +239,14 @@ def main() -> int:
         rc = subprocess.call(cmd, env=env)
         if rc:
             return rc
+        for what in ("build-new", "build-old", "source-new", "source-old"):  # each in fresh processes
+            part = f"{os.path.abspath(args.json)}.{what}"
+            fresh = [f"--master-port={_free_port()}" if c.startswith("--master-port") else c
+                     for c in cmd if not c.startswith("--json") and c != "--worker"]
+            rc = subprocess.call([*fresh, f"--measure={what}", f"--json={part}"], env=env)
+            if rc:
+                return rc
+            measured[what] = json.loads(Path(part).read_text())
     rows = json.loads(Path(args.json).read_text())
     gib = 1024**3
     print(f"Llama {rows[0]['params'] / 1e6:.0f}M parameters, AdamW, FSDP2 over {len(rows)} CPU ranks (gloo)")
@@ -251,15 +263,20 @@ def main() -> int:
     write = max(r["background_write_s"] for r in rows)
     print(f"{'rank':>4} {'build peak+':>11} {'old build+':>10} {'export peak+':>12} {'old export+':>11} "
           f"{'source read GiB':>15} {'source peak+':>12} {'old source+':>11}")
+    m = {k: {r["rank"]: r for r in v} for k, v in measured.items()}
     for r in rows:
-        print(f"{r['rank']:>4} {r['build_peak_above_rss'] / gib:11.3f} {r['old_build_peak_above_rss'] / gib:10.3f} "
+        k = r["rank"]
+        print(f"{k:>4} {m['build-new'][k]['peak_above_rss'] / gib:11.3f} {m['build-old'][k]['peak_above_rss'] / gib:10.3f} "
               f"{r['export_peak_above_rss'] / gib:12.3f} {r['old_export_peak_above_rss'] / gib:11.3f} "
-              f"{r['source_bytes_read'] / gib:15.3f} {r['source_peak_above_rss'] / gib:12.3f} "
-              f"{r['old_source_peak_above_rss'] / gib:11.3f}")
+              f"{m['source-new'][k]['bytes_read'] / gib:15.3f} {m['source-new'][k]['peak_above_rss'] / gib:12.3f} "
+              f"{m['source-old'][k]['peak_above_rss'] / gib:11.3f}")
     r0 = rows[0]
+    source = m["source-new"][0]["bytes"]
     print(f"export: {r0['export_files']} safetensors files, {r0['export_bytes'] / gib:.3f} GiB in {r0['export_s']:.1f} s "
-          f"(whole-state export {r0['old_export_s']:.1f} s); source: {r0['source_bytes'] / gib:.3f} GiB, each rank read "
-          f"{max(r['source_bytes_read'] for r in rows) / max(r0['source_bytes'], 1):.1%} at most")
+          f"(whole-state export {r0['old_export_s']:.1f} s); source: {source / gib:.3f} GiB, each rank read "
+          f"{max(v['bytes_read'] for v in m['source-new'].values()) / max(source, 1):.1%} at most; build "
+          f"{m['build-new'][0]['seconds']:.1f} s on meta vs {m['build-old'][0]['seconds']:.1f} s whole")
+    Path(args.json).write_text(json.dumps({"ranks": rows, **measured}, indent=1))
     print(f"peak extra memory per rank during a save: sharded {worst_save:.3f} GiB vs rank-0 gather {old:.3f} GiB "
           f"({old / max(worst_save, 1e-9):.1f}x); blocked {blocked:.3f} s of a {write + blocked:.2f} s save "
           f"({blocked / max(write + blocked, 1e-9):.1%})")

@@ -348,6 +348,9 @@ class Storage:
         signature = [uri]
         if is_s3(uri):
             signature += self._signature(uri)
+        elif Path(uri).is_file():  # a local .gguf: converted again when the file changes
+            info = Path(uri).stat()
+            signature.append(f"{info.st_size} {info.st_mtime_ns}")
         key = hashlib.sha256("\n".join(signature).encode()).hexdigest()[:24]
         root = Path(os.environ.get("CRUCIBLE_NODE_CACHE") or Path(tempfile.gettempdir()) / "crucible-node-cache")
         root.mkdir(parents=True, exist_ok=True)
