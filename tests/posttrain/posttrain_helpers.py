@@ -158,14 +158,21 @@ def step_losses(checkpoint_dir: Path) -> dict[int, float]:
     return out
 
 
-def kill_at_step(proc, checkpoint_dir: Path, step: int, timeout: float = 240) -> None:
-    """SIGKILL the stage once metrics.jsonl shows ``step``."""
+def kill_at_step(proc, checkpoint_dir: Path, step: int, timeout: float = 240, committed: int | None = None) -> None:
+    """SIGKILL the stage once metrics.jsonl shows ``step`` (and, with ``committed``, once the
+    checkpoint of that step has its manifest: an asynchronous save may still be writing when a
+    busy machine reaches ``step``)."""
     import signal
     import time
 
+    def saved() -> bool:
+        return committed is None or any(
+            (d / "manifest.json").exists() and int(d.name.removeprefix("step-")) >= committed
+            for d in checkpoint_dir.glob("step-*"))
+
     deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
-        if max(step_losses(checkpoint_dir), default=0) >= step:
+        if max(step_losses(checkpoint_dir), default=0) >= step and saved():
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=scaled(60))
             return

@@ -186,7 +186,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
 
     spec = preference_spec(tiny_model_dir, pairs_file, tmp_path / "run", **common)
     proc = launch("preference", spec, tmp_path / "job")
-    kill_at_step(proc, tmp_path / "run" / "checkpoints", step=13)
+    kill_at_step(proc, tmp_path / "run" / "checkpoints", step=13, committed=10)
     assert proc.returncode != 0 and not (tmp_path / "run" / "_SUCCESS").exists()
     assert launch("preference", spec, tmp_path / "job").wait(timeout=scaled(300)) == 0
     assert "resumed from" in (tmp_path / "job" / "log.txt").read_text()

@@ -20,6 +20,7 @@ from posttrain_helpers import (
 )
 
 from crucible.trainer.preference import main
+from waits import scaled
 
 LORA = {"r": 8, "alpha": 16}
 
@@ -111,7 +112,7 @@ def test_sigkill_then_resume_repeats_samples_rewards_and_losses_bit_for_bit(
     proc = launch("preference", spec, tmp_path / "job")
     kill_at_step(proc, tmp_path / "run" / "checkpoints", step=4)  # step 3's checkpoint is inside a rollout (epochs 2)
     assert proc.returncode != 0 and not (tmp_path / "run" / "_SUCCESS").exists()
-    assert launch("preference", spec, tmp_path / "job").wait(timeout=300) == 0, (tmp_path / "job" / "log.txt").read_text()[-2000:]
+    assert launch("preference", spec, tmp_path / "job").wait(timeout=scaled(300)) == 0, (tmp_path / "job" / "log.txt").read_text()[-2000:]
     assert _results(tmp_path / "run")["resumedFromStep"] == 3
 
     def by_step(out: Path) -> dict[int, tuple[str, ...]]:
