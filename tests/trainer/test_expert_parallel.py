@@ -4,16 +4,12 @@ export), and checkpoints move between EP degrees both ways (EP 2 → EP 1, one p
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from expert_worker import EXPERT_MODEL, EXPERT_TRAINING, RESUME_STEP
-from trainlib import PYTHON, REPO, VOCAB, free_port, make_engine, run_stage, tiny_spec, trainer_env
-
-from waits import scaled
+from trainlib import VOCAB, make_engine, run_stage, run_worker_on_four_ranks, tiny_spec
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,12 +47,7 @@ def test_expert_parallel_matches_one_process_and_resumes_across_degrees(shards: 
         {"name": "one-to-pp2ep2", "parallelism": {"expert": 2, "pipeline": 2},
          "resume": str(tmp_path / "single" / "checkpoints")},
     ]
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(HERE / "expert_worker.py"), str(shards), str(tmp_path),
-           json.dumps(cases)]
-    env = trainer_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(400))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_worker_on_four_ranks(HERE / "expert_worker.py", shards, tmp_path, cases, timeout=400)
 
     for case in cases:
         name = case["name"]

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from layout_worker import LAYOUT_TRAINING
 from trainlib import (
-    PYTHON,
-    REPO,
     children,
-    free_port,
     launch,
     make_engine,
     run_stage,
+    run_worker_on_four_ranks,
     step_losses,
     tiny_spec,
-    trainer_env,
 )
 
 from waits import scaled
@@ -44,12 +39,7 @@ def test_layouts_match_one_process(shards: Path, tmp_path: Path) -> None:
     expected = step_losses(tmp_path / "single" / "checkpoints")
     assert sorted(expected) == list(range(1, 11))
 
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(HERE / "layout_worker.py"), str(shards), str(tmp_path),
-           json.dumps(LAYOUTS)]
-    env = trainer_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(300))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_worker_on_four_ranks(HERE / "layout_worker.py", shards, tmp_path, LAYOUTS, timeout=300)
     for name in LAYOUTS:
         got = step_losses(tmp_path / name / "checkpoints")
         assert sorted(got) == sorted(expected), name

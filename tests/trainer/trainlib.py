@@ -169,3 +169,12 @@ def make_engine(data: Path, out: Path, objective: Any = None, **overrides: Any) 
 
 
 LOG: list[str] = []
+
+
+def run_worker_on_four_ranks(worker: Path, shards: Path, out: Path, cases: Any, timeout: float) -> None:
+    """``worker SHARDS OUT CASES_JSON`` under torchrun with 4 gloo ranks on loopback; asserts it exits 0."""
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(worker), str(shards), str(out), json.dumps(cases)]
+    env = trainer_env(PYTHONPATH=os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(timeout))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
