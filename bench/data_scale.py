@@ -5,21 +5,25 @@
 
 Runs the DataPipeline's own dedup code (``crucible.trainer.data.dedup``) on generated band keys:
 MinHash signatures are replaced by keys generated per document (a fraction ``--dup`` of the
-documents are near copies of an earlier document and share a random half of its bands, a
-fraction ``--exact`` are exact copies), because computing real signatures for 16M documents
+documents are near copies of one of the million documents before them and share a random half
+of its bands, a fraction ``--exact`` are exact copies; copies of copies make chains), because computing real signatures for 16M documents
 would take hours on this machine and is the filter stage's cost, already measured by
 bench/data_throughput.py. Every worker of every phase runs in its own process, one after another
 (this machine has 2 cores), and reports its own peak RSS and CPU seconds:
 
 - ``runs``: filter worker p writes its documents' band keys as sorted runs per bucket
   (BucketRunWriter; spills every 131072 documents, merges at the end);
-- ``links``: dedup worker q merges bucket q of every part and links it (link_bucket);
-- ``cluster``: the union-find over every worker's forest, drop decisions split per part;
+- ``links``: dedup worker q merges bucket q of every part, links it (link_bucket) and sends
+  its forests' edges to the partitions owning them (route_links: round 0);
+- ``cluster``: the rounds of the partitioned connected components (cluster_round: small-star,
+  large-star, ... until the large-star input is a star forest everywhere); partition j of
+  round r is worker j's share. One child process per round runs the partitions one after
+  another and resets its peak RSS between them (``/proc/self/clear_refs``; with
+  ``--cluster-processes`` every partition of every round gets its own process instead);
 - ``readback``: tokenize worker p reads its drop decisions and looks up all its documents.
 
 Goals (issue 16): per-worker peak RSS within +-25% when documents per worker is constant
-(1M/1, 4M/4, 16M/16), CPU seconds per document within +-25% across sizes. The cluster phase
-runs once and holds the link set (much smaller than the documents); it is printed on its own.
+(1M/1, 4M/4, 16M/16), CPU seconds per document within +-25% across sizes.
 Kept set check: with --verify (small sizes), the result equals the in-memory clustering.
 """
 
@@ -42,17 +46,24 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 
 from crucible.trainer.data.dedup import (
+    DECISIONS,
+    DONE,
+    LARGE_STAR,
     BucketRunWriter,
     DropDecisions,
-    cluster,
+    LocalFiles,
+    Owners,
     link_bucket,
-    save_decisions,
-    save_links,
-    split_decisions,
+    round_dir,
+    round_kind,
+    route_links,
+    run_round,
 )
 from crucible.trainer.data.minhash import mix64
 
-BATCH = 2048
+BATCH = 8192  # documents generated and added at a time
+READ_BATCH = 2048  # documents looked up at a time (as the tokenize stage does)
+WINDOW = 1_000_000
 RECORDS_PER_FILE = 100_000
 
 
@@ -67,11 +78,13 @@ def generate(start: int, stop: int, bands: int, dup: float, exact: float, seed: 
     with np.errstate(over="ignore"):
         r = mix64(g * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed))
         u = (r >> np.uint64(11)).astype(np.float64) / 2.0**53
-        back = (mix64(r) % np.uint64(1_000_000)) + np.uint64(1)
+        # the original is one of the WINDOW documents before (all of them near the start), so the
+        # duplicate rate is the same at every size
+        back = (mix64(r) % np.maximum(np.minimum(g, np.uint64(WINDOW)), np.uint64(1))) + np.uint64(1)
         src = np.where((u < dup) & (g >= back), g - back, g)  # the near copy's original
         exact_src = np.where((u >= dup) & (u < dup + exact) & (g >= back), g - back, g)
         b = np.arange(bands, dtype=np.uint64)
-        share = (mix64(r[:, None] + b[None, :]) & np.uint64(1)).astype(bool)
+        share = ((mix64(r ^ np.uint64(0x5851F42D4C957F2D))[:, None] >> b[None, :]) & np.uint64(1)).astype(bool)
         owner = np.where(share, src[:, None], g[:, None])  # (n, bands)
         keys = mix64(owner * np.uint64(bands) + b[None, :] + np.uint64(seed << 20))
         hashes = np.stack([mix64(exact_src + np.uint64(7)), mix64(exact_src + np.uint64(13))], axis=1)
@@ -105,33 +118,55 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         t = time.process_time()
         files = [root / f"part-{p:05d}" / f"bucket-{args.part:05d}.bin" for p in range(args.workers)]
         links = link_bucket(files, args.bands)
-        save_links(root / f"links-{args.part:05d}.npz", links)
+        route_links(links, owners(args.n, args.workers), LocalFiles(root).path(f"{round_dir(CLUSTER, 0, args.part)}/x").parent)
         cpu = time.process_time() - t
         n = part_range(args.n, args.workers, args.part)[1] - part_range(args.n, args.workers, args.part)[0]
     elif args.phase == "cluster":
-        t = time.process_time()
-        removed, reasons = cluster([root / f"links-{q:05d}.npz" for q in range(args.workers)])
-        ranges = []
-        for p in range(args.workers):
-            lo, hi = part_range(args.n, args.workers, p)
-            ranges.append((int(doc_keys(np.uint64(lo))), int(doc_keys(np.uint64(hi - 1)))) if hi > lo else None)
-        for p, rows in enumerate(split_decisions(removed, reasons, ranges)):
-            save_decisions(root / f"removed-{p:05d}.npy", rows)
-        cpu = time.process_time() - t
-        n = args.n
-        (root / "removed-total.json").write_text(json.dumps({"removed": len(removed),
-                                                             "exact": int((reasons == 1).sum())}))
+        # one round; every partition named in --parts, the peak RSS reset between them
+        rows = []
+        for j in [int(x) for x in args.parts.split(",")]:
+            reset_peak_rss()
+            t = time.process_time()
+            summary = run_round(LocalFiles(root), CLUSTER, args.round, j, owners(args.n, args.workers))
+            rows.append({"phase": "cluster", "part": j, "round": args.round, "cpu_s": time.process_time() - t,
+                         "peak_rss_mib": peak_rss_mib(), "star": summary.get("star"),
+                         "removed": summary.get("removed", 0), "exact": summary.get("exact", 0),
+                         "rowsIn": summary["rowsIn"],
+                         "docs": part_range(args.n, args.workers, j)[1] - part_range(args.n, args.workers, j)[0]})
+        return {"rows": rows}
     else:  # readback
         lo, hi = part_range(args.n, args.workers, args.part)
         t = time.process_time()
-        decisions = DropDecisions(root / f"removed-{args.part:05d}.npy")
+        final = LocalFiles(root).read_json(f"{CLUSTER}/{DONE}")["round"]
+        decisions = DropDecisions(root / round_dir(CLUSTER, final, args.part) / DECISIONS)
         dropped = 0
-        for s in range(lo, hi, BATCH):
-            g = np.arange(s, min(s + BATCH, hi), dtype=np.uint64)
+        for s in range(lo, hi, READ_BATCH):
+            g = np.arange(s, min(s + READ_BATCH, hi), dtype=np.uint64)
             dropped += int((decisions.reasons(doc_keys(g)) > 0).sum())
         cpu = time.process_time() - t
         n = hi - lo
     return {"phase": args.phase, "part": args.part, "docs": n, "cpu_s": cpu, "peak_rss_mib": peak_rss_mib()}
+
+
+CLUSTER = "cluster"
+
+
+def owners(docs: int, workers: int) -> Owners:
+    """Partition p owns the keys of part p's documents."""
+    ranges: list[tuple[int, int] | None] = []
+    for p in range(workers):
+        lo, hi = part_range(docs, workers, p)
+        ranges.append((int(doc_keys(np.uint64(lo))), int(doc_keys(np.uint64(hi - 1)))) if hi > lo else None)
+    return Owners(ranges)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: 5 > /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_mib() -> float:
@@ -145,12 +180,33 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(phase: str, part: int, docs: int, workers: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def run_child(phase: str, part: int, docs: int, workers: int, args: argparse.Namespace, root: Path,
+              extra: tuple[str, ...] = ()) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", phase, "--part", str(part), "--n", str(docs),
            "--workers-n", str(workers), "--bands", str(args.bands), "--dup", str(args.dup),
-           "--exact", str(args.exact), "--seed", str(args.seed), "--dir", str(root)]
+           "--exact", str(args.exact), "--seed", str(args.seed), "--dir", str(root), *extra]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_cluster(docs: int, workers: int, args: argparse.Namespace, root: Path) -> tuple[list[dict[str, Any]], int]:
+    """Every round, partition by partition (one process per round, or per partition and round)."""
+    rows: list[dict[str, Any]] = []
+    r = 1
+    per_process = args.cluster_processes or not reset_peak_rss()
+    while True:
+        batches = [[j] for j in range(workers)] if per_process else [list(range(workers))]
+        this = []
+        for parts in batches:
+            this += run_child("cluster", 0, docs, workers, args, root,
+                              ("--round", str(r), "--parts", ",".join(map(str, parts))))["rows"]
+        rows += this
+        if round_kind(r) == LARGE_STAR and all(x["star"] for x in this):
+            LocalFiles(root).write_json(f"{CLUSTER}/{DONE}", {"round": r, "removed": sum(x["removed"] for x in this),
+                                                             "exact": sum(x["exact"] for x in this)})
+            return rows, r
+        r += 1
 
 
 def baseline_rss() -> float:
@@ -171,7 +227,8 @@ def verify(root: Path, docs: int, workers: int, args: argparse.Namespace) -> boo
         na.append(a)
         nb.append(b)
     expected = removed_by_clusters(np.concatenate(na), np.concatenate(nb))
-    got = np.concatenate([np.load(root / f"removed-{p:05d}.npy")[:, 0] for p in range(workers)])
+    final = LocalFiles(root).read_json(f"{CLUSTER}/{DONE}")["round"]
+    got = np.concatenate([np.load(root / round_dir(CLUSTER, final, p) / DECISIONS)[:, 0] for p in range(workers)])
     return bool(np.array_equal(np.sort(got), expected))
 
 
@@ -193,6 +250,11 @@ def main() -> int:
     parser.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--workers-n", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default="0", help=argparse.SUPPRESS)
+    parser.add_argument("--cluster-processes", action="store_true",
+                        help="one process per partition and round in the cluster phase (default: one per round, "
+                             "the peak RSS reset between partitions)")
     args = parser.parse_args()
     if args.child:
         args.phase, args.workers = args.child, args.workers_n
@@ -204,7 +266,7 @@ def main() -> int:
     print(f"dedup scaling: {args.bands} bands + exact hash, {args.dup:.0%} near copies, {args.exact:.0%} exact copies; "
           f"process baseline (python + numpy) {base:.0f} MiB")
     print(f"{'docs':>11} {'workers':>7} {'docs/worker':>11} | {'peak RSS MiB per worker (max)':^40} | "
-          f"{'CPU us/doc (all workers)':^34} | removed  ok")
+          f"{'CPU us/doc (all workers)':^34} | removed rounds wall_s load  ok")
     print(f"{'':>31} | {'runs':>9} {'links':>9} {'cluster':>9} {'readback':>9} | {'runs':>7} {'links':>7} "
           f"{'cluster':>8} {'read':>6} |")
     results = []
@@ -216,27 +278,34 @@ def main() -> int:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         wall = time.perf_counter()
+        load_before = os.getloadavg()[0]
         rows: dict[str, list[dict[str, Any]]] = {}
         for phase in ("runs", "links"):
             rows[phase] = [run_child(phase, p, docs, workers, args, root) for p in range(workers)]
             if phase == "runs":
                 disk = sum(f.stat().st_size for f in root.rglob("bucket-*.bin"))
-        rows["cluster"] = [run_child("cluster", 0, docs, workers, args, root)]
+        rows["cluster"], rounds = run_cluster(docs, workers, args, root)
         rows["readback"] = [run_child("readback", p, docs, workers, args, root) for p in range(workers)]
-        removed = json.loads((root / "removed-total.json").read_text())
+        removed = LocalFiles(root).read_json(f"{CLUSTER}/{DONE}")
         ok = verify(root, docs, workers, args) if args.verify else None
+        load = (load_before + os.getloadavg()[0]) / 2
         rss = {ph: max(r["peak_rss_mib"] for r in rs) for ph, rs in rows.items()}
+        per_worker_cluster = [sum(r["cpu_s"] for r in rows["cluster"] if r["part"] == j) for j in range(workers)]
         cpu = {ph: sum(r["cpu_s"] for r in rs) / docs * 1e6 for ph, rs in rows.items()}
         res = {"docs": docs, "workers": workers, "docsPerWorker": docs // workers, "peakRssMiB": rss,
                "cpuMicrosPerDoc": cpu, "removed": removed, "bucketBytes": disk, "kept_set_ok": ok,
-               "wallSeconds": time.perf_counter() - wall,
-               "perWorkerCpuMicrosPerDoc": {ph: max(r["cpu_s"] / max(r["docs"], 1) * 1e6 for r in rs)
-                                            for ph, rs in rows.items() if ph != "cluster"}}
+               "wallSeconds": time.perf_counter() - wall, "rounds": rounds, "loadAverage": load,
+               "clusterRowsIn": sum(r["rowsIn"] for r in rows["cluster"]),
+               "perWorkerCpuMicrosPerDoc": {
+                   **{ph: max(r["cpu_s"] / max(r["docs"], 1) * 1e6 for r in rs) for ph, rs in rows.items()
+                      if ph != "cluster"},
+                   "cluster": max(c / max(part_range(docs, workers, j)[1] - part_range(docs, workers, j)[0], 1) * 1e6
+                                  for j, c in enumerate(per_worker_cluster))}}
         results.append(res)
         print(f"{docs:>11,} {workers:>7} {docs // workers:>11,} | {rss['runs']:>9.0f} {rss['links']:>9.0f} "
               f"{rss['cluster']:>9.0f} {rss['readback']:>9.0f} | {cpu['runs']:>7.2f} {cpu['links']:>7.2f} "
-              f"{cpu['cluster']:>8.2f} {cpu['readback']:>6.2f} | {removed['removed']:>8,} "
-              f"{'' if ok is None else ('yes' if ok else 'NO')}", flush=True)
+              f"{cpu['cluster']:>8.2f} {cpu['readback']:>6.2f} | {removed['removed']:>8,} {rounds:>6} "
+              f"{res['wallSeconds']:>6.0f} {load:>4.1f} {'' if ok is None else ('yes' if ok else 'NO')}", flush=True)
         if not args.dir:
             shutil.rmtree(root.parent, ignore_errors=True)
         else:
@@ -253,7 +322,7 @@ def main() -> int:
     for per, group in sorted(by_ratio.items()):
         if len(group) < 2:
             continue
-        for ph in ("runs", "links", "readback"):
+        for ph in ("runs", "links", "cluster", "readback"):
             vals = [r["peakRssMiB"][ph] for r in group]
             print(f"  peak RSS, {per:,} docs/worker, {ph:<8}: {', '.join(f'{v:.0f}' for v in vals)} MiB "
                   f"-> +-{spread(vals):.0%} (goal +-25%) over {[(r['docs'], r['workers']) for r in group]}")

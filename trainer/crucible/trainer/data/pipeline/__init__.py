@@ -11,9 +11,11 @@ stands in for ``--shard``); :mod:`.state` is what they share, :mod:`.workspace` 
     filter    (filter.py) input files [I*F/N, (I+1)*F/N) -> read -> normalize -> language -> gopher
               repetition -> gopher quality -> c4 -> fineweb -> pii -> toxicity; writes the kept
               documents, their MinHash band keys and exact hashes
-    dedup     (dedup.py) LSH bands b with b % N == I (the exact hash counts as band ``bands``): bucket
-              links; worker 0 also trains (or adopts) the tokenizer on a hash-chosen sample
-    tokenize  (tokenize.py) union-find over every link (each worker, deterministic) -> drop duplicates ->
+    dedup     (dedup.py) the keys k with k % N == I of every band and the exact hash: bucket links as
+              spanning forests, each edge sent to the partition owning its document; worker 0 also
+              trains (or adopts) the tokenizer on a hash-chosen sample
+    tokenize  (tokenize.py) connected components in rounds, partition I by worker I (and any nobody
+              claimed) -> this part's drop decisions -> drop duplicates ->
               train/validation split by id hash -> mixture weights -> tokenize -> shards
               ``<out>/{train,validation}/part-IIIII-SSSSS.bin``
     manifest  (manifest.py) the worker that finds every tokenize part done merges the

@@ -108,9 +108,8 @@ def finalize(pipe: PipelineState) -> Manifest | None:
         for q in range(pipe.num_parts):
             pipe.ws.delete(f"{filtered}/{filter_stage.BUCKETS}/bucket-{q:05d}.bin")
         pipe.ws.delete(f"{filtered}/{filter_stage.BUCKETS}")
-        pipe.ws.delete(f"{part_dir(dedup_stage.STAGE, p)}/{dedup_stage.LINKS}")
-        pipe.ws.delete(f"{tokenize_stage.CLUSTER}/part-{p:05d}.npy")
         pipe.ws.delete(f"{part_dir(tokenize_stage.STAGE, p)}/{tokenize_stage.SEEN_KEYS}")  # merged into seen.npy
+    dedup_stage.cleanup(pipe)  # the rounds of the connected components
     if not pipe.ws.remote:  # temporary files of killed attempts (never uploaded to S3)
         for stray in pipe.ws.local.rglob(".*.tmp"):
             stray.unlink(missing_ok=True)

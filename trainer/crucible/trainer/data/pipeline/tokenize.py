@@ -1,7 +1,8 @@
 """Stage 3, tokenize: drop duplicates, split, decontaminate, weight the mixture and write token shards.
 
-Union-find over every dedup part's forest (once, :func:`cluster_once`) -> this part's drop
-decisions read back -> train/validation split by id hash -> the train split checked against
+The connected components of every dedup part's links, partitioned by document key
+(:func:`crucible.trainer.data.pipeline.dedup.cluster`, the rounds shared by the tokenize workers)
+-> this part's drop decisions read back -> train/validation split by id hash -> the train split checked against
 the held-out documents' n-grams (when the validation split is a decontamination set) ->
 mixture weights (the source's weight times a classifier's, repeats or drops by a hash of the
 id) -> tokenize -> shards ``<out>/{train,validation}/part-IIIII-SSSSS.bin``, the ids written
@@ -23,10 +24,10 @@ import xxhash
 
 from crucible.trainer.data import tokenizer as tokenizer_lib
 from crucible.trainer.data.decontaminate import Decontaminator, EvalSet, held_out_table, load_arrays
-from crucible.trainer.data.dedup import REASON_EXACT, DropDecisions, cluster, save_decisions, split_decisions
+from crucible.trainer.data.dedup import REASON_EXACT, DropDecisions
 from crucible.trainer.data.pipeline import dedup as dedup_stage
 from crucible.trainer.data.pipeline import filter as filter_stage
-from crucible.trainer.data.pipeline.state import DONE, PipelineState, part_dir, unit_hash
+from crucible.trainer.data.pipeline.state import PipelineState, part_dir, unit_hash
 from crucible.trainer.data.pipeline.workspace import AtomicZstdWriter, read_zstd_jsonl, tmp_name
 from crucible.trainer.data.shards import ShardWriter
 
@@ -70,28 +71,7 @@ def load_seen(pipe: PipelineState) -> np.ndarray | None:
     return np.unique(np.concatenate(arrays))
 """Per part, in input order: ``{"id", "split", "copies"}`` of every document written to a split
 (after the split, the decontamination against it and the mixture; zero-weighted ones are absent)."""
-CLUSTER = "_work/cluster"
-
-
-def cluster_once(pipe: PipelineState) -> None:
-    """The union-find over every dedup part's forest, once: the drop decisions of every filter
-    part, split by the part's key range (``_work/cluster/part-IIIII.npy``). Whichever tokenize
-    worker finds them missing computes them; the result is a function of the links, so two
-    workers doing it at once write the same bytes."""
-    if pipe.ws.exists(f"{CLUSTER}/{DONE}"):
-        return
-    started = time.perf_counter()
-    removed, reasons = cluster([pipe.ws.fetch(f"{part_dir(dedup_stage.STAGE, p)}/{dedup_stage.LINKS}")
-                                for p in range(pipe.num_parts)])
-    ranges = [pipe.ws.read_json(f"{part_dir(filter_stage.STAGE, p)}/stats.json").get("keyRange")
-              for p in range(pipe.num_parts)]
-    for p, rows in enumerate(split_decisions(removed, reasons, [tuple(r) if r else None for r in ranges])):
-        rel = f"{CLUSTER}/part-{p:05d}.npy"
-        save_decisions(pipe.ws.path(rel), rows)
-        pipe.ws.publish(rel)
-    pipe.ws.write_json(f"{CLUSTER}/{DONE}", {"removed": len(removed), "exact": int((reasons == REASON_EXACT).sum())})
-    log.info("dedup clusters: %d documents removed (%d exact) in %.1fs", len(removed),
-             int((reasons == REASON_EXACT).sum()), time.perf_counter() - started)
+CLUSTER = dedup_stage.CLUSTER
 
 
 def held_out_matcher(pipe: PipelineState) -> tuple[Decontaminator | None, dict[str, Any] | None]:
@@ -103,7 +83,7 @@ def held_out_matcher(pipe: PipelineState) -> tuple[Decontaminator | None, dict[s
     # The held-out documents of every part, except those dedup removed (their text is in train).
     table = held_out_table(
         (load_arrays(pipe.ws.fetch(f"{part_dir(filter_stage.STAGE, p)}/{filter_stage.HELD_OUT_NGRAMS}")),
-         DropDecisions(pipe.ws.fetch(f"{CLUSTER}/part-{p:05d}.npy")))
+         DropDecisions(pipe.ws.fetch(dedup_stage.decisions_rel(pipe, p))))
         for p in range(pipe.num_parts)
     )
     held = EvalSet(dset.name, "validation", "shards.validationFraction", table)
@@ -118,8 +98,8 @@ def run(pipe: PipelineState, part: int) -> None:
         return
     pipe.require(dedup_stage.STAGE)
     started = time.perf_counter()
-    cluster_once(pipe)
-    decisions = DropDecisions(pipe.ws.fetch(f"{CLUSTER}/part-{part:05d}.npy"))
+    dedup_stage.cluster(pipe, part)
+    decisions = DropDecisions(pipe.ws.fetch(dedup_stage.decisions_rel(pipe, part)))
     matcher, held_out = held_out_matcher(pipe)
     seen = load_seen(pipe)
     kept_keys: list[int] = []
