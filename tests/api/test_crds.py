@@ -175,6 +175,11 @@ def test_cel_immutable_fields_on_update(repo: Path, cel_failures: Any) -> None:
     [
         ("FinetuneRun", {"model": {"uri": "/m"}, "dataset": {"uri": "/d"}, "training": {"maxSteps": 1}, "method": "qlora"},
          "qlora needs CUDA"),
+        ("FinetuneRun", {"model": {"uri": "/m"}, "dataset": {"uri": "/d"}, "training": {"maxSteps": 1},
+                         "revisions": {"follow": "model"}}, "follows the revisions of the run in model.fromRun"),
+        ("FinetuneRun", {"model": {"uri": "/m"}, "dataset": {"uri": "/d"}, "training": {"maxSteps": 1},
+                         "method": "lora", "mergeAdapter": False, "revisions": {"follow": "dataset"}},
+         "set mergeAdapter: true"),
         ("QuantizeJob", {"model": {"uri": "/m"}, "method": "awq"}, "gptq and awq need CUDA"),
         ("QuantizeJob", {"model": {"uri": "/m"}, "resources": {"nodes": 2}}, "runs as one pod"),
         ("PretrainRun", {"data": {"uri": "/d"}, "training": {"maxSteps": 1}, "resources": {"nodes": 2},

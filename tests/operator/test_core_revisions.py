@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from opbuilders import build, data_spec, manifest, pretrain_spec
+from opbuilders import build, data_spec, finetune_spec, manifest, pretrain_spec
 
 from crucible.api.common import RunStatus
 from crucible.api.revisions import RevisionRecord
@@ -102,5 +102,54 @@ def test_record_logs_each_revision_once() -> None:
 ])
 def test_bad_revisions_are_refused_naming_the_field(kind: str, spec: dict, field: str, message: str) -> None:
     parsed, problems = validate_document(manifest(kind, "x", spec), "x.yaml", 0, 0)
+    assert parsed is None
+    assert any(p.field.startswith(field) and message in p.message for p in problems), problems
+
+
+def test_a_finetune_revision_following_its_dataset_continues_from_its_own_model() -> None:
+    ft = build(manifest("FinetuneRun", "sft", finetune_spec(
+        model={"fromRun": {"kind": "PretrainRun", "name": "lm"}}, method="full", revisions={})))
+    spec = revs.for_revision(ft, revs.start(finished("s3://b/sft/output")), "s3://b").spec
+    assert spec.model.from_run is None and spec.model.uri == "s3://b/sft/output"  # not the base again
+    assert spec.dataset.earlier_revisions == ["s3://b/sft/output"]
+    assert spec.output.uri == "s3://b/ml/finetunerun/sft/output-rev2"
+    assert spec.checkpoint.uri == "s3://b/ml/finetunerun/sft/checkpoints-rev2"
+    plain = build(manifest("FinetuneRun", "sft", finetune_spec(revisions={"dedupAgainstEarlier": False})))
+    assert revs.for_revision(plain, revs.start(finished("s3://b/o")), "s3://b").spec.dataset.earlier_revisions == []
+
+
+def test_a_finetune_revision_following_its_model_moves_only_its_output() -> None:
+    ft = build(manifest("FinetuneRun", "chat", finetune_spec(
+        model={"fromRun": {"kind": "PretrainRun", "name": "lm"}}, revisions={"follow": "model", "maxRevisions": 3})))
+    spec = revs.for_revision(ft, revs.start(finished("s3://b/chat/output")), "s3://b").spec
+    assert spec.model.from_run is not None and spec.model.from_run.name == "lm"  # the base's latest revision
+    assert spec.dataset.earlier_revisions == [] and spec.output.uri.endswith("chat/output-rev2")
+
+
+def test_a_finetune_revision_logs_its_dataset_and_held_out_loss() -> None:
+    ft = build(manifest("FinetuneRun", "sft", finetune_spec(method="full", revisions={})))
+    status = RunStatus(phase="Succeeded", output_uri="s3://b/o", completion_time="2026-12-05T10:00:00Z",
+                       results={"modelURI": "s3://b/base", "datasetSha256": "d", "dataTrainedTokens": 40,
+                                "dataSeenInEarlierRevision": 6, "evalLossBefore": 3.5, "evalLossAfter": 2.5})
+    (entry,) = revs.record(ft, status, "r").revisions
+    assert entry.model_dump(by_alias=True, exclude_none=True) == {
+        "revision": 1, "outputURI": "s3://b/o", "finishedAt": "2026-12-05T10:00:00Z", "receiptSha256": "r",
+        "modelURI": "s3://b/base", "dataManifestSha256": "d", "newTokens": 40, "documentsSeenEarlier": 6,
+        "evalMetric": "loss", "evalBefore": 3.5, "evalAfter": 2.5}
+
+
+@pytest.mark.parametrize(("spec", "field", "message"), [
+    (finetune_spec(revisions={"follow": "model"}), "spec.revisions.follow", "set model.fromRun"),
+    (finetune_spec(mergeAdapter=False, revisions={}), "spec.revisions.follow", "set mergeAdapter: true"),
+    (finetune_spec(model={"fromRun": {"kind": "PretrainRun", "name": "lm"}},
+                   revisions={"follow": "model", "dedupAgainstEarlier": False}),
+     "spec.revisions.dedupAgainstEarlier", "nothing is deduplicated"),
+    (finetune_spec(revisions={"follow": "base"}), "spec.revisions.follow", "'dataset' or 'model'"),
+    (finetune_spec(revisions={"schedule": "0 3 * *"}), "spec.revisions.schedule", "has 4 fields"),
+    (finetune_spec(revisions={"maxRevisions": 0}), "spec.revisions.maxRevisions", "must be >= 1"),
+    (finetune_spec(dataset={"earlierRevisions": ["ftp://x"]}), "spec.dataset.earlierRevisions", ""),
+])
+def test_bad_finetune_revisions_are_refused_naming_the_field(spec: dict, field: str, message: str) -> None:
+    parsed, problems = validate_document(manifest("FinetuneRun", "x", spec), "x.yaml", 0, 0)
     assert parsed is None
     assert any(p.field.startswith(field) and message in p.message for p in problems), problems

@@ -16,6 +16,7 @@ from crucible.trainer.sft_data import (
     build_sft_data,
     first_fit_decreasing,
     resolve_chat_template,
+    save_seen,
     split_indices,
     tokenize_conversation,
 )
@@ -164,3 +165,27 @@ def test_missing_and_empty_sources(tokenizer, tmp_path: Path) -> None:
         build_sft_data(SftDataset(uri=str(tmp_path / "none.jsonl")), tokenizer, 64, packing=False, seed=0)
     with pytest.raises(SpecError, match=r"folder with no \.jsonl files"):
         build_sft_data(SftDataset(uri=str(tmp_path)), tokenizer, 64, packing=False, seed=0)
+
+
+def test_records_an_earlier_revision_trained_on_are_dropped(tokenizer, tmp_path: Path, write_jsonl) -> None:
+    first = [{"prompt": f"q{i}", "response": f" a{i}"} for i in range(6)]
+    rev1 = build_sft_data(SftDataset(uri=str(write_jsonl("d1.jsonl", first)), validation_fraction=0),
+                          tokenizer, 64, packing=False, seed=0)
+    earlier = tmp_path / "rev1"
+    earlier.mkdir()
+    save_seen(rev1, earlier)
+    assert len(rev1.seen) == 6 and rev1.stats.to_json().get("seenInEarlierRevision") is None
+    grown = write_jsonl("d2.jsonl", [*first, {"prompt": "new", "response": " one"}])
+    rev2 = build_sft_data(SftDataset(uri=str(grown), validation_fraction=0, earlier_revisions=[str(earlier)]),
+                          tokenizer, 64, packing=False, seed=0)
+    assert rev2.stats.seen_in_earlier_revision == 6 and rev2.stats.train_examples == 1
+    assert len(rev2.seen) == 7  # cumulative: a third revision reads only the second's
+    with pytest.raises(SpecError, match=r"every one of its 6 records was trained on by an earlier revision"):
+        build_sft_data(SftDataset(uri=str(write_jsonl("d3.jsonl", first)), earlier_revisions=[str(earlier)]),
+                       tokenizer, 64, packing=False, seed=0)
+    with pytest.raises(SpecError, match=r"spec.dataset.earlierRevisions\[0\]: .* has no seen.npy"):
+        build_sft_data(SftDataset(uri=str(grown), earlier_revisions=[str(tmp_path / "nothing")]),
+                       tokenizer, 64, packing=False, seed=0)
+    (earlier / "seen.npy").write_text("not numpy")
+    with pytest.raises(SpecError, match=r"spec.dataset.earlierRevisions\[0\]: .*seen.npy is not a key array"):
+        build_sft_data(SftDataset(uri=str(grown), earlier_revisions=[str(earlier)]), tokenizer, 64, packing=False, seed=0)

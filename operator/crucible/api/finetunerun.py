@@ -9,11 +9,32 @@ from pydantic import Field, model_validator
 from crucible.api.common import NODE_LOCAL_CHECKPOINT_CEL, PlacementMixin, Resource, cel
 from crucible.api.pretrainrun import MODEL_KINDS, TRAINING_COLUMNS
 from crucible.api.registry import Kind, one_role
+from crucible.api.revisions import FinetuneRevisions
 from crucible.trainer.config.stages import FinetuneConfig
 
 
 class FinetuneRunSpec(FinetuneConfig, PlacementMixin):
-    """Spec of a FinetuneRun: the trainer's FinetuneConfig plus placement."""
+    """Spec of a FinetuneRun: the trainer's FinetuneConfig plus placement and revisions."""
+
+    revisions: FinetuneRevisions | None = Field(
+        default=None,
+        description="Refresh the model as its inputs change, every update logged in status.revisions: continue "
+                    "from the previous revision on the new records of the dataset (follow: dataset), or fine-tune "
+                    "each new revision of model.fromRun (follow: model); empty: a changed input starts the run over.",
+    )
+
+    @model_validator(mode="after")
+    def _revisions_have_what_they_follow(self) -> FinetuneRunSpec:
+        if self.revisions is None:
+            return self
+        if self.revisions.follow == "model" and self.model.from_run is None:
+            raise ValueError("revisions.follow: model follows the revisions of the run in model.fromRun; set "
+                             "model.fromRun (not model.uri), or use follow: dataset")
+        if self.revisions.follow == "dataset" and self.method != "full" and not self.merge_adapter:
+            raise ValueError("revisions.follow: dataset continues each revision from the previous revision's model, "
+                             "and mergeAdapter: false writes an adapter, not a model; set mergeAdapter: true "
+                             "(or method: full), or use follow: model")
+        return self
 
     @model_validator(mode="after")
     def _qlora_gpu(self) -> FinetuneRunSpec:
@@ -37,6 +58,15 @@ class FinetuneRun(Resource):
             ".method",
         ),
         NODE_LOCAL_CHECKPOINT_CEL,
+        cel("!has(self.revisions) || !has(self.revisions.follow) || self.revisions.follow != 'model' || "
+            "has(self.model.fromRun)",
+            "revisions.follow: model follows the revisions of the run in model.fromRun; set model.fromRun",
+            ".revisions.follow"),
+        cel("!has(self.revisions) || (has(self.revisions.follow) && self.revisions.follow == 'model') || "
+            "self.method == 'full' || !has(self.mergeAdapter) || self.mergeAdapter",
+            "revisions.follow: dataset continues from the previous revision's model; an adapter output "
+            "(mergeAdapter: false) is not one: set mergeAdapter: true",
+            ".revisions"),
     ]
 
     spec: FinetuneRunSpec = Field(description="What to fine-tune and where.")

@@ -9,12 +9,17 @@ Revision 1 is the run as written. Revision k > 1 writes to ``<output>-rev<k>`` (
 ``<checkpoints>-rev<k>``, so it never resumes from the previous revision's state). A DataPipeline's
 revision deduplicates against every earlier revision's output (``steps.dedup.earlierRevisions``) and
 tokenizes with revision 1's tokenizer, so the token ids of every revision mean the same; a
-PretrainRun's revision continues from the previous revision's model (``model.source``).
+PretrainRun's revision continues from the previous revision's model (``model.source``). A
+FinetuneRun's revision either continues from the previous revision's model on the records no
+earlier revision trained on (``follow: dataset``: ``model.uri``, ``dataset.earlierRevisions``) or
+fine-tunes the latest output of ``model.fromRun`` (``follow: model``: only the output moves).
 
 When a revision is due: the backend says whether anything ``changed`` (embedded mode: the run's
-fingerprint — its sources or its input receipts; the operator: a DataPipeline's schedule fired, a
-PretrainRun's DataPipeline has a data manifest it has not trained on), and the schedule, if any,
-must have fired since the last revision finished.
+fingerprint — its sources or its input receipts; the operator: a DataPipeline's or a follow-dataset
+FinetuneRun's schedule fired (the sources are read again), a PretrainRun's DataPipeline has a data
+manifest it has not trained on, a follow-model FinetuneRun's ``model.fromRun`` has an output the
+last revision did not start from), and the schedule, if any, must have fired since the last
+revision finished.
 """
 
 from __future__ import annotations
@@ -69,7 +74,16 @@ def for_revision(run: Resource, status: RunStatus, storage_root: str) -> Resourc
         model = {k: v for k, v in spec.get("model", {}).items() if k not in _SHAPE_WIRE}
         model["source"] = {"uri": earlier[-1]}
         spec["model"] = model
+    elif run.kind == "FinetuneRun" and follows_dataset(run):
+        spec["model"] = {"uri": earlier[-1]}
+        if spec["revisions"].get("dedupAgainstEarlier", True):
+            spec["dataset"]["earlierRevisions"] = earlier
     return type(run).model_validate(wire)
+
+
+def follows_dataset(run: Resource) -> bool:
+    """A FinetuneRun whose revisions continue from its own previous one on new records (not a new base)."""
+    return run.kind == "FinetuneRun" and getattr(run.spec.revisions, "follow", None) == "dataset"
 
 
 def next_revision(run: Resource, status: RunStatus, now: float, changed: bool) -> tuple[bool, str]:
@@ -105,10 +119,16 @@ def record(run: Resource, status: RunStatus, receipt_sha256: str | None = None, 
         entry = RevisionRecord(revision=revision, data_manifest_sha256=results.get("manifestSha256"),
                                new_tokens=results.get("tokensTrain"),
                                documents_seen_earlier=int(dropped.get(SEEN_REASON, 0)))
+    elif run.kind == "FinetuneRun":
+        entry = RevisionRecord(revision=revision, model_uri=results.get("modelURI"),
+                               data_manifest_sha256=results.get("datasetSha256"),
+                               new_tokens=results.get("dataTrainedTokens"),
+                               documents_seen_earlier=results.get("dataSeenInEarlierRevision"), eval_metric="loss",
+                               eval_before=results.get("evalLossBefore"), eval_after=results.get("evalLossAfter"))
     else:
         entry = RevisionRecord(revision=revision, data_manifest_sha256=results.get("dataManifestSha256"),
-                               new_tokens=results.get("dataTokens"), eval_before=results.get("perplexityBefore"),
-                               eval_after=results.get("perplexity"))
+                               new_tokens=results.get("dataTokens"), eval_metric="perplexity",
+                               eval_before=results.get("perplexityBefore"), eval_after=results.get("perplexity"))
     entry.output_uri = status.output_uri
     entry.finished_at = status.completion_time or rfc3339(now if now is not None else time.time())
     entry.receipt_sha256 = receipt_sha256

@@ -34,6 +34,11 @@ class LineageError(RuntimeError):
     """PATH cannot be walked at all; the message says why and what to pass instead."""
 
 
+GROWING_INPUTS = ("spec.dataset", "spec.prompts")
+"""Folders of jsonl records that may grow (new files for a later revision): a file added to one after a
+run is not what that run read, and not a change to it; a file added to a model folder is."""
+
+
 @dataclass
 class Check:
     what: str  # e.g. "inputs.model", "outputs/model.safetensors", "sources.stdlib/docs.jsonl"
@@ -250,6 +255,11 @@ class Walker:
             rel = path.relative_to(root).as_posix()
             if (path.is_file() and rel not in entry.files and rel != SUCCESS and not path.name.endswith(".tmp")
                     and rel.split("/")[0] not in ("checkpoints", "_work")):
+                if entry.spec_field in GROWING_INPUTS:
+                    # records that arrived later (a later revision's data): what this run read is intact
+                    node.checks.append(Check(f"{entry.name} {rel}", str(path), "unchecked",
+                                             "added since the run (not among the files it read)", entry.spec_field))
+                    continue
                 node.checks.append(Check(f"{entry.name} {rel}", str(path), "mismatch",
                                          f"added since the run (not among the files it read); {fix}", entry.spec_field))
 
@@ -389,16 +399,20 @@ def render_revisions(revisions: list[dict[str, Any]]) -> list[str]:
     """The logged revisions of a run (status.revisions), newest first."""
     lines = ["revisions (status.revisions):"]
     for r in reversed(revisions):
+        finetune = r.get("evalMetric") == "loss"  # a FinetuneRun's: records of a dataset, not documents of a manifest
         parts = [f"  revision {r['revision']}: {r.get('outputURI')}", f"finished {r.get('finishedAt')}"]
+        if r.get("modelURI"):
+            parts.append(f"from {r['modelURI']}")
         if r.get("dataManifestSha256"):
-            parts.append(f"data manifest {r['dataManifestSha256'][:12]}")
+            parts.append(f"{'dataset' if finetune else 'data manifest'} {r['dataManifestSha256'][:12]}")
         if r.get("newTokens") is not None:
-            parts.append(f"{r['newTokens']} new tokens")
+            parts.append(f"{r['newTokens']} new {'trained ' if finetune else ''}tokens")
         if r.get("documentsSeenEarlier"):
-            parts.append(f"{r['documentsSeenEarlier']} documents seen in earlier revisions dropped")
+            parts.append(f"{r['documentsSeenEarlier']} {'records' if finetune else 'documents'} seen in earlier "
+                         "revisions dropped")
         if r.get("evalAfter") is not None:
             before = f"{r['evalBefore']:.2f}" if r.get("evalBefore") is not None else "-"
-            parts.append(f"held-out perplexity {before} -> {r['evalAfter']:.2f}")
+            parts.append(f"held-out {r.get('evalMetric') or 'perplexity'} {before} -> {r['evalAfter']:.2f}")
         if r.get("receiptSha256"):
             parts.append(f"receipt {r['receiptSha256'][:12]}")
         lines.append(", ".join(parts))

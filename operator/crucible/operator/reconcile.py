@@ -233,7 +233,7 @@ class Reconciler:
         go, why = revs.next_revision(resource, logged, now, await self._revision_input_changed(resource, logged))
         new = revs.start(logged) if go else logged
         if go:
-            new.message = f"revision {new.revision}: {'the schedule fired' if resource.kind == 'DataPipeline' else 'new data'}"
+            new.message = f"revision {new.revision}: {_revision_reason(resource)}"
         elif why and logged.message != why and logged.phase == "Succeeded":
             new = logged.model_copy(update={"message": why})
         if new == status:
@@ -242,16 +242,20 @@ class Reconciler:
         return new if go and written else None
 
     async def _revision_input_changed(self, resource: Resource, status: RunStatus) -> bool:
-        if resource.kind == "DataPipeline":  # the sources are read again at each fire time
+        if resource.kind == "DataPipeline" or revs.follows_dataset(resource):
+            # the sources (the dataset) are read again at each fire time
             return bool(getattr(resource.spec.revisions, "schedule", None))
-        ref = resource.input_refs().get("data")
+        ref = resource.input_refs().get("model" if resource.kind == "FinetuneRun" else "data")
         if ref is None or not status.revisions:
             return False
         obj = await self.kube.get(cr_res(ref.kind), resource.metadata.namespace, ref.name)
         upstream = (obj or {}).get("status") or {}
+        if upstream.get("phase") != "Succeeded":
+            return False
+        if resource.kind == "FinetuneRun":  # follow: model — a base model revision it has not fine-tuned
+            return bool(upstream.get("outputURI")) and upstream["outputURI"] != status.revisions[-1].model_uri
         manifest = (upstream.get("results") or {}).get("manifestSha256")
-        return (upstream.get("phase") == "Succeeded" and bool(manifest)
-                and manifest != status.revisions[-1].data_manifest_sha256)
+        return bool(manifest) and manifest != status.revisions[-1].data_manifest_sha256
 
     def _parse(self, body: Mapping[str, Any], key: tuple[str, str, str]) -> tuple[Resource | None, list[Problem]]:
         """The typed resource, validated once per generation (the spec changes only with it)."""
@@ -523,3 +527,10 @@ def _parse_k8s_time(text: str) -> float | None:
         return st.parse_time(text.replace(".000000", "").split(".")[0].rstrip("Z") + "Z")
     except ValueError:
         return None
+
+
+def _revision_reason(resource: Resource) -> str:
+    """Why the operator started a revision (status.message)."""
+    if resource.kind == "DataPipeline" or revs.follows_dataset(resource):
+        return "the schedule fired"
+    return "a new base model" if resource.kind == "FinetuneRun" else "new data"

@@ -35,7 +35,8 @@ from crucible.trainer.posttrain import (
     write_prompts,
 )
 from crucible.trainer.sampler import BatchIterator, GlobalSampler
-from crucible.trainer.sft_data import IGNORE_INDEX, SftBatches, SftData, build_sft_data
+from crucible.trainer.sft_data import IGNORE_INDEX, SftBatches, SftData, build_sft_data, save_seen
+from crucible.trainer.stage_io import input_receipt
 
 STAGE = "finetune"
 
@@ -168,7 +169,15 @@ def run(config: FinetuneConfig) -> int:
                 **({"evalLossBefore": loss_before, "evalLossAfter": loss_after} if loss_before is not None else {}),
                 **{f"data{k[0].upper()}{k[1:]}": v for k, v in data.stats.to_json().items()},
             }
-            publish_and_succeed(ws, STAGE, input_receipts(ws, model=ws.base_uri, dataset=config.dataset.uri), results)
+            save_seen(data, ws.staging)  # the records a later revision (spec.revisions) does not train on again
+            inputs = input_receipts(ws, model=ws.base_uri, dataset=config.dataset.uri)
+            if config.dataset.earlier_revisions:  # their seen.npy decided what this run left out
+                inputs["earlierRevisions"] = [
+                    input_receipt(ws.store, uri, f"spec.dataset.earlierRevisions[{i}]")
+                    for i, uri in enumerate(config.dataset.earlier_revisions)]
+            # in status.results, for status.revisions: the operator reads no storage
+            results.update({"modelURI": ws.base_uri, "datasetSha256": inputs["dataset"]["sha256"]})
+            publish_and_succeed(ws, STAGE, inputs, results)
             log(f"wrote {written} to {ws.out_uri} ({result.steps} steps, held-out loss {loss_before} -> {loss_after})")
         barrier()
         engine.close_metrics()

@@ -36,6 +36,13 @@ Packing
     skipped when a KV cache is passed, so the objective calls the model with ``use_cache=False``;
     tests/posttrain/test_sft_data.py checks that each packed example's logits equal its logits
     alone.) Padding at the end of a row forms its own segment and carries no labels.
+
+Revisions
+    A record's identity is a 64-bit hash (xxh3) of its conversation (:func:`record_key`). The output
+    holds ``seen.npy``: the sorted keys of every record this run and the earlier outputs named in
+    ``spec.dataset.earlierRevisions`` trained on; a record whose key is in theirs is dropped and
+    counted as ``seenInEarlierRevision``, so a revision (``spec.revisions``, follow: dataset) trains
+    on the new records only.
 """
 
 from __future__ import annotations
@@ -49,13 +56,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from crucible.trainer.config.stages import SftDataset
 from crucible.trainer.evaluate import materialize
 from crucible.trainer.faults import SpecError
-from crucible.trainer.storage import Storage, is_s3
+from crucible.trainer.storage import Storage, StorageNotFound, is_s3, join
 
 IGNORE_INDEX = -100
+SEEN = "seen.npy"
+"""In a FinetuneRun's output: the sorted keys of every record it and the earlier revisions trained on."""
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -94,6 +104,7 @@ class SftStats:
     validation_examples: int = 0
     train_rows: int = 0
     trained_tokens: int = 0
+    seen_in_earlier_revision: int | None = None
     template_source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -106,6 +117,7 @@ class SftStats:
             "validationExamples": self.validation_examples,
             "trainRows": self.train_rows,
             "trainedTokens": self.trained_tokens,
+            "seenInEarlierRevision": self.seen_in_earlier_revision,
             "packingEfficiency": self.extra.get("packingEfficiency"),
             "chatTemplate": self.template_source,
         }
@@ -339,6 +351,37 @@ class SftData:
     validation: SftBatches | None
     template: str
     stats: SftStats
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    """Sorted keys of the records this run trains on and those the earlier revisions did (its ``seen.npy``)."""
+
+
+def record_key(conv: Conversation) -> int:
+    """A record's identity across revisions: a 64-bit hash of its conversation (not its file or line)."""
+    return int(xxhash.xxh3_64_intdigest(json.dumps(conv.messages, sort_keys=True, ensure_ascii=False).encode()))
+
+
+def load_seen(spec: SftDataset, store: Storage) -> np.ndarray | None:
+    """The keys of the records the outputs in ``spec.dataset.earlierRevisions`` trained on; None when none named."""
+    import io
+
+    if not spec.earlier_revisions:
+        return None
+    arrays = [np.zeros(0, dtype=np.uint64)]
+    for i, uri in enumerate(spec.earlier_revisions):
+        where = f"spec.dataset.earlierRevisions[{i}]"
+        try:
+            arrays.append(np.load(io.BytesIO(store.read_bytes(join(uri, SEEN)))).astype(np.uint64))
+        except (StorageNotFound, FileNotFoundError, NotADirectoryError) as exc:
+            raise SpecError(f"{where}: {uri} has no {SEEN}; name the output folder of a finished FinetuneRun "
+                            "(a revision before this one)") from exc
+        except ValueError as exc:
+            raise SpecError(f"{where}: {join(uri, SEEN)} is not a key array ({exc}); restore it from the earlier "
+                            "revision or remove the entry") from exc
+    return np.unique(np.concatenate(arrays))
+
+
+def save_seen(data: SftData, folder: Path) -> None:
+    np.save(folder / SEEN, data.seen)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -364,14 +407,30 @@ def build_sft_data(
         raise SpecError(f"spec.dataset.uri: {spec.uri} holds no records")
     template, source = resolve_chat_template(chat_template, tokenizer)
     stats = SftStats(records=len(records), template_source=source)
+    earlier = load_seen(spec, store)
     examples: list[SftExample] = []
+    keys: list[int] = []
     for record, where in records:
-        example, truncated = tokenize_conversation(tokenizer, template, to_conversation(record, where, spec), seq_len)
+        conv = to_conversation(record, where, spec)
+        key = record_key(conv)
+        if earlier is not None and _contains(earlier, key):
+            stats.seen_in_earlier_revision = (stats.seen_in_earlier_revision or 0) + 1
+            continue
+        example, truncated = tokenize_conversation(tokenizer, template, conv, seq_len)
         stats.truncated += int(truncated)
         if example is None:
             stats.dropped_no_response += 1
             continue
         examples.append(example)
+        keys.append(key)
+    if earlier is not None:
+        stats.seen_in_earlier_revision = stats.seen_in_earlier_revision or 0
+        if not examples and stats.seen_in_earlier_revision:
+            raise SpecError(
+                f"spec.dataset.uri: every one of its {len(records)} records was trained on by an earlier revision "
+                "(spec.dataset.earlierRevisions); add new records to the dataset, or set "
+                "spec.revisions.dedupAgainstEarlier: false to train on all of them again"
+            )
     if not examples:
         raise SpecError(
             f"spec.dataset.uri: no record keeps a response token within training.seqLen {seq_len}; "
@@ -387,4 +446,11 @@ def build_sft_data(
     if packing:  # share of each packed row that is real tokens rather than padding
         real = sum(len(e.input_ids) for e in train.examples)
         stats.extra["packingEfficiency"] = round(real / (train.num_items * seq_len), 4)
-    return SftData(train=train, validation=validation, template=template, stats=stats)
+    seen = np.unique(np.concatenate([earlier if earlier is not None else np.zeros(0, dtype=np.uint64),
+                                     np.array(keys, dtype=np.uint64)]))
+    return SftData(train=train, validation=validation, template=template, stats=stats, seen=seen)
+
+
+def _contains(sorted_keys: np.ndarray, key: int) -> bool:
+    i = int(np.searchsorted(sorted_keys, np.uint64(key)))
+    return i < len(sorted_keys) and int(sorted_keys[i]) == key

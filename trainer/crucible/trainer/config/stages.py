@@ -126,11 +126,24 @@ class SftDataset(StrictModel):
     response_field: str = Field(default="response", description="Response field (prompt-response).")
     messages_field: str = Field(default="messages", description="Chat messages field (messages).")
     validation_fraction: float = Field(default=0.1, ge=0, lt=1, description="Held-out fraction for eval loss.")
+    earlier_revisions: list[str] = Field(
+        default_factory=list, max_length=1000,
+        description="Outputs of earlier FinetuneRuns: a record one of them trained on (its seen.npy) is dropped and "
+                    "counted as seenInEarlierRevision. The backends fill it in for a revision (spec.revisions, "
+                    "follow: dataset); set it by hand to train only on records an earlier output did not see.",
+    )
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
         return check_uri(value) or value
+
+    @field_validator("earlier_revisions")
+    @classmethod
+    def _earlier(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            check_uri(uri)
+        return value
 
 
 class FinetuneConfig(TrainStageConfig):
