@@ -276,6 +276,7 @@ def analyse(run: Run, faults: list[dict[str, Any]], reference: Run | None) -> di
         "firstStepAfterSeconds": round(startup, 1),
         "exportAndExitSeconds": round(tail, 1),
     }
+    out["startupPhases"], out["exportPhases"] = _startup_and_export(run, timeline, attempts, steps)
     lost_steps_time = sum(float(r.get("stepSeconds") or 0) for r in steps) - useful
     out["budget"] = {
         "startup": round(startup, 1),
@@ -305,6 +306,39 @@ def analyse(run: Run, faults: list[dict[str, Any]], reference: Run | None) -> di
         # by spares importing or checkpoint writes beside them count as lost here)
         out["goodputAgainstReferenceSteps"] = round(ref_useful / wall, 4) if wall > 0 else None
     return out
+
+
+STARTUP_PHASES = ("cliToProcessStarted", "importsDone", "modelBuilt", "firstStepDone")
+"""The start-up taken apart: ``crucible run`` started → the first attempt's process started (the
+CLI's own imports, validation, planning, input hashing) → its stage imported (at once on a warm
+spare that finished its imports meanwhile) → model built, checkpoint looked for → first step."""
+EXPORT_PHASES = ("finalCheckpoint", "finalEvaluation", "exportAndSuccess", "trainerExitSeen", "cliExit")
+"""The end taken apart: the last step → its checkpoint written → the final evaluation → the Hugging
+Face export, receipts and ``_SUCCESS`` → the trainer's exit seen by the runner → ``crucible run`` exits."""
+
+
+def _startup_and_export(run: Run, timeline: list[dict[str, Any]], attempts: list[dict[str, Any]],
+                        steps: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    startup: dict[str, Any] = {}
+    started = next((e for e in timeline if e["event"] == "started"), None)
+    first = next((a for a in attempts if a.get("importsDoneAt")), None)
+    if started and first and steps:
+        marks = [run.started, started["time"], max(started["time"], first["importsDoneAt"]), first["resumedAt"],
+                 steps[0]["time"]]
+        startup = {name: round(b - a, 2) for name, a, b in zip(STARTUP_PHASES, marks, marks[1:], strict=True)}
+        startup["warm"] = bool(started.get("warm"))
+    export: dict[str, Any] = {}
+    success = run.run_dir / "output" / "_SUCCESS"
+    records = run.records()
+    last = steps[-1] if steps else None
+    saved = next((r for r in records if r.get("event") == "checkpoint" and last and r.get("step") == last["step"]
+                  and r["time"] >= last["time"]), None)
+    evaluated = next((r for r in records if r.get("event") == "eval" and last and r["time"] >= last["time"]), None)
+    seen = [e for e in timeline if e["event"] == "exitSeen"]
+    if last and saved and evaluated and success.exists() and seen:
+        marks = [last["time"], saved["time"], evaluated["time"], success.stat().st_mtime, seen[-1]["time"], run.ended]
+        export = {name: round(b - a, 2) for name, a, b in zip(EXPORT_PHASES, marks, marks[1:], strict=True)}
+    return startup, export
 
 
 def waste_model(save_s: float, restart_s: float, mtbf_s: float, interval_s: float | None = None) -> dict[str, float]:
@@ -441,6 +475,8 @@ def _print(f: dict[str, Any]) -> None:
     for line in f["checkpointDecisions"]:
         print(f"    {line}")
     print(f"  where the wall time went {f['budget']} s")
+    print(f"    start-up, taken apart {f['startupPhases']} s")
+    print(f"    export and exit       {f['exportPhases']} s")
     print(f"  losses == reference     {f['lossesEqualReference']}   weights == reference {f['weightsEqualReference']}")
     print(f"  per fault               {f['perFault']}")
     m = f["model"]

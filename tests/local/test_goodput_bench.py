@@ -31,6 +31,10 @@ def test_goodput_smoke_loses_nothing_to_sigkills(tmp_path: Path) -> None:
     assert "goodput" in proc.stdout and "restart latency" in proc.stdout
     # every restart ran on a warm spare (imports done before the fault): its latency is taken apart
     assert f["warmRestarts"] == f["faults"], f["perFault"]
+    # the first attempt ran on the spare `crucible run` started before its own imports
+    assert f["startupPhases"]["warm"] is True, f["startupPhases"]
+    assert set(f["exportPhases"]) == {"finalCheckpoint", "finalEvaluation", "exportAndSuccess", "trainerExitSeen",
+                                      "cliExit"}
     phases = f["restartPhasesMeanSeconds"]
     assert set(phases) == {"exitSeen", "processStarted", "importsDone", "checkpointRead", "firstStepDone"}
     assert all(v >= 0 for v in phases.values())

@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from crucible.local import warm
 from crucible.local.processes import ProcessGroup, ProcessSpec
 from waits import scaled
+
+from .conftest import Pipeline, data_pipeline, pretrain_run
 
 PYTHON = sys.executable
 
@@ -54,3 +58,36 @@ def test_spare_with_a_changed_import_time_environment_or_stage_is_not_used(tmp_p
         spare.discard()
     assert not spare.alive() and not spare.preload_log.exists()
     assert spare.usable_for(argv, env) is not None  # a dead spare is never released
+
+
+def test_the_stage_of_the_first_training_run_is_read_from_kind_lines_alone(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "data.yaml").write_text("apiVersion: crucible.dev/v1alpha1\nkind: DataPipeline\n")
+    assert warm.stage_in([tmp_path / "a"]) is None  # no training run: no spare
+    (tmp_path / "a" / "sft.yml").write_text(
+        "kind: 'FinetuneRun'  # tuned\r\nspec:\n  model:\n    fromRun: {kind: PretrainRun, name: base}\n"
+        "  other:\n    kind: PretrainRun\n")  # only top-level kind lines count
+    assert warm.stage_in([tmp_path / "a"]) == "finetune"
+    (tmp_path / "base.yaml").write_text("---\nkind: PreferenceRun\n---\nkind: \"PretrainRun\"\n")
+    assert warm.stage_in([tmp_path / "a", tmp_path / "base.yaml", tmp_path / "missing"]) == "pretrain"
+    assert warm.first_attempt_spare([tmp_path], env={**os.environ, "CRUCIBLE_WARM_SPARES": "0"}) is None
+    assert warm.first_attempt_spare([tmp_path], env={**os.environ, "CRUCIBLE_TRAINER_COMMAND": "x"}) is None
+
+
+def test_the_first_attempts_spare_goes_to_a_run_of_its_stage_or_is_discarded_quietly(
+        pipeline: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
+    def spare_for(stage: str) -> warm.Spare:
+        spare = _spare(pipeline.root, {**os.environ, "PYTHONUNBUFFERED": "1"})
+        spare.stage, spare.quiet = stage, True  # as first_attempt_spare makes it (preloading nothing here)
+        return spare
+
+    pipeline.write([data_pipeline()])
+    unused = spare_for("pretrain")
+    assert pipeline.run(first_spare=unused)["corpus"].phase == "Succeeded"
+    assert not unused.alive()  # no run of its stage: discarded when the runner ends
+    pipeline.write([data_pipeline(), pretrain_run()])
+    taken = spare_for("pretrain")
+    outcomes = pipeline.run(first_spare=taken)
+    assert outcomes["base"].phase == "Succeeded"
+    # the PretrainRun's first attempt took it; a stand-in trainer does not fit it: discarded, no line said
+    assert not taken.alive() and "starting the attempt cold" not in capsys.readouterr().out

@@ -56,3 +56,43 @@ def test_success_results_reach_the_termination_message(tmp_path, monkeypatch) ->
     first, second = (_json.loads(line) for line in log.read_text().splitlines())
     assert first == {"stage": "pretrain", "results": {"finalLoss": 2.5, "perplexity": 12.1}}
     assert second["results"] == {"note": "results too large; see _SUCCESS"}
+
+
+EXIT_PROBE = r'''
+import atexit, os, runpy, sys, threading, time, types
+from concurrent.futures import ThreadPoolExecutor
+
+out = sys.argv[1]
+
+def mark(name, _os=os):
+    _os.close(_os.open(_os.path.join(out, name), _os.O_CREAT | _os.O_WRONLY))
+
+class Finalised:
+    def __del__(self, _mark=mark):
+        _mark("teardown")
+
+def main(argv):
+    stage.keep = Finalised()  # finalised only by the interpreter's teardown
+    atexit.register(mark, "atexit")
+    threading.Thread(target=lambda: (time.sleep(0.3), mark("thread"))).start()
+    pool = ThreadPoolExecutor(1)
+    pool.submit(lambda: (time.sleep(0.3), mark("pool")))
+    print("still in a buffer", end="")
+    return 3
+
+stage = types.ModuleType("crucible.trainer.pretrain")
+stage.main = main
+sys.modules["crucible.trainer.pretrain"] = stage
+sys.argv = ["-m", "pretrain", "--spec", "x.json"]
+runpy.run_module("crucible.trainer", run_name="__main__", alter_sys=True)
+'''
+
+
+def test_module_exit_skips_the_interpreter_teardown_but_not_what_a_normal_exit_does(tmp_path) -> None:
+    """`python -m crucible.trainer` ends without finalising every module (seconds with torch loaded,
+    after `_SUCCESS`), yet joins threads, finishes executors, runs atexit and flushes stdout."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "still in a buffer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atexit", "pool", "thread"]

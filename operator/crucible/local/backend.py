@@ -107,6 +107,9 @@ class LocalBackend:
         elif state == "running":
             self._prestart_spares()
         elif state == "succeeded" and self.plan is not None:
+            if not self.exit_seen:
+                self.exit_seen = True
+                self._timeline("exitSeen", codes=[c for g in self.groups.values() for c in g.codes()])
             success = read_success(Path(self.plan.output_uri))
             if success is None:
                 failure = Failure(APPLICATION, APPLICATION_ERROR,
@@ -188,7 +191,8 @@ class LocalBackend:
         for spare, spec in zip(spares, specs, strict=False):
             why = why or spare.usable_for(spec.argv, spec.env)
         if why is not None:
-            self.ui.info(f"{self.label}: starting the attempt cold: {why}")
+            if not all(spare.quiet for spare in spares):
+                self.ui.info(f"{self.label}: starting the attempt cold: {why}")
             for spare in spares:
                 spare.discard()
             return []

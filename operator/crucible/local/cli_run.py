@@ -7,8 +7,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crucible.local.cli_common import DEFAULT_PARENT, add_workdir_argument
+
+if TYPE_CHECKING:
+    from crucible.local.warm import Spare
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -65,6 +69,18 @@ def ask_on_terminal(what: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from crucible.local import warm
+
+    # the first training run's interpreter imports torch and its stage beside the work below
+    spare = warm.first_attempt_spare(args.paths)
+    try:
+        return _run(args, spare)
+    finally:
+        if spare is not None:
+            spare.discard()  # none took it (a released spare is the attempt's process: left alone)
+
+
+def _run(args: argparse.Namespace, spare: Spare | None) -> int:
     from crucible.local.dag import DagError
     from crucible.local.load import LoadError, load_resources
     from crucible.local.runner import Interrupted, Runner, RunnerError, RunnerOptions, sigint_stops
@@ -81,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     ui = make_ui(plain=True if args.plain else None)
     options = RunnerOptions(workdir=workdir, only=args.only, fresh=args.fresh, base_model=base_model,
-                            allow_prepare=args.allow_prepare, confirm_prepare=ask_on_terminal)
+                            allow_prepare=args.allow_prepare, confirm_prepare=ask_on_terminal, first_spare=spare)
     runner = Runner(options, ui)
     ui.info(f"crucible run: {len(loaded)} resource(s) from {', '.join(args.paths)}; work directory {workdir}")
     if base_model:

@@ -53,6 +53,7 @@ from crucible.local.dag import Dag, Key, build_dag
 from crucible.local.load import LoadedResource
 from crucible.local.metrics import latest_checkpoint, read_success
 from crucible.local.ui import PlainUi, Ui
+from crucible.local.warm import KIND_STAGES, Spare
 from crucible.local.workdir import (
     SPEC_FILE,
     NotOwnedError,
@@ -118,6 +119,10 @@ class RunnerOptions:
     confirm_prepare: Callable[[str], bool] | None = None
     """Asked with a description of each command when ``allow_prepare`` is off; None: refuse."""
     poll_seconds: float = 0.25
+    first_spare: Spare | None = None
+    """A warm spare ``crucible run`` started for the first attempt of the first training run
+    (:func:`crucible.local.warm.first_attempt_spare`): the runner hands it to the first run of its
+    stage and discards it when none uses it."""
 
 
 class Interrupted(Exception):
@@ -138,6 +143,18 @@ class Runner:
         self._stop.set()
 
     def run(self, loaded: list[LoadedResource]) -> list[RunOutcome]:
+        try:
+            return self._run(loaded)
+        finally:
+            self.discard_first_spare()
+
+    def discard_first_spare(self) -> None:
+        """The first attempt's spare, when no run took it (or the runner stopped before one did)."""
+        spare, self.options.first_spare = self.options.first_spare, None
+        if spare is not None:
+            spare.discard()
+
+    def _run(self, loaded: list[LoadedResource]) -> list[RunOutcome]:
         dag = build_dag(loaded)
         order = dag.order()
         selected = self._select(dag, order)
@@ -372,6 +389,9 @@ class Runner:
         backend = LocalBackend(self.workdir, state, self.ui, label, self._dependencies_from_inputs(item, inputs),
                                trainer_command=list(self.options.trainer_command)
                                if self.options.trainer_command is not None else None)
+        spare = self.options.first_spare
+        if spare is not None and KIND_STAGES.get(resource.kind) == spare.stage:
+            backend.spares, self.options.first_spare = [spare], None  # the first attempt may start warm
         settings = Settings(storage_root=self.workdir.storage_root, spec_path=str(self.workdir.run_dir(*key) / SPEC_FILE),
                             python=sys.executable)
 

@@ -4,6 +4,7 @@
     spare.usable_for(argv, env)                              # the same stage, nothing import-time changed
     proc = spare.release(argv, env, log)                     # it becomes ``python -m crucible.trainer ...``
     spare.discard()
+    spare = first_attempt_spare(paths, python)               # ``crucible run``: before its own imports
 
     python -m crucible.local.warm STAGE                      # the spare itself (child side)
 
@@ -28,6 +29,13 @@ A spare is only used when nothing it read at import time can differ: the same in
 stage, and an environment equal to the attempt's except for the variables the trainer reads
 after its imports (:data:`LATE_ENV`, :data:`LATE_ENV_PREFIXES`). Otherwise it is discarded and
 the attempt starts cold. ``CRUCIBLE_WARM_SPARES=0`` turns spares off.
+
+The first attempt has a spare too: ``crucible run`` starts one (:func:`first_attempt_spare`)
+before it imports anything heavy, so the trainer's imports (torch and transformers: the largest
+part of a run's start-up) run beside the CLI's own loading, validation, planning and input
+hashing instead of after them. Which stage it preloads is read from the YAML files' ``kind:``
+lines without parsing them (a guess, never trusted: the spare is used only when the first
+attempt of a run of that kind fits it, as above, and discarded otherwise).
 """
 
 from __future__ import annotations
@@ -36,11 +44,13 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +71,13 @@ LATE_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 """Read after the imports (torchrun's variables; OMP_NUM_THREADS is applied with torch.set_num_threads)."""
 LATE_ENV_PREFIXES = ("CRUCIBLE_",)
 """The contract environment (attempt, restarts, run start, metrics port, ...) is read at run time."""
+
+KIND_STAGES = {"PretrainRun": "pretrain", "FinetuneRun": "finetune", "PreferenceRun": "preference"}
+"""The kinds whose trainer stage has a :data:`PRELOAD` list, in the order a pipeline runs them."""
+TRAINER_COMMAND_ENV = "CRUCIBLE_TRAINER_COMMAND"
+_KIND_LINE = re.compile(rb"^kind:[ \t]*[\"']?(\w+)[\"']?[ \t]*(?:#.*)?\r?$", re.MULTILINE)
+_SCAN_BYTES = 1 << 20
+_YAML_SUFFIXES = (".yaml", ".yml")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -101,6 +118,10 @@ class Spare:
     env: dict[str, str]
     preload_log: Path
     started_at: float = field(default_factory=time.time)
+    quiet: bool = False
+    """Not worth a line when it does not fit (the first attempt's spare is a guess)."""
+    released: bool = False
+    discarded: bool = False
 
     @classmethod
     def start(cls, python: str, stage: str, env: Mapping[str, str], folder: Path, rank: int) -> Spare:
@@ -142,6 +163,7 @@ class Spare:
         message = json.dumps({"args": list(argv[3:]), "env": dict(env), "log": str(log),
                               "preloadLog": str(self.preload_log)})
         assert self.proc.stdin is not None
+        self.released = True
         try:
             self.proc.stdin.write(message.encode() + b"\n")
             self.proc.stdin.close()
@@ -150,6 +172,9 @@ class Spare:
         return self.proc
 
     def discard(self) -> None:
+        if self.released or self.discarded:
+            return  # released: it is an attempt's process now, which the runner stops as such
+        self.discarded = True
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
@@ -158,6 +183,44 @@ class Spare:
         self.proc.wait()
         with contextlib.suppress(OSError):
             self.preload_log.unlink()
+
+
+def stage_in(paths: Iterable[str | Path]) -> str | None:
+    """The trainer stage of the first training run among the YAML files under ``paths``, from
+    their ``kind:`` lines alone (no YAML is parsed; at most 1 MiB of each file is read)."""
+    kinds: set[str] = set()
+    for path in map(Path, paths):
+        try:
+            files = ([path] if path.is_file() else
+                     sorted(p for p in path.rglob("*") if p.suffix in _YAML_SUFFIXES and p.is_file()))
+        except OSError:
+            continue
+        for file in files:
+            with contextlib.suppress(OSError), open(file, "rb") as fh:
+                kinds.update(m.group(1).decode() for m in _KIND_LINE.finditer(fh.read(_SCAN_BYTES)))
+    return next((stage for kind, stage in KIND_STAGES.items() if kind in kinds), None)
+
+
+def first_attempt_spare(paths: Iterable[str | Path], python: str = sys.executable,
+                        env: Mapping[str, str] | None = None) -> Spare | None:
+    """A spare for the first attempt of the first training run in ``paths``, started now.
+
+    Its environment is the one the runner gives its processes (this one, unbuffered); None when
+    spares are off, a stand-in trainer command is set, or the files name no training run.
+    """
+    env = dict(os.environ if env is None else env)
+    if not enabled(env) or env.get(TRAINER_COMMAND_ENV):
+        return None
+    stage = stage_in(paths)
+    if stage is None:
+        return None
+    try:
+        spare = Spare.start(python, stage, {**env, "PYTHONUNBUFFERED": "1"},
+                            Path(tempfile.gettempdir()) / "crucible-spares", 0)
+    except OSError:
+        return None
+    spare.quiet = True
+    return spare
 
 
 # ------------------------------------------------------------------------------ child side
