@@ -325,7 +325,7 @@ def _startup_and_export(run: Run, timeline: list[dict[str, Any]], attempts: list
     if started and first and steps:
         marks = [run.started, started["time"], max(started["time"], first["importsDoneAt"]), first["resumedAt"],
                  steps[0]["time"]]
-        startup = {name: round(b - a, 2) for name, a, b in zip(STARTUP_PHASES, marks, marks[1:], strict=True)}
+        startup = {name: round(b - a, 2) for name, a, b in zip(STARTUP_PHASES, marks, marks[1:], strict=False)}
         startup["warm"] = bool(started.get("warm"))
     export: dict[str, Any] = {}
     success = run.run_dir / "output" / "_SUCCESS"
@@ -337,7 +337,7 @@ def _startup_and_export(run: Run, timeline: list[dict[str, Any]], attempts: list
     seen = [e for e in timeline if e["event"] == "exitSeen"]
     if last and saved and evaluated and success.exists() and seen:
         marks = [last["time"], saved["time"], evaluated["time"], success.stat().st_mtime, seen[-1]["time"], run.ended]
-        export = {name: round(b - a, 2) for name, a, b in zip(EXPORT_PHASES, marks, marks[1:], strict=True)}
+        export = {name: round(b - a, 2) for name, a, b in zip(EXPORT_PHASES, marks, marks[1:], strict=False)}
     return startup, export
 
 
