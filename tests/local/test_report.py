@@ -164,3 +164,19 @@ def test_reference_overlap_is_shown_per_stage_and_checked(tmp_path: Path) -> Non
     md = render_markdown(report, "now")
     assert "| before training | 0.100 |" in md and "| after finetune (smol-sft) | 0.600 |" in md
     assert "| after pretrain (smol-domain) | a | 0.20 |" in md
+
+
+def test_measurements_use_the_threads_the_runs_were_given(workdir: WorkDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crucible.local.report import measure_threads
+    from crucible.local.workdir import SPEC_FILE
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    states = workdir.all_states()
+    assert measure_threads(workdir, states) == 1  # nothing asked: one thread, robust on a busy machine
+    for name, threads in [("stdlib-lm", "2"), ("stdlib-sft", "not-a-number")]:
+        kind = "PretrainRun" if name == "stdlib-lm" else "FinetuneRun"
+        (workdir.run_dir("default", kind, name) / SPEC_FILE).write_text(
+            json.dumps({"resources": {"env": {"OMP_NUM_THREADS": threads}}}))
+    assert measure_threads(workdir, states) == 2  # the largest a measured model ran with; junk ignored
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert measure_threads(workdir, states) == 3  # the user's environment wins

@@ -471,6 +471,27 @@ def _prompts_json(state: RunState) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def measure_threads(workdir: WorkDir, states: list[RunState]) -> int:
+    """CPU threads for the report's measurements: what the pipeline's own runs were given.
+
+    The largest ``OMP_NUM_THREADS`` among the measured runs' ``resources.env`` (the models the
+    report evaluates ran with it), else 1 (small models; robust on a busy machine). An
+    ``OMP_NUM_THREADS`` in the environment of ``crucible run`` wins over both.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return max(1, _int(os.environ["OMP_NUM_THREADS"], 1))
+    asked = [_int(((_spec(workdir, s).get("resources") or {}).get("env") or {}).get("OMP_NUM_THREADS"), 0)
+             for s in states if s.kind in training_kinds()]
+    return max([1, *asked])
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
 def measure(workdir: WorkDir, states: list[RunState]) -> Measurements:
     """Perplexity of every trained model and the untrained one's answers, from a trainer subprocess."""
     m = Measurements()
@@ -490,7 +511,7 @@ def measure(workdir: WorkDir, states: list[RunState]) -> Measurements:
     try:
         proc = subprocess.run([sys.executable, "-m", "crucible.trainer.report_eval"], input=json.dumps(request),
                               capture_output=True, text=True, timeout=MEASURE_TIMEOUT_SECONDS, check=False,
-                              env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                              env={**os.environ, "OMP_NUM_THREADS": str(measure_threads(workdir, states))})
         answer = json.loads(proc.stdout or "{}")
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
         m.note = f"Not measured: {exc}."

@@ -40,7 +40,13 @@ def _untrained(request: dict[str, Any]) -> tuple[Any, Any] | None:
         config = parse_stage_spec("pretrain", json.load(fh))
     assert isinstance(config, PretrainConfig)
     if config.model.source is not None:
-        return evaluate.load_model(config.model.source.uri or "")
+        # the stage's own resolution: an s3:// source or a .gguf (converted once, cached) becomes a
+        # local Hugging Face folder, so the report measures exactly the model the run started from
+        from crucible.trainer import storage as st
+
+        store = st.Storage.from_config(config.storage)
+        source = store.node_local_path(config.model.source.uri or "", field="spec.model.source.uri")
+        return evaluate.load_model(str(source))
     trained, tokenizer = evaluate.load_model(untrained["output"])
     eos = getattr(trained.config, "eos_token_id", None)
     return build_model(config.model, int(trained.config.vocab_size), config.training.seed, eos_id=eos), tokenizer
