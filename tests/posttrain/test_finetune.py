@@ -169,3 +169,25 @@ def test_without_a_held_out_split(tiny_model_dir: Path, sft_data: Path, tmp_path
     results = json.loads((out / "_SUCCESS").read_text())["results"]
     assert "evalLossBefore" not in results and "evalLoss" not in results
     assert results["dataValidationExamples"] == 0 and results["steps"] == 3
+
+
+def test_the_receipt_names_every_input_read_harness_tasks_included(tiny_model_dir: Path, sft_data: Path,
+                                                                   tmp_path: Path) -> None:
+    from crucible.trainer.config.stages import FinetuneConfig, PreferenceConfig
+    from crucible.trainer.posttrain import Workspace, input_receipts
+    from crucible.trainer.storage import Storage
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("task: mine\n")
+    spec = sft_spec(str(tiny_model_dir), str(sft_data), str(tmp_path / "out"))
+    spec["eval"] = {"harnessTasks": ["mine"], "harnessTaskDir": str(tasks)}
+    ws = Workspace(Storage(), tmp_path, str(tmp_path / "out"), tiny_model_dir, str(tiny_model_dir),
+                   FinetuneConfig.model_validate(spec))
+    inputs = input_receipts(ws, model=ws.base_uri, dataset=str(sft_data))
+    assert set(inputs) == {"model", "dataset", "evaluation"}
+    assert inputs["evaluation"]["field"] == "spec.eval.harnessTaskDir" and inputs["evaluation"]["sha256"]
+    pairs = {"model": {"uri": str(tiny_model_dir)}, "dataset": {"uri": str(sft_data)},
+             "training": {"maxSteps": 1}, "output": {"uri": str(tmp_path / "dpo")}}
+    ws.config = PreferenceConfig.model_validate(pairs)  # no harness tasks: no evaluation input
+    assert set(input_receipts(ws, model=ws.base_uri, reference=None, dataset=str(sft_data))) == {"model", "dataset"}

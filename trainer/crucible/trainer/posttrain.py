@@ -103,16 +103,20 @@ def model_size_bytes(directory: str | Path) -> int:
 
 
 INPUT_FIELDS = {"model": "spec.model", "reference": "spec.reference", "dataset": "spec.dataset",
-                "prompts": "spec.prompts", "rewardModel": "spec.reward.model"}
+                "prompts": "spec.prompts", "rewardModel": "spec.reward.model", "evaluation": "spec.eval.harnessTaskDir"}
 """The spec field each named input of a post-training stage comes from (named in its receipt)."""
 
 
 def input_receipts(ws: Workspace, **uris: str | None) -> dict[str, Any]:
     """``{name: {"uri", "sha256", ...}}`` of each input that is set, by content, for the ``_SUCCESS`` lineage.
 
-    The base model is hashed from the copy the stage loaded (an S3 model is not read twice).
+    The base model is hashed from the copy the stage loaded (an S3 model is not read twice). The
+    harness task folder the stage evaluated with (``spec.eval.harnessTaskDir``) is one too.
     """
     out: dict[str, Any] = {}
+    harness = getattr(getattr(ws.config, "eval", None), "harness_task_dir", None)
+    if harness:
+        uris = {**uris, "evaluation": harness}
     for name, uri in uris.items():
         if uri:
             from crucible.trainer.gguf_import import is_gguf
