@@ -42,6 +42,18 @@ spec:
   training: {maxSteps: 10}
 """
 
+FOLLOW_A_RUN_WITHOUT_REVISIONS = """\
+apiVersion: crucible.dev/v1alpha1
+kind: FinetuneRun
+metadata: {name: chat}
+spec:
+  model: {fromRun: {kind: PretrainRun, name: p}}
+  dataset: {uri: /d.jsonl}
+  training: {maxSteps: 10}
+  revisions: {follow: model}
+---
+""" + BASE
+
 # (case id, YAML text, expected dotted field, expected fragment of the message)
 BAD_INPUTS = [
     ("unparsable-yaml", "a: [1,\n b: 2\n", "", "not valid YAML"),
@@ -72,6 +84,8 @@ BAD_INPUTS = [
      "spec.training.globalBatchTokens", "at least one sequence"),
     ("not-a-mapping", "- just\n- a list\n", "", "expected a mapping"),
     ("fromrun-cycle", CYCLE, "spec", "cycle: FinetuneRun/a -> PreferenceRun/b -> FinetuneRun/a"),
+    ("follow-a-run-without-revisions", FOLLOW_A_RUN_WITHOUT_REVISIONS, "spec.revisions.follow",
+     "PretrainRun/p (model.fromRun), which declares no spec.revisions"),
     ("duplicate-name", BASE + "---\n" + BASE, "metadata.name", "duplicate PretrainRun named 'p'"),
     ("qlora-on-cpu", BASE.replace("PretrainRun", "FinetuneRun").replace("data: {uri: /data}", "model: {uri: /m}\n  dataset: {uri: /d.jsonl}\n  method: qlora"),
      "spec.method", "qlora needs CUDA"),

@@ -278,6 +278,7 @@ def check_graph(loaded: Sequence[Loaded]) -> tuple[list[Problem], list[Problem]]
                     Problem(item.file, label, f"spec.{path}.fromRun",
                             f"{ref.kind}/{ref.name} is not among these files; it must exist in the cluster (or pass its file too)", item.line)
                 )
+    problems += _revisions_to_follow(by_key)
     problems += _location_collisions(list(by_key.values()))
     for item in by_key.values():
         batch = world_batch_problem(item.resource.spec)
@@ -288,6 +289,24 @@ def check_graph(loaded: Sequence[Loaded]) -> tuple[list[Problem], list[Problem]]
         chain = " -> ".join("/".join(k) for k in [*cycle, cycle[0]])
         problems.append(Problem(first.file, "/".join(cycle[0]), "spec", f"fromRun references form a cycle: {chain}; break it", first.line))
     return problems, warnings
+
+
+def _revisions_to_follow(by_key: dict[tuple[str, str], Loaded]) -> list[Problem]:
+    """A FinetuneRun with ``revisions.follow: model`` needs a model.fromRun run that has revisions: a run
+    without them has one output, so on the cluster no second revision would ever start."""
+    problems = []
+    for item in by_key.values():
+        spec = item.resource.spec
+        ref = item.resource.input_refs().get("model")
+        if getattr(getattr(spec, "revisions", None), "follow", None) != "model" or ref is None:
+            continue
+        target = by_key.get((ref.kind, ref.name))
+        if target is not None and getattr(target.resource.spec, "revisions", None) is None:
+            problems.append(Problem(item.file, "/".join(item.key), "spec.revisions.follow",
+                                    f"model follows the revisions of {ref.kind}/{ref.name} (model.fromRun), which "
+                                    f"declares no spec.revisions ({target.file}:{target.line}); add spec.revisions "
+                                    "to it, or use follow: dataset", item.line))
+    return problems
 
 
 def _norm(uri: str) -> str:
