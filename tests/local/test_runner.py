@@ -277,3 +277,23 @@ def test_suspended_run_is_not_started_and_blocks_what_needs_it(pipeline: Pipelin
     pipeline.write(resources)
     again = pipeline.run()
     assert again["base"].phase == "Succeeded" and again["sft"].phase == "Succeeded"
+
+
+def test_a_finetune_following_its_dataset_makes_a_revision_of_new_records_not_of_a_new_base(
+        pipeline: Pipeline) -> None:
+    resources = chain()[:3]
+    resources[2]["spec"].update(method="full", revisions={"follow": "dataset"})
+    pipeline.write(resources)
+    pipeline.run()
+    (pipeline.workdir / "inputs" / "docs.jsonl").write_text('{"text": "changed"}\n')
+    out = pipeline.run()  # a new base model: revision 1 read the base, later ones continue from it
+    assert not out["base"].skipped and out["sft"].skipped
+    assert len(pipeline.state("FinetuneRun", "sft").status.revisions) == 1
+    (pipeline.workdir / "inputs" / "sft.jsonl").write_text('{"prompt": "q2", "response": "a2"}\n')
+    out = pipeline.run()
+    assert not out["sft"].skipped and out["base"].skipped
+    status = pipeline.state("FinetuneRun", "sft").status
+    assert [r.revision for r in status.revisions] == [1, 2]
+    spec = json.loads((pipeline.run_dir("FinetuneRun", "sft") / "spec.json").read_text())
+    assert spec["model"]["uri"] == status.revisions[0].output_uri  # continued from revision 1
+    assert spec["dataset"]["earlierRevisions"] == [status.revisions[0].output_uri]

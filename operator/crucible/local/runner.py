@@ -285,8 +285,11 @@ class Runner:
         except PlanError as exc:
             raise RunnerError(f"{item.where}: {exc}") from exc
         self._check_local_inputs(item, resource, probe)
-        fingerprint = self._fingerprint(probe, dag, key)
-        training_fingerprint = self._fingerprint(probe, dag, key, training_only=True)
+        # a FinetuneRun following its dataset reads its base model once, in revision 1: a new output of
+        # model.fromRun is no new revision of it (follow: model is for that)
+        ignored = ("model",) if revs.follows_dataset(resource) else ()
+        fingerprint = self._fingerprint(probe, dag, key, ignored_inputs=ignored)
+        training_fingerprint = self._fingerprint(probe, dag, key, training_only=True, ignored_inputs=ignored)
         output_dir = Path(probe.output_uri)
         explicit = self._explicit_output(item) is not None
 
@@ -548,7 +551,8 @@ class Runner:
             raise RunnerError("\n".join(problems) + "\nthe input is damaged, not changed; restore it (e.g. run its "
                               "DataPipeline again) — nothing of this run was deleted")
 
-    def _fingerprint(self, launch: LaunchPlan, dag: Dag, key: Key, training_only: bool = False) -> str:
+    def _fingerprint(self, launch: LaunchPlan, dag: Dag, key: Key, training_only: bool = False,
+                     ignored_inputs: Sequence[str] = ()) -> str:
         """sha256 of what decides a run's result: the spec (less operational fields), input receipts, local inputs.
 
         ``training_only`` leaves out how long training runs and how it is evaluated: when only
@@ -564,6 +568,8 @@ class Runner:
         h = hashlib.sha256()
         h.update(json.dumps(spec, sort_keys=True).encode())
         for path, target in sorted(dag.upstream.get(key, {}).items()):
+            if path in ignored_inputs:
+                continue
             state = self.workdir.load_state(*target)
             receipt = read_success(Path(state.status.output_uri)) if state and state.status.output_uri else None
             h.update(f"{path}={json.dumps(receipt, sort_keys=True)}".encode())
