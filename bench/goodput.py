@@ -16,7 +16,9 @@ the failure rate it has seen. Then the same spec runs once more without faults (
 Restarts are warm (``crucible.local.warm``): the runner keeps a spare interpreter with the
 stage's imports done for the next attempt, so a restart costs the fault's detection, the
 checkpoint read and the model build, not the imports. ``CRUCIBLE_WARM_SPARES=0`` measures the
-cold path. In the smoke mode each fault waits (the trainer SIGSTOPped) until the spare is ready.
+cold path. The first attempt runs on a spare too, which ``crucible run`` starts before its own
+imports; and the trainer exits without the interpreter's teardown. The start-up and the end of
+the run are taken apart (``startupPhases``, ``exportPhases``). In the smoke mode each fault waits (the trainer SIGSTOPped) until the spare is ready.
 
 Printed, from the runs' own ``metrics.jsonl``, ``logs/timeline.jsonl`` and logs:
 
