@@ -320,6 +320,8 @@ def run(config: QuantizeConfig) -> int:
         assert config.evaluation.data is not None and config.evaluation.data.uri and config.model.uri
         inputs = {"model": input_receipt(store, config.model.uri, "spec.model"),
                   "evaluation": input_receipt(store, config.evaluation.data.uri, "spec.evaluation.data")}
+        if config.eval.harness_task_dir:  # the harness tasks it evaluated the quantized model with
+            inputs["harnessTaskDir"] = input_receipt(store, config.eval.harness_task_dir, "spec.eval.harnessTaskDir")
         write_success(store, out_uri, STAGE, inputs, res, config)
     except ThresholdExceeded as exc:
         log(f"failed: {exc}")
