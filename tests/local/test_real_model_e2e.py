@@ -110,7 +110,7 @@ def test_shortened_real_model_pipeline(tmp_path: Path) -> None:
     # of every stage's model, measured by the report on the same windows
     perplexity = report.split("## Held-out perplexity after each stage", 1)[1].split("\n## ", 1)[0]
     assert "Not measured" not in perplexity, perplexity
-    assert "before training (step 0)" in perplexity and "smol-int8" in perplexity, perplexity
+    assert "before training (step 0)" in perplexity and "after PreferenceRun smol-dpo" in perplexity, perplexity
 
 
 PREPARE_FLAG = ["--allow-prepare"]  # the example's prepare.py links the GGUF and builds the corpus
