@@ -113,10 +113,14 @@ def test_kind_names_live_only_in_their_kind_modules(repo: Path) -> None:
     name no kind; each kind's facts are in its module under crucible/api/ (issue 12 item 2)."""
     kinds = ("QuantizeJob", "PreferenceRun", "FinetuneRun")
     allowed = {"api"}
+    # the start-up path guesses the first stage from the files' `kind:` lines before crucible.api
+    # (pydantic, every kind's model) is imported; tests/local/test_warm.py checks its table against
+    # the registry, so the kind modules stay the one source of the facts
+    allowed_files = {Path("local/warm.py")}
     offenders = []
     for path in (repo / "operator" / "crucible").rglob("*.py"):
         rel = path.relative_to(repo / "operator" / "crucible")
-        if rel.parts[0] in allowed:
+        if rel.parts[0] in allowed or rel in allowed_files:
             continue
         code = "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
         body = ast.get_docstring(ast.parse(code)) or ""

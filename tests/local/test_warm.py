@@ -91,3 +91,15 @@ def test_the_first_attempts_spare_goes_to_a_run_of_its_stage_or_is_discarded_qui
     assert outcomes["base"].phase == "Succeeded"
     # the PretrainRun's first attempt took it; a stand-in trainer does not fit it: discarded, no line said
     assert not taken.alive() and "starting the attempt cold" not in capsys.readouterr().out
+
+
+def test_the_start_up_table_of_stages_agrees_with_the_registry() -> None:
+    """warm.KIND_STAGES is read before crucible.api is imported; the kind modules stay its source."""
+    from crucible.api.registry import kind_of, kinds
+
+    for kind, stage in warm.KIND_STAGES.items():
+        assert kind_of(kind).entry == ("-m", "crucible.trainer", stage), kind
+        assert stage in warm.PRELOAD, stage
+    # every training kind whose stage has a preload list is in the table
+    expected = {k.name for k in kinds() if k.checkpoints and k.entry[-1] in warm.PRELOAD}
+    assert set(warm.KIND_STAGES) == expected

@@ -74,16 +74,28 @@ def for_revision(run: Resource, status: RunStatus, storage_root: str) -> Resourc
         model = {k: v for k, v in spec.get("model", {}).items() if k not in _SHAPE_WIRE}
         model["source"] = {"uri": earlier[-1]}
         spec["model"] = model
-    elif run.kind == "FinetuneRun" and follows_dataset(run):
+    elif follows_dataset(run):
         spec["model"] = {"uri": earlier[-1]}
         if spec["revisions"].get("dedupAgainstEarlier", True):
             spec["dataset"]["earlierRevisions"] = earlier
     return type(run).model_validate(wire)
 
 
+def follow(run: Resource) -> str | None:
+    """``spec.revisions.follow`` of a kind whose revisions choose what they follow (a FinetuneRun's
+    ``dataset`` or ``model``), else None: the kind's own module says so through its model, not here."""
+    value = getattr(getattr(run.spec, "revisions", None), "follow", None)
+    return value if isinstance(value, str) else None
+
+
 def follows_dataset(run: Resource) -> bool:
-    """A FinetuneRun whose revisions continue from its own previous one on new records (not a new base)."""
-    return run.kind == "FinetuneRun" and getattr(run.spec.revisions, "follow", None) == "dataset"
+    """Revisions that continue from their own previous one on new records (not a new base)."""
+    return follow(run) == "dataset"
+
+
+def follows_model(run: Resource) -> bool:
+    """Revisions that fine-tune each new output of ``model.fromRun`` (a new base model)."""
+    return follow(run) == "model"
 
 
 def next_revision(run: Resource, status: RunStatus, now: float, changed: bool) -> tuple[bool, str]:
@@ -119,7 +131,7 @@ def record(run: Resource, status: RunStatus, receipt_sha256: str | None = None, 
         entry = RevisionRecord(revision=revision, data_manifest_sha256=results.get("manifestSha256"),
                                new_tokens=results.get("tokensTrain"),
                                documents_seen_earlier=int(dropped.get(SEEN_REASON, 0)))
-    elif run.kind == "FinetuneRun":
+    elif follow(run) is not None:  # a fine-tune revision: its model, its dataset, held-out loss
         entry = RevisionRecord(revision=revision, model_uri=results.get("modelURI"),
                                data_manifest_sha256=results.get("datasetSha256"),
                                new_tokens=results.get("dataTrainedTokens"),

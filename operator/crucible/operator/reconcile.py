@@ -245,14 +245,14 @@ class Reconciler:
         if resource.kind == "DataPipeline" or revs.follows_dataset(resource):
             # the sources (the dataset) are read again at each fire time
             return bool(getattr(resource.spec.revisions, "schedule", None))
-        ref = resource.input_refs().get("model" if resource.kind == "FinetuneRun" else "data")
+        ref = resource.input_refs().get("model" if revs.follows_model(resource) else "data")
         if ref is None or not status.revisions:
             return False
         obj = await self.kube.get(cr_res(ref.kind), resource.metadata.namespace, ref.name)
         upstream = (obj or {}).get("status") or {}
         if upstream.get("phase") != "Succeeded":
             return False
-        if resource.kind == "FinetuneRun":  # follow: model — a base model revision it has not fine-tuned
+        if revs.follows_model(resource):  # a base model revision it has not fine-tuned
             return bool(upstream.get("outputURI")) and upstream["outputURI"] != status.revisions[-1].model_uri
         manifest = (upstream.get("results") or {}).get("manifestSha256")
         return bool(manifest) and manifest != status.revisions[-1].data_manifest_sha256
@@ -533,4 +533,4 @@ def _revision_reason(resource: Resource) -> str:
     """Why the operator started a revision (status.message)."""
     if resource.kind == "DataPipeline" or revs.follows_dataset(resource):
         return "the schedule fired"
-    return "a new base model" if resource.kind == "FinetuneRun" else "new data"
+    return "a new base model" if revs.follows_model(resource) else "new data"
