@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from crucible.trainer.data.pipeline import run_pipeline
-from crucible.trainer.data.pipeline.tokenize import SEEN
+from crucible.trainer.seen import SEEN
 from crucible.trainer.stage_io import SpecError
 
 from .conftest import make_config, write_jsonl

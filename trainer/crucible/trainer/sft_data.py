@@ -61,10 +61,10 @@ import xxhash
 from crucible.trainer.config.stages import SftDataset
 from crucible.trainer.evaluate import materialize
 from crucible.trainer.faults import SpecError
-from crucible.trainer.storage import Storage, StorageNotFound, is_s3, join
+from crucible.trainer.seen import SEEN, read_seen
+from crucible.trainer.storage import Storage, is_s3
 
 IGNORE_INDEX = -100
-SEEN = "seen.npy"
 """In a FinetuneRun's output: the sorted keys of every record it and the earlier revisions trained on."""
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -362,22 +362,8 @@ def record_key(conv: Conversation) -> int:
 
 def load_seen(spec: SftDataset, store: Storage) -> np.ndarray | None:
     """The keys of the records the outputs in ``spec.dataset.earlierRevisions`` trained on; None when none named."""
-    import io
-
-    if not spec.earlier_revisions:
-        return None
-    arrays = [np.zeros(0, dtype=np.uint64)]
-    for i, uri in enumerate(spec.earlier_revisions):
-        where = f"spec.dataset.earlierRevisions[{i}]"
-        try:
-            arrays.append(np.load(io.BytesIO(store.read_bytes(join(uri, SEEN)))).astype(np.uint64))
-        except (StorageNotFound, FileNotFoundError, NotADirectoryError) as exc:
-            raise SpecError(f"{where}: {uri} has no {SEEN}; name the output folder of a finished FinetuneRun "
-                            "(a revision before this one)") from exc
-        except ValueError as exc:
-            raise SpecError(f"{where}: {join(uri, SEEN)} is not a key array ({exc}); restore it from the earlier "
-                            "revision or remove the entry") from exc
-    return np.unique(np.concatenate(arrays))
+    return read_seen(store, spec.earlier_revisions, "spec.dataset.earlierRevisions",
+                     "a finished FinetuneRun (a revision before this one)")
 
 
 def save_seen(data: SftData, folder: Path) -> None:

@@ -22,6 +22,7 @@ from crucible.trainer.data.pipeline import tokenize as tokenize_stage
 from crucible.trainer.data.pipeline.state import NothingLeftError, PipelineState, part_dir
 from crucible.trainer.data.receipts import source_receipts
 from crucible.trainer.data.shards import ShardInfo, write_index
+from crucible.trainer.seen import SEEN
 from crucible.trainer.stage_io import files_digest, input_receipt, write_success
 
 log = logging.getLogger("crucible.data")
@@ -129,9 +130,9 @@ def write_seen(pipe: PipelineState, seen_dropped: int) -> dict[str, Any]:
     if earlier is not None:
         arrays.append(earlier)
     keys = np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, dtype=np.uint64)
-    with open(pipe.ws.path(tokenize_stage.SEEN), "wb") as fh:
+    with open(pipe.ws.path(SEEN), "wb") as fh:
         np.save(fh, keys.astype(np.uint64))
-    pipe.ws.publish(tokenize_stage.SEEN)
+    pipe.ws.publish(SEEN)
     return {"earlierRevisions": list(pipe.config.steps.dedup.earlier_revisions), "seenInEarlierRevision": seen_dropped,
             "documentsSeen": len(keys)}
 

@@ -30,6 +30,7 @@ from crucible.trainer.data.pipeline import filter as filter_stage
 from crucible.trainer.data.pipeline.state import PipelineState, part_dir, unit_hash
 from crucible.trainer.data.pipeline.workspace import AtomicZstdWriter, read_zstd_jsonl, tmp_name
 from crucible.trainer.data.shards import ShardWriter
+from crucible.trainer.seen import read_seen
 
 log = logging.getLogger("crucible.data")
 
@@ -38,7 +39,6 @@ TOKENIZE_CHUNK = 2048
 KEPT_IDS = "kept_ids.jsonl"
 SEEN_KEYS = "seen-keys.npy"
 """Per part: the content key of every document it kept (train with copies, or validation)."""
-SEEN = "seen.npy"
 """In the output: the sorted content keys of every document this revision and the earlier ones kept."""
 SEEN_REASON = "seen_in_earlier_revision"
 
@@ -50,28 +50,8 @@ def content_key(text: str) -> int:
 
 def load_seen(pipe: PipelineState) -> np.ndarray | None:
     """The content keys the earlier revisions kept (``steps.dedup.earlierRevisions``), sorted; None when none named."""
-    import io
-
-    from crucible.trainer.stage_io import SpecError
-    from crucible.trainer.storage import StorageNotFound, join
-
-    uris = pipe.config.steps.dedup.earlier_revisions
-    if not uris:
-        return None
-    arrays = [np.zeros(0, dtype=np.uint64)]
-    for i, uri in enumerate(uris):
-        try:
-            arrays.append(np.load(io.BytesIO(pipe.storage.read_bytes(join(uri, SEEN)))).astype(np.uint64))
-        except (StorageNotFound, FileNotFoundError, NotADirectoryError) as exc:
-            raise SpecError(f"steps.dedup.earlierRevisions[{i}]: {uri} has no {SEEN}; name the output folder of a "
-                            "finished DataPipeline (revisions before this one)") from exc
-        except ValueError as exc:
-            raise SpecError(f"steps.dedup.earlierRevisions[{i}]: {join(uri, SEEN)} is not a key array ({exc}); "
-                            "restore it from the earlier revision or remove the entry") from exc
-    return np.unique(np.concatenate(arrays))
-"""Per part, in input order: ``{"id", "split", "copies"}`` of every document written to a split
-(after the split, the decontamination against it and the mixture; zero-weighted ones are absent)."""
-CLUSTER = dedup_stage.CLUSTER
+    return read_seen(pipe.storage, pipe.config.steps.dedup.earlier_revisions, "steps.dedup.earlierRevisions",
+                     "a finished DataPipeline (revisions before this one)")
 
 
 def held_out_matcher(pipe: PipelineState) -> tuple[Decontaminator | None, dict[str, Any] | None]:
