@@ -127,3 +127,21 @@ def test_kind_names_live_only_in_their_kind_modules(repo: Path) -> None:
         code = code.replace(body, "")
         offenders += [f"{rel}: {k}" for k in kinds if f'"{k}"' in code or f"'{k}'" in code]
     assert offenders == []
+
+
+def test_test_deadlines_are_scaled(repo: Path) -> None:
+    """An ``asyncio.wait_for(..., timeout=<number>)`` in a test is a deadline the busy CI machine
+    misses (a literal 120 s around waits scaled to 240 s failed CI): it goes through
+    ``waits.scaled`` like every other wait."""
+    bad = []
+    for path in sorted((repo / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "wait_for" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "asyncio"):
+                continue
+            timeout = next((kw.value for kw in node.keywords if kw.arg == "timeout"),
+                           node.args[1] if len(node.args) > 1 else None)
+            if isinstance(timeout, ast.Constant) and isinstance(timeout.value, (int, float)) and timeout.value > 5:
+                bad.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert not bad, f"unscaled asyncio.wait_for deadlines (use waits.scaled): {bad}"

@@ -101,6 +101,7 @@ def test_the_operator_reconciles_it_under_the_emulator(echo_kind: None) -> None:
     from simcluster import SimCluster
 
     from crucible.operator.rbac import grants, rules
+    from waits import scaled
 
     assert grants(rules(), "echo.example", "megaphones", "get")  # the kind's declared RBAC
     assert grants(rules(), "crucible.dev", "echoruns/status", "patch")
@@ -124,4 +125,4 @@ def test_the_operator_reconciles_it_under_the_emulator(echo_kind: None) -> None:
         async with SimCluster().running() as cluster:
             await scenario(cluster)
 
-    asyncio.run(asyncio.wait_for(main(), timeout=120))
+    asyncio.run(asyncio.wait_for(main(), timeout=scaled(90)))  # the inner waits are scaled too
