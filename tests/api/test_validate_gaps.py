@@ -19,6 +19,7 @@ import pytest
 from crucible.api import yamlsafe
 from crucible.api.validate import load_resources
 from crucible.cli import main
+from waits import scaled
 
 BASE = """\
 apiVersion: crucible.dev/v1alpha1
@@ -162,7 +163,7 @@ def test_run_refuses_the_same_files_with_the_same_exit_status(tmp_path: Path) ->
     path.write_text(bomb())
     for command in ("validate", "run"):
         proc = subprocess.run([sys.executable, "-m", "crucible.cli", command, str(path), *(["-w", str(tmp_path / "w")]
-                               if command == "run" else [])], capture_output=True, text=True, timeout=120)
+                               if command == "run" else [])], capture_output=True, text=True, timeout=scaled(120))
         assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
         assert "expands to more than" in proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr

@@ -19,6 +19,8 @@ import pytest
 import yaml
 from deploylib import rule_groups
 
+from waits import scaled
+
 ALERTS = [
     "CrucibleLossSpike",
     "CrucibleTrainingStalled",
@@ -183,7 +185,7 @@ def _without_annotations(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=scaled(120), check=False)
 
 
 def test_chart_ships_the_five_alerts_each_with_a_runbook() -> None:

@@ -25,6 +25,8 @@ from deploylib import (
     render_objects,
 )
 
+from waits import scaled
+
 # The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
 KUBE_VERSIONS = ["1.28", kubernetes_validate.utils.latest_version()]
 MONITORING_GROUP = "monitoring.coreos.com/v1"
@@ -576,7 +578,7 @@ def test_helm_test_checks_the_metrics_service_and_passes_against_the_real_export
     port = _free_port()
     metrics.OperatorMetrics(CollectorRegistry()).serve(port)
     local = script.replace(url, f"http://127.0.0.1:{port}/metrics")
-    ok = subprocess.run([sys.executable, "-c", local], capture_output=True, text=True, timeout=60, check=False)
+    ok = subprocess.run([sys.executable, "-c", local], capture_output=True, text=True, timeout=scaled(60), check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # Something else answering on the port fails the test.
     import http.server
@@ -586,7 +588,7 @@ def test_helm_test_checks_the_metrics_service_and_passes_against_the_real_export
     threading.Thread(target=other.serve_forever, daemon=True).start()
     try:
         wrong = script.replace(url, f"http://127.0.0.1:{other.server_address[1]}/")
-        bad = subprocess.run([sys.executable, "-c", wrong], capture_output=True, text=True, timeout=60, check=False)
+        bad = subprocess.run([sys.executable, "-c", wrong], capture_output=True, text=True, timeout=scaled(60), check=False)
     finally:
         other.shutdown()
     assert bad.returncode != 0 and "lacks" in bad.stderr

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from deploylib import CHART, rule_groups
 
+from waits import scaled
+
 DASHBOARD = CHART / "files" / "dashboards" / "crucible-training.json"
 METRIC = re.compile(r"\b(crucible_[a-z0-9_]+)\b")
 # What a platform team reads per run (issue 7): panel titles of the dashboard.
@@ -132,7 +134,7 @@ def test_every_dashboard_query_is_valid_promql(promtool: str, tmp_path: Path) ->
         rules.append({"record": f"crucible:dashboard_variable:{i}", "expr": concrete(inner.group(1))})
     (tmp_path / "dashboard-queries.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run([promtool, "check", "rules", "dashboard-queries.yaml"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60, check=False)
+                            capture_output=True, text=True, timeout=scaled(60), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
 
@@ -142,5 +144,5 @@ def test_promtool_rejects_a_broken_query(promtool: str, tmp_path: Path) -> None:
     broken = {"groups": [{"name": "d", "rules": [{"record": "x:y", "expr": "max by (run (crucible_train_loss)"}]}]}
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
     result = subprocess.run([promtool, "check", "rules", "broken.yaml"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60, check=False)
+                            capture_output=True, text=True, timeout=scaled(60), check=False)
     assert result.returncode != 0

@@ -25,6 +25,8 @@ import pytest
 import yaml
 from deploylib import CHART, REPO, one, render_objects
 
+from waits import scaled
+
 IMAGES = REPO / "images"
 OPERATOR = IMAGES / "operator.Dockerfile"
 TRAINER = IMAGES / "trainer.Dockerfile"
@@ -188,7 +190,7 @@ def test_trainer_image_command_is_the_trainer_entry_point() -> None:
     cmd = _exec_form(TRAINER, "CMD")
     assert cmd[:3] == ["python", "-m", "crucible.trainer"]
     assert not [c for c in _commands(TRAINER) if c.cmd == "ENTRYPOINT"], "the operator sets the full command"
-    result = subprocess.run([sys.executable, *cmd[1:]], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run([sys.executable, *cmd[1:]], capture_output=True, text=True, timeout=scaled(60), check=False)
     assert result.returncode == 0, result.stderr
     assert "STAGE" in result.stdout
     from crucible.trainer.__main__ import STAGES
@@ -281,7 +283,7 @@ def test_build_context_leaves_out_environments_caches_and_secrets() -> None:
 @pytest.mark.slow
 def test_the_wheel_holds_both_source_roots_and_no_namespace_init(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
-                            capture_output=True, text=True, timeout=300, check=False)
+                            capture_output=True, text=True, timeout=scaled(300), check=False)
     if result.returncode != 0 and "hatchling" in result.stdout + result.stderr:
         pytest.skip(f"cannot fetch the build backend: {result.stderr[-500:]}")
     assert result.returncode == 0, result.stderr
@@ -302,7 +304,7 @@ def test_operator_install_resolves_without_torch(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
          f"{REPO}[operator]"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=scaled(300), check=False,
     )
     if result.returncode != 0 and re.search(r"(No matching distribution|Could not find a version|connection)",
                                               result.stderr, re.I):

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from waits import scaled
+
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "toy"
 OPERATOR_TESTS = HERE.parent / "operator"
@@ -34,7 +36,7 @@ def env() -> dict[str, str]:
 
 
 def crucible(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CRUCIBLE, *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*CRUCIBLE, *args], env=env, capture_output=True, text=True, timeout=scaled(300))
 
 
 def test_validate_accepts_it_and_checks_its_fromrun_kinds(tmp_path: Path, env: dict[str, str]) -> None:
@@ -101,7 +103,6 @@ def test_the_operator_reconciles_it_under_the_emulator(echo_kind: None) -> None:
     from simcluster import SimCluster
 
     from crucible.operator.rbac import grants, rules
-    from waits import scaled
 
     assert grants(rules(), "echo.example", "megaphones", "get")  # the kind's declared RBAC
     assert grants(rules(), "crucible.dev", "echoruns/status", "patch")

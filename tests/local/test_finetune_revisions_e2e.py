@@ -23,6 +23,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "posttrain"))
 from posttrain_helpers import build_tiny_model
 
+from waits import scaled
+
 CRUCIBLE = [sys.executable, "-m", "crucible.cli"]
 API = "crucible.dev/v1alpha1"
 TRAINING = {"seqLen": 32, "globalBatchTokens": 64, "microBatchSize": 2, "maxSteps": 2, "evalEvery": 0}
@@ -44,7 +46,7 @@ def write(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def crucible(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CRUCIBLE, *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([*CRUCIBLE, *args], capture_output=True, text=True, timeout=scaled(600))
 
 
 def status(work: Path, name: str) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from waits import scaled
+
 CRUCIBLE = [sys.executable, "-m", "crucible.cli"]
 
 
@@ -58,7 +60,7 @@ def chain(root: Path) -> dict[str, Path]:
 
 
 def lineage(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CRUCIBLE, "lineage", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*CRUCIBLE, "lineage", *args], capture_output=True, text=True, timeout=scaled(120))
 
 
 def test_lineage_walks_to_the_sources_and_verifies_every_hash(tmp_path: Path) -> None:

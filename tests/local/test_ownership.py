@@ -19,6 +19,7 @@ from tests.local.conftest import Pipeline, data_pipeline, pretrain_run
 
 from crucible.local.runner import RunnerError
 from crucible.local.workdir import OWNER_FILE, NotOwnedError, WorkDir, claim, remove_owned
+from waits import scaled
 
 
 def user_folder(path: Path) -> Path:
@@ -190,7 +191,7 @@ def test_trainer_refuses_a_success_written_for_another_spec(tmp_path: Path) -> N
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, "-m", "crucible.trainer", "data", "--spec", str(tmp_path / "spec.json")],
                           capture_output=True, text=True, env={**os.environ, "CRUCIBLE_KIND": "DataPipeline",
-                                                              "CRUCIBLE_RUN": "corpus"}, timeout=300)
+                                                              "CRUCIBLE_RUN": "corpus"}, timeout=scaled(300))
     assert proc.returncode == 2, proc.stderr
     assert f"{out}/_SUCCESS is not this run's result" in proc.stderr
     assert "different spec" in proc.stderr

@@ -20,6 +20,7 @@ import pytest
 from tests.local.conftest import Pipeline, data_pipeline, pretrain_run
 
 from crucible.local.runner import RunnerError
+from waits import scaled
 
 CRUCIBLE = [sys.executable, "-m", "crucible.cli"]
 
@@ -52,9 +53,9 @@ def test_cli_refuses_prepare_without_a_terminal_and_runs_it_with_the_flag(pipeli
     marker = prepared_pipeline(pipeline)
     env = {**os.environ, "CRUCIBLE_TRAINER_COMMAND": f"{sys.executable} {FAKE_STAGE}"}
     argv = [*CRUCIBLE, "run", str(pipeline.folder), "-w", str(pipeline.workdir), "--plain", "--no-report"]
-    refused = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=scaled(120))
     assert refused.returncode == 2 and "--allow-prepare" in refused.stderr and not marker.exists()
-    allowed = subprocess.run([*argv, "--allow-prepare"], env=env, capture_output=True, text=True, timeout=120)
+    allowed = subprocess.run([*argv, "--allow-prepare"], env=env, capture_output=True, text=True, timeout=scaled(120))
     assert allowed.returncode == 0, allowed.stderr
     assert marker.exists()
 
@@ -65,7 +66,7 @@ def test_truncated_state_is_set_aside_and_the_run_resumes(pipeline: Pipeline) ->
     state_file = pipeline.run_dir("PretrainRun", "base") / "state.json"
     state_file.write_text(state_file.read_text()[:40])
     status = subprocess.run([*CRUCIBLE, "status", "-w", str(pipeline.workdir)], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=scaled(60))
     assert "Traceback" not in status.stderr
     assert f"{state_file}: unreadable run state (not complete JSON" in status.stderr
     out = pipeline.run()  # no traceback: the state is rebuilt, the output checked again by its _SUCCESS

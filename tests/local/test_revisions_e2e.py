@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from waits import scaled
+
 CRUCIBLE = [sys.executable, "-m", "crucible.cli"]
 API = "crucible.dev/v1alpha1"
 
@@ -41,7 +43,7 @@ def write_docs(path: Path, docs: list[dict[str, Any]]) -> None:
 
 
 def crucible(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CRUCIBLE, *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([*CRUCIBLE, *args], capture_output=True, text=True, timeout=scaled(600))
 
 
 def status(work: Path, kind: str, name: str) -> dict[str, Any]:

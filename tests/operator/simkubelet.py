@@ -41,6 +41,7 @@ from typing import Any
 
 from crucible.operator import kube as k
 from crucible.operator.render import CONTAINER, ENV_TERMINATION_LOG
+from waits import scaled
 
 MAX_GRACE_SECONDS = 10.0
 MESSAGE_LIMIT = 4096  # what Kubernetes keeps of a termination message
@@ -132,7 +133,7 @@ class RealKubelet:
             p.kill()
         for p in self.processes.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
-                p.proc.wait(timeout=30)
+                p.proc.wait(timeout=scaled(30))
 
     # -- one pass of the kubelets of every node ---------------------------------------------
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from crucible.operator.render import POD_FILESYSTEM_ENV
+from waits import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHX_PYTHON = REPO / ".venv-torchx" / "bin" / "python"
@@ -52,7 +53,7 @@ def test_stages_as_torchx_apps_and_a_real_run_on_the_local_scheduler(tmp_path: P
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")]),
            "TMPDIR": str(tmp_path)}
     proc = subprocess.run([str(TORCHX_PYTHON), str(Path(__file__).with_name("driver.py")), str(folder), str(root),
-                           sys.executable], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                           sys.executable], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=scaled(600))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = json.loads(lines[-1].removeprefix("RESULT "))

@@ -12,6 +12,7 @@ from trainlib import VOCAB, run_stage, tiny_spec
 
 from crucible.trainer import stage_io
 from crucible.trainer import storage as st
+from waits import scaled
 
 
 def write_base_model(directory: Path) -> Path:
@@ -26,7 +27,7 @@ def write_base_model(directory: Path) -> Path:
 
 def lineage(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "crucible.cli", "lineage", str(path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=scaled(120))
 
 
 def test_a_swapped_base_model_or_tokenizer_file_is_named_by_lineage(shards: Path, tmp_path: Path) -> None:

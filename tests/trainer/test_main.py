@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from crucible.trainer.__main__ import main
+from waits import scaled
 
 
 def test_unknown_stage(capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,7 +93,7 @@ def test_module_exit_skips_the_interpreter_teardown_but_not_what_a_normal_exit_d
     """`python -m crucible.trainer` ends without finalising every module (seconds with torch loaded,
     after `_SUCCESS`), yet joins threads, finishes executors, runs atexit and flushes stdout."""
     proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(tmp_path)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=scaled(120))
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "still in a buffer"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atexit", "pool", "thread"]
