@@ -211,7 +211,8 @@ class LocalBackend:
         if not all(warm.is_trainer_argv(spec.argv, self.python) for spec in group.specs):
             return
         folder = self.workdir.run_dir(*self.key) / "logs"
-        self.spares = [Spare.start(self.python, spec.argv[3], spec.env, folder, spec.rank) for spec in group.specs]
+        self.spares = [Spare.start(self.python, spec.argv[3], spec.env, folder, spec.rank, warm.spec_path_of(spec.argv))
+                       for spec in group.specs]
         self._timeline("sparesStarted", pids=[sp.pid for sp in self.spares])
 
     def discard_spares(self) -> None:

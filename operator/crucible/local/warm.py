@@ -58,13 +58,14 @@ WARM_SPARES_ENV = "CRUCIBLE_WARM_SPARES"
 """``0``: no spares (every attempt starts a fresh interpreter)."""
 
 PRELOAD: dict[str, tuple[str, ...]] = {
-    stage: (module, "transformers", "transformers.models.llama.modeling_llama",
-            "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict", "safetensors.torch",
+    stage: (module, "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict", "safetensors.torch",
             "crucible.trainer.model", "crucible.trainer.checkpoint", "crucible.trainer.output")
     for stage, module in (("pretrain", "crucible.trainer.pretrain"), ("finetune", "crucible.trainer.finetune"),
                           ("preference", "crucible.trainer.preference"))
 }
 """What a spare imports per stage: the stage module and what its first attempt imports later."""
+TRANSFORMERS_PRELOAD = ("transformers", "transformers.models.llama.modeling_llama")
+"""Imported too when the attempt will build a transformers model (:func:`needs_transformers`)."""
 
 LATE_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
                       "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"})
@@ -100,6 +101,34 @@ def env_differences(spare_env: Mapping[str, str], env: Mapping[str, str]) -> lis
     return sorted(n for n in names if not _late(n) and spare_env.get(n) != env.get(n))
 
 
+def needs_transformers(stage: str, spec_path: str | None) -> bool:
+    """Whether the attempt builds a transformers model, from the resource spec it will read.
+
+    A fine-tune or preference run reads a Hugging Face model. A PretrainRun of a fresh Llama
+    builds :mod:`crucible.trainer.llama`'s own, with no transformers import before its first
+    step; one with ``model.source`` or another architecture needs transformers. Without a spec
+    (the first attempt's spare, a guess made before the YAML is parsed) a PretrainRun is taken
+    to be a fresh Llama; an unreadable spec counts as needing it.
+    """
+    if stage != "pretrain":
+        return True
+    if spec_path is None:
+        return False
+    try:
+        with open(spec_path, "rb") as fh:
+            spec = json.loads(fh.read(_SCAN_BYTES))
+        model = spec.get("model") or {}
+        return bool(model.get("source")) or model.get("architecture", "llama") != "llama"
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def spec_path_of(argv: Sequence[str]) -> str | None:
+    """The ``--spec`` argument of a trainer command line."""
+    args = list(argv)
+    return args[args.index("--spec") + 1] if "--spec" in args[:-1] else None
+
+
 def _die_with_parent() -> None:  # in the child between fork and exec
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -124,12 +153,15 @@ class Spare:
     discarded: bool = False
 
     @classmethod
-    def start(cls, python: str, stage: str, env: Mapping[str, str], folder: Path, rank: int) -> Spare:
+    def start(cls, python: str, stage: str, env: Mapping[str, str], folder: Path, rank: int,
+              spec_path: str | None = None) -> Spare:
+        """``spec_path``: the resource spec the attempt will read (what to import: :func:`needs_transformers`)."""
         folder.mkdir(parents=True, exist_ok=True)
         preload_log = folder / f"spare-{rank}.{time.time_ns()}.log"
         with open(preload_log, "wb") as out:
             proc = subprocess.Popen(
-                [python, "-m", "crucible.local.warm", stage], env=dict(env), stdin=subprocess.PIPE,
+                [python, "-m", "crucible.local.warm", stage, *([spec_path] if spec_path else [])],
+                env=dict(env), stdin=subprocess.PIPE,
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         return cls(proc, python, stage, dict(env), preload_log)
 
@@ -224,8 +256,9 @@ def first_attempt_spare(paths: Iterable[str | Path], python: str = sys.executabl
 
 
 # ------------------------------------------------------------------------------ child side
-def _preload(stage: str) -> None:
-    for name in PRELOAD.get(stage, ()):
+def _preload(stage: str, spec_path: str | None = None) -> None:
+    extra = TRANSFORMERS_PRELOAD if stage in PRELOAD and needs_transformers(stage, spec_path) else ()
+    for name in (*PRELOAD.get(stage, ()), *extra):
         try:
             importlib.import_module(name)
         except Exception as exc:  # the attempt itself reports a broken dependency, with its own message
@@ -265,7 +298,7 @@ def _become(message: dict[str, object]) -> None:
 def main() -> None:
     stage = sys.argv[1] if len(sys.argv) > 1 else ""
     started = time.monotonic()
-    _preload(stage)
+    _preload(stage, sys.argv[2] if len(sys.argv) > 2 else None)
     print(f"crucible-spare: imports took {time.monotonic() - started:.1f}s", flush=True)
     print("crucible-spare: ready", flush=True)
     line = sys.stdin.buffer.readline()

@@ -21,6 +21,7 @@ and buffer of the live model must be written exactly once; one that is not is an
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -91,18 +92,25 @@ class _RecordRandom(TorchDispatchMode):
         return out
 
 
-def record_construction(build: Callable[[], nn.Module]) -> tuple[nn.Module, list[_Draw]]:
+def record_construction(build: Callable[[], nn.Module],
+                        transformers_model: bool = True) -> tuple[nn.Module, list[_Draw]]:
     """``build()`` on meta with Hugging Face's init forced on, and the random ops of both in order.
 
     Hugging Face skips ``initialize_weights`` under a meta device; here it runs (on meta tensors,
     so for nothing but the record), because a sub-model's ``post_init`` initialises it in the
     middle of its parent's construction and the order of the draws decides their values.
+    ``transformers_model=False``: a module that initialises itself on any device
+    (:mod:`crucible.trainer.llama`), built without importing transformers.
     """
-    from transformers import modeling_utils
-
     recorder = _RecordRandom()
-    with mock.patch.object(modeling_utils, "get_torch_context_manager_or_global_device",
-                           lambda: torch.device("cpu")), torch.device("meta"), recorder:
+    with contextlib.ExitStack() as stack:
+        if transformers_model:
+            from transformers import modeling_utils
+
+            stack.enter_context(mock.patch.object(modeling_utils, "get_torch_context_manager_or_global_device",
+                                                  lambda: torch.device("cpu")))
+        stack.enter_context(torch.device("meta"))
+        stack.enter_context(recorder)
         model = build()
     finals: dict[int, str] = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:

@@ -40,6 +40,25 @@ def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -
     )
 
 
+def llama_settings(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> Any:
+    """:func:`llama_config` for :mod:`crucible.trainer.llama`'s own Llama (no transformers import)."""
+    from crucible.trainer.llama import LlamaSettings
+
+    return LlamaSettings(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=intermediate_size(cfg),
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=float(cfg.rope_theta),
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
+        eos_token_id=eos_id,
+    )
+
+
 def _check_vocab(cfg: ModelConfig, vocab_size: int) -> None:
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
         raise SpecError(
@@ -49,14 +68,20 @@ def _check_vocab(cfg: ModelConfig, vocab_size: int) -> None:
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int, eos_id: int | None = None) -> torch.nn.Module:
-    """A freshly initialised LlamaForCausalLM (fp32, CPU); identical on every rank for one seed.
+    """A freshly initialised causal LM (fp32, CPU); identical on every rank for one seed.
 
-    The same weights as :func:`build_meta_model` followed by materialising it (tested).
+    ``architecture: llama``: :mod:`crucible.trainer.llama`'s Llama (bit for bit transformers'
+    ``LlamaForCausalLM``, without importing transformers); ``mixtral``: transformers' Llama with
+    MoE blocks. The same weights as :func:`build_meta_model` followed by materialising it (tested).
     """
-    from transformers import LlamaForCausalLM
-
     _check_vocab(cfg, vocab_size)
     torch.manual_seed(seed)
+    if cfg.architecture == "llama":
+        from crucible.trainer.llama import LlamaForCausalLM as NativeLlama
+
+        return NativeLlama(llama_settings(cfg, cfg.vocab_size or vocab_size, eos_id))
+    from transformers import LlamaForCausalLM
+
     model = LlamaForCausalLM(llama_config(cfg, cfg.vocab_size or vocab_size, eos_id))
     model.config.use_cache = False
     if cfg.architecture == "mixtral":
@@ -75,11 +100,23 @@ def build_meta_model(cfg: ModelConfig, vocab_size: int, seed: int, eos_id: int |
     every rank allocates only its own shards and fills them with exactly the values
     :func:`build_model` would give, one full tensor at a time.
     """
-    from transformers import LlamaForCausalLM
-
     from crucible.trainer.meta_init import DeferredInit, record_construction
 
     _check_vocab(cfg, vocab_size)
+    if cfg.architecture == "llama":  # ours: no transformers import on the way to the first step
+        from crucible.trainer.llama import LlamaForCausalLM as NativeLlama
+
+        settings = llama_settings(cfg, cfg.vocab_size or vocab_size, eos_id)
+        native, native_draws = record_construction(lambda: NativeLlama(settings), transformers_model=False)
+
+        def native_twin() -> torch.nn.Module:
+            with torch.device("meta"):
+                return NativeLlama(settings)
+
+        native._crucible_deferred_init = DeferredInit(native_draws, native_twin, seed)  # type: ignore[assignment]
+        return native
+    from transformers import LlamaForCausalLM
+
     config = llama_config(cfg, cfg.vocab_size or vocab_size, eos_id)
     model: Any
     model, draws = record_construction(lambda: LlamaForCausalLM(config))

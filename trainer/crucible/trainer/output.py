@@ -35,6 +35,8 @@ def save_hf_model(module: torch.nn.Module, state: dict[str, torch.Tensor], out_d
     from transformers import AutoModelForCausalLM
 
     config = module.config
+    if hasattr(config, "to_transformers"):  # crucible.trainer.llama's own Llama
+        config = config.to_transformers()
     if getattr(config, "crucible_moe", None):  # Llama blocks with MoE MLPs: written as a Mixtral
         from crucible.trainer.moe import mixtral_config, to_mixtral_state
 
@@ -146,8 +148,6 @@ def write_hf_model(module: torch.nn.Module, specs: list[Spec], items: Iterable[t
     and None elsewhere, one at a time: it may run a collective per tensor, so every rank
     iterates it. Returns {"files", "bytes", "peakGroupBytes"}.
     """
-    from transformers import AutoModelForCausalLM
-
     config, transform = export_transform(module.config)
     skip = _tied_targets(module)
     with torch.device("meta"):  # the exported names and shapes, computed without any weight
@@ -196,16 +196,21 @@ def write_hf_model(module: torch.nn.Module, specs: list[Spec], items: Iterable[t
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {n: names[k] for n, k in where.items()}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(config)
-    fresh.config.use_cache = True
-    fresh.config.architectures = [type(fresh).__name__]  # what save_pretrained records
     floating = [dtype for _, _, dtype in planned if dtype.is_floating_point]
-    if floating:
-        fresh.config.dtype = floating[0]
-    fresh.config.save_pretrained(out)
-    if fresh.can_generate() and fresh.generation_config is not None:
-        fresh.generation_config.save_pretrained(out)
+    if hasattr(config, "write_hf_config"):  # crucible.trainer.llama's own Llama: no transformers import
+        config.write_hf_config(out, floating[0] if floating else None)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(config)
+        fresh.config.use_cache = True
+        fresh.config.architectures = [type(fresh).__name__]  # what save_pretrained records
+        if floating:
+            fresh.config.dtype = floating[0]
+        fresh.config.save_pretrained(out)
+        if fresh.can_generate() and fresh.generation_config is not None:
+            fresh.generation_config.save_pretrained(out)
     if tokenizer is not None:
         if isinstance(tokenizer, str | Path):
             copy_tokenizer_files(Path(tokenizer), out)
