@@ -242,6 +242,7 @@ def analyse(run: Run, faults: list[dict[str, Any]], reference: Run | None) -> di
             marks = [f["time"], seen["time"], started["time"], max(started["time"], attempt["importsDoneAt"]),
                      attempt["resumedAt"], first["time"]]
             entry["warm"] = bool(started.get("warm"))
+            entry["transformersImported"] = bool(attempt.get("transformersImported"))
             entry["phases"] = {name: round(b - a, 2) for name, a, b in zip(PHASES, marks, marks[1:], strict=False)}
         per_fault.append(entry)
     logs = run.logs()
@@ -329,6 +330,7 @@ def _startup_and_export(run: Run, timeline: list[dict[str, Any]], attempts: list
                  steps[0]["time"]]
         startup = {name: round(b - a, 2) for name, a, b in zip(STARTUP_PHASES, marks, marks[1:], strict=False)}
         startup["warm"] = bool(started.get("warm"))
+        startup["transformersImported"] = bool(first.get("transformersImported"))
     export: dict[str, Any] = {}
     success = run.run_dir / "output" / "_SUCCESS"
     records = run.records()

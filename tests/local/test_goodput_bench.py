@@ -33,6 +33,9 @@ def test_goodput_smoke_loses_nothing_to_sigkills(tmp_path: Path) -> None:
     assert f["warmRestarts"] == f["faults"], f["perFault"]
     # the first attempt ran on the spare `crucible run` started before its own imports
     assert f["startupPhases"]["warm"] is True, f["startupPhases"]
+    # a fresh Llama is crucible.trainer.llama's: no attempt imported transformers before its first step
+    assert f["startupPhases"]["transformersImported"] is False, f["startupPhases"]
+    assert not any(x.get("transformersImported") for x in f["perFault"]), f["perFault"]
     assert set(f["exportPhases"]) == {"finalCheckpoint", "finalEvaluation", "exportAndSuccess", "trainerExitSeen",
                                       "cliExit"}
     phases = f["restartPhasesMeanSeconds"]

@@ -103,3 +103,38 @@ def test_the_start_up_table_of_stages_agrees_with_the_registry() -> None:
     # every training kind whose stage has a preload list is in the table
     expected = {k.name for k in kinds() if k.checkpoints and k.entry[-1] in warm.PRELOAD}
     assert set(warm.KIND_STAGES) == expected
+
+
+@pytest.mark.parametrize(("stage", "spec", "needed"), [
+    ("pretrain", {"model": {"hiddenSize": 64}}, False),  # a fresh Llama: crucible.trainer.llama
+    ("pretrain", {"model": {"architecture": "llama"}}, False),
+    ("pretrain", {"model": {"architecture": "mixtral"}}, True),
+    ("pretrain", {"model": {"source": {"uri": "/models/base"}}}, True),
+    ("pretrain", None, False),  # the first attempt's spare, before any YAML is parsed: a guess
+    ("pretrain", "not json", True),  # unreadable: import it rather than pay it on the restart
+    ("finetune", {"model": {}}, True),
+    ("preference", None, True),
+])
+def test_a_spare_imports_transformers_only_for_an_attempt_that_builds_a_transformers_model(
+        tmp_path: Path, stage: str, spec: object, needed: bool) -> None:
+    import json
+
+    path: str | None = None
+    if spec is not None:
+        file = tmp_path / "spec.json"
+        file.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+        path = str(file)
+    assert warm.needs_transformers(stage, path) is needed
+    argv = [PYTHON, "-m", "crucible.trainer", stage, *(["--spec", path] if path else [])]
+    assert warm.spec_path_of(argv) == path
+
+
+def test_the_spare_of_a_fresh_pretrain_leaves_transformers_unimported(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"model": {"hiddenSize": 64}}')
+    probe = ("import sys; from crucible.local import warm; warm._preload('pretrain', sys.argv[1]); "
+             "print('torch' in sys.modules, 'crucible.trainer.pretrain' in sys.modules, "
+             "any(m.split('.')[0] == 'transformers' for m in sys.modules))")
+    out = subprocess.run([PYTHON, "-c", probe, str(spec)], capture_output=True, text=True, timeout=scaled(180))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True", "False"], out.stdout + out.stderr[-2000:]

@@ -6,7 +6,7 @@
     spare.discard()
     spare = first_attempt_spare(paths, python)               # ``crucible run``: before its own imports
 
-    python -m crucible.local.warm STAGE                      # the spare itself (child side)
+    python -m crucible.local.warm STAGE [SPEC]               # the spare itself (child side)
 
 A restart's new trainer process spends most of its time importing torch and transformers
 (about 13 s of CPU here, a minute of wall time on a busy machine) before it reads its
@@ -36,6 +36,14 @@ part of a run's start-up) run beside the CLI's own loading, validation, planning
 hashing instead of after them. Which stage it preloads is read from the YAML files' ``kind:``
 lines without parsing them (a guess, never trusted: the spare is used only when the first
 attempt of a run of that kind fits it, as above, and discarded otherwise).
+
+What a spare imports follows the attempt it will become (:func:`needs_transformers`): a
+PretrainRun of a fresh Llama trains :mod:`crucible.trainer.llama`'s own module and never imports
+transformers before its first step, so neither does its spare (≈ 3.3 s of CPU less on every
+start and restart, and no spare competing that much longer with the training it runs beside);
+a restart's spare reads the attempt's resource spec (``SPEC``) and imports transformers too
+when the run has a ``model.source`` or another architecture, as fine-tune and preference spares
+always do.
 """
 
 from __future__ import annotations

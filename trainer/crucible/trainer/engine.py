@@ -584,7 +584,8 @@ class Engine:
 
         self.step_log.event("attempt", step=self.step, resumedFrom=resumed, attempt=os.environ.get("CRUCIBLE_ATTEMPT"),
                             importsDoneAt=crucible.trainer.IMPORTS_DONE_AT, resumedAt=round(time.time(), 3),
-                            warm=os.environ.get("CRUCIBLE_WARM_START") == "1")
+                            warm=os.environ.get("CRUCIBLE_WARM_START") == "1",
+                            transformersImported="transformers" in sys.modules)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop_signal = True

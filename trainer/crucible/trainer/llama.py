@@ -31,7 +31,6 @@ import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -118,6 +117,14 @@ class LlamaSettings:
         out.mkdir(parents=True, exist_ok=True)
         for name, body in (("config.json", config), ("generation_config.json", generation)):
             (out / name).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class CausalLMOutput:
+    """What the training and scoring code reads of transformers' ``CausalLMOutputWithPast``."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
 
 
 class LlamaRMSNorm(nn.Module):
@@ -369,7 +376,7 @@ class LlamaForCausalLM(nn.Module):
             flat = logits.float().view(-1, self.config.vocab_size)
             shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous().view(-1).to(flat.device)
             loss = F.cross_entropy(flat, shifted, ignore_index=-100, reduction="mean")
-        return SimpleNamespace(loss=loss, logits=logits)
+        return CausalLMOutput(loss=loss, logits=logits)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.transformers_view().generate(*args, **kwargs)
