@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from waits import scaled
 
 from crucible.trainer.config.training import ModelConfig
 from crucible.trainer.llama import LlamaForCausalLM as OurLlama
 from crucible.trainer.model import build_meta_model, build_model, llama_config, llama_settings
+from waits import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 300
