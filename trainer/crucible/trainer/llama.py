@@ -351,6 +351,7 @@ class LlamaForCausalLM(nn.Module):
         if kwargs.get("use_reentrant", False):
             raise ValueError("crucible's Llama checkpoints activations without re-entrance (use_reentrant=False)")
         for layer in self.model.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
             layer.gradient_checkpointing = True
 
     def tie_weights(self) -> None:

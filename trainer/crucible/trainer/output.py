@@ -34,7 +34,7 @@ def save_hf_model(module: torch.nn.Module, state: dict[str, torch.Tensor], out_d
     """Write ``state`` as a Hugging Face model of ``module``'s class and config, plus the tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    config = module.config
+    config: Any = module.config
     if hasattr(config, "to_transformers"):  # crucible.trainer.llama's own Llama
         config = config.to_transformers()
     if getattr(config, "crucible_moe", None):  # Llama blocks with MoE MLPs: written as a Mixtral
