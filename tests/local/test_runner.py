@@ -297,3 +297,13 @@ def test_a_finetune_following_its_dataset_makes_a_revision_of_new_records_not_of
     spec = json.loads((pipeline.run_dir("FinetuneRun", "sft") / "spec.json").read_text())
     assert spec["model"]["uri"] == status.revisions[0].output_uri  # continued from revision 1
     assert spec["dataset"]["earlierRevisions"] == [status.revisions[0].output_uri]
+
+
+def test_ports_chosen_together_are_distinct() -> None:
+    """The rendezvous port and the metrics port of one attempt never coincide (two free_port() calls
+    in a row may return the same port; a trainer then failed with "Address already in use")."""
+    from crucible.local.processes import free_ports
+
+    for _ in range(50):
+        ports = free_ports(2)
+        assert len(set(ports)) == 2 and all(0 < p < 65536 for p in ports)

@@ -45,7 +45,7 @@ from crucible.core.status import MetricsSample, status_patch
 from crucible.core.transitions import Event
 from crucible.local import warm
 from crucible.local.metrics import MetricsTail, latest_checkpoint, read_success
-from crucible.local.processes import ProcessGroup, ProcessSpec, free_port, torchrun_env
+from crucible.local.processes import ProcessGroup, ProcessSpec, free_ports, torchrun_env
 from crucible.local.ui import Ui
 from crucible.local.warm import Spare
 from crucible.local.workdir import RunState, WorkDir, write_json_atomic
@@ -265,11 +265,11 @@ class LocalBackend:
         assert self.plan is not None
         launch = self.plan
         base_env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
+        port, metrics_port = free_ports(2)  # distinct: the rendezvous store and the metrics server
         if launch.metrics_port:
-            base_env["CRUCIBLE_METRICS_PORT"] = str(free_port())
+            base_env["CRUCIBLE_METRICS_PORT"] = str(metrics_port)
         base_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, role.world_size))))
         specs = []
-        port = free_port()
         for index in range(role.world_size):
             argv = list(role.command_for(index))
             if self.trainer_command is not None and argv[1:3] == ["-m", "crucible.trainer"]:

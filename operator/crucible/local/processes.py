@@ -35,9 +35,20 @@ _PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all held bound at once while chosen, so the kernel cannot hand
+    the same one out twice (two ``free_port()`` calls in a row may return the same port, and a
+    trainer's rendezvous store and its metrics server then collide: "Address already in use")."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
