@@ -57,6 +57,22 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+def test_the_transformers_config_is_the_one_written_out_field_by_field(shape: dict) -> None:
+    """llama_config derives from llama_settings; it is the LlamaConfig the trainer always built."""
+    from transformers import LlamaConfig
+
+    cfg = ModelConfig.model_validate(shape)
+    direct = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=cfg.hidden_size, intermediate_size=llama_settings(cfg, VOCAB).intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.initializer_range, eos_token_id=0,
+        bos_token_id=None, pad_token_id=None, use_cache=False)
+    assert llama_config(cfg, VOCAB, 0).to_dict() == direct.to_dict()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_same_weights_buffers_and_generator_state_as_transformers(shape: dict) -> None:
     theirs, ours = _pair(shape)
     _assert_same_tensors(theirs.state_dict(), ours.state_dict(), "weights")

@@ -20,28 +20,12 @@ def intermediate_size(cfg: ModelConfig) -> int:
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=intermediate_size(cfg),
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        initializer_range=cfg.initializer_range,
-        eos_token_id=eos_id,
-        bos_token_id=None,
-        pad_token_id=None,
-        use_cache=False,
-    )
+    """transformers' ``LlamaConfig`` of :func:`llama_settings` (one list of fields for both models)."""
+    return llama_settings(cfg, vocab_size, eos_id).to_transformers()
 
 
 def llama_settings(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> Any:
-    """:func:`llama_config` for :mod:`crucible.trainer.llama`'s own Llama (no transformers import)."""
+    """The Llama shape of ``cfg`` for :mod:`crucible.trainer.llama`'s own Llama (no transformers import)."""
     from crucible.trainer.llama import LlamaSettings
 
     return LlamaSettings(
